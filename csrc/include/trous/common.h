@@ -1,0 +1,37 @@
+// Torch-free definitions shared by CPU code, CUDA kernels and the emulation tests.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(TROUS_CUDA_EMULATION)
+#define TROUS_HOST_DEVICE __host__ __device__
+#define TROUS_DEVICE __device__
+#else
+#define TROUS_HOST_DEVICE
+#define TROUS_DEVICE
+#endif
+
+#define TROUS_INLINE TROUS_HOST_DEVICE inline
+
+namespace trous {
+
+// Element counts and offsets are 64-bit: a KV cache or an activation can exceed 2^31 elements.
+using index_t = int64_t;
+
+TROUS_INLINE index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+
+// Element types the kernels accept (floating inputs / outputs).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Strides (in elements) of a 4-D tensor [B, H, T, D] whose last dimension is contiguous.
+struct RowStrides {
+  index_t b, h, t;
+};
+
+// Offset of row r (flattened over B, H, T) of a 4-D tensor with arbitrary outer strides.
+TROUS_INLINE index_t row_offset(index_t r, index_t H, index_t T, RowStrides s) {
+  const index_t t = r % T;
+  const index_t bh = r / T;
+  return (bh / H) * s.b + (bh % H) * s.h + t * s.t;
+}
+
+}  // namespace trous

@@ -1,0 +1,228 @@
+// KV-cache quantization math, shared by the CPU kernels and the CUDA kernels (kvcache_kernels.cuh).
+// Formulas: ../shared/spec/kvcache.md. Everything is computed in fp32.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "trous/common.h"
+
+namespace trous {
+namespace kv {
+
+// How a group's parameters are stored (fp16 or fp32). Codes are computed with the stored
+// (rounded) values, so dequantization reproduces exactly what the quantizer optimised.
+enum class ParamType : int { kFloat32 = 0, kFloat16 = 1 };
+
+// Asymmetric min-max parameters of one group, rounded to their storage type.
+struct AsymParams {
+  float scale;
+  float zero;  // the group minimum
+  float inv;   // 1 / scale, or 0 for a constant group (never NaN)
+};
+
+// Round-to-nearest-even fp32 -> fp16 -> fp32, written with integer ops so it is bit-identical on
+// host and device and needs no half type (the kernels still store real fp16 bits, see half_bits).
+TROUS_INLINE uint16_t float_to_half_bits(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u);  // NaN / Inf
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504: overflow to Inf
+  if (abs < 0x38800000u) {  // subnormal half (or zero): value = m * 2^-24
+    if (abs < 0x33000000u) return sign;  // below half of the smallest subnormal: +-0
+    const uint32_t exp = abs >> 23;
+    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - exp;  // 14..24 bits dropped
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (h & 1u))) ++h;
+    return sign | h;
+  }
+  uint32_t h = ((abs >> 13) - (112u << 10));  // rebias exponent 127 -> 15
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return sign | h;
+}
+
+TROUS_INLINE float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t x;
+  if (exp == 0x1fu) {
+    x = sign | 0x7f800000u | (mant << 13);
+  } else if (exp == 0) {
+    if (mant == 0) {
+      x = sign;
+    } else {  // subnormal: exactly mant * 2^-24
+      float f = (float)mant * 5.9604644775390625e-8f;
+      return sign ? -f : f;
+    }
+  } else {
+    x = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float f;
+  memcpy(&f, &x, 4);
+  return f;
+}
+
+TROUS_INLINE float round_param(float v, ParamType t) {
+  return t == ParamType::kFloat16 ? half_bits_to_float(float_to_half_bits(v)) : v;
+}
+
+TROUS_INLINE int max_code(int bits) { return (1 << bits) - 1; }
+
+// A group holding NaN or +-Inf gets NaN parameters: the whole group dequantizes to NaN, so the
+// poison stays visible instead of silently becoming finite numbers. Its codes are 0.
+TROUS_INLINE AsymParams asym_params(float mn, float mx, bool finite, int bits, ParamType t) {
+  AsymParams p;
+  if (!finite) {
+    p.scale = p.zero = NAN;
+    p.inv = 0.f;
+    return p;
+  }
+  p.scale = round_param((mx - mn) / (float)max_code(bits), t);
+  p.zero = round_param(mn, t);
+  p.inv = p.scale > 0.f ? 1.f / p.scale : 0.f;
+  return p;
+}
+
+// Round half to even for |t| < 2^22, identical to rintf/cvt.rni but vectorisable without SSE4.1:
+// adding 1.5 * 2^23 leaves no fraction bits, so the default rounding mode does the work. Callers clamp
+// first, which also keeps every step one rounded fp32 operation (no FMA contraction possible).
+TROUS_INLINE float round_half_even(float t) {
+  const float kMagic = 12582912.f;
+  return (t + kMagic) - kMagic;
+}
+
+TROUS_INLINE uint32_t asym_code(float x, AsymParams p, int bits) {
+  const float max_q = (float)max_code(bits);
+  float t = (x - p.zero) * p.inv;
+  t = t < 0.f ? 0.f : (t > max_q ? max_q : t);
+  return (uint32_t)round_half_even(t);
+}
+
+TROUS_INLINE float asym_decode(uint32_t q, float scale, float zero) { return (float)q * scale + zero; }
+
+// Symmetric int8: s = amax / 127, q in [-127, 127].
+TROUS_INLINE float sym_scale(float amax, bool finite, ParamType t) {
+  return finite ? round_param(amax / 127.f, t) : NAN;
+}
+
+// `inv` = 1 / scale, or 0 for a zero or NaN scale (all codes 0).
+TROUS_INLINE float sym_inv(float scale) { return scale > 0.f ? 1.f / scale : 0.f; }
+
+TROUS_INLINE int32_t sym_code(float x, float inv) {
+  float t = x * inv;
+  t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
+  return (int32_t)round_half_even(t);
+}
+
+// ---- fp8 (OCP e4m3fn and e5m2), round-to-nearest-even with saturation to the largest finite
+// value (satfinite). NaN stays NaN; +-Inf saturates to +-max.
+enum class Fp8Format : int { kE4M3 = 0, kE5M2 = 1 };
+
+TROUS_INLINE float fp8_max(Fp8Format f) { return f == Fp8Format::kE4M3 ? 448.f : 57344.f; }
+
+TROUS_INLINE uint8_t float_to_fp8(float v, Fp8Format f) {
+  const int mant_bits = f == Fp8Format::kE4M3 ? 3 : 2;
+  const int bias = f == Fp8Format::kE4M3 ? 7 : 15;
+  uint32_t x;
+  memcpy(&x, &v, 4);
+  const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return f == Fp8Format::kE4M3 ? (uint8_t)(sign | 0x7f) : (uint8_t)(sign | 0x7f);
+  float a;
+  memcpy(&a, &abs, 4);
+  if (a >= fp8_max(f)) return (uint8_t)(sign | (f == Fp8Format::kE4M3 ? 0x7e : 0x7b));
+  // Smallest normal exponent is 1 - bias; below it values are multiples of 2^(1-bias-mant_bits).
+  const int min_exp = 1 - bias;
+  int e;
+  frexpf(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  int exp = e - 1;  // a = 1.x * 2^exp
+  if (exp < min_exp) exp = min_exp;
+  const float quantum = ldexpf(1.f, exp - mant_bits);
+  const float q = rintf(a / quantum);  // exact division by a power of two, then RNE
+  float r = q * quantum;
+  if (r >= fp8_max(f)) return (uint8_t)(sign | (f == Fp8Format::kE4M3 ? 0x7e : 0x7b));
+  if (r == 0.f) return sign;
+  int re;
+  frexpf(r, &re);
+  int rexp = re - 1;
+  uint32_t code;
+  if (rexp < min_exp) {  // subnormal: exponent field 0
+    code = (uint32_t)q;
+  } else {
+    const uint32_t mant = (uint32_t)ldexpf(r, mant_bits - rexp) - (1u << mant_bits);
+    code = ((uint32_t)(rexp + bias) << mant_bits) | mant;
+  }
+  return (uint8_t)(sign | code);
+}
+
+TROUS_INLINE float fp8_to_float(uint8_t c, Fp8Format f) {
+  const int mant_bits = f == Fp8Format::kE4M3 ? 3 : 2;
+  const int bias = f == Fp8Format::kE4M3 ? 7 : 15;
+  const bool neg = c & 0x80;
+  const uint32_t exp = (c & 0x7f) >> mant_bits;
+  const uint32_t mant = c & ((1u << mant_bits) - 1u);
+  float v;
+  if (f == Fp8Format::kE4M3 && (c & 0x7f) == 0x7f) {
+    v = NAN;
+  } else if (f == Fp8Format::kE5M2 && exp == 0x1f) {
+    v = mant ? NAN : INFINITY;
+  } else if (exp == 0) {
+    v = ldexpf((float)mant, 1 - bias - mant_bits);
+  } else {
+    v = ldexpf((float)(mant | (1u << mant_bits)), (int)exp - bias - mant_bits);
+  }
+  return neg ? -v : v;
+}
+
+// ---- Kernel arguments (shared by the CPU kernels and the CUDA launchers).
+
+// Input rows [B, H, T] of D channels, each row contiguous, outer strides arbitrary.
+struct RowLayout {
+  index_t B, H, T, D;
+  RowStrides stride;
+  TROUS_HOST_DEVICE index_t rows() const { return B * H * T; }
+};
+
+struct TokenQuantArgs {
+  RowLayout in;
+  int bits;
+  int group;        // G channels per group, G % 8 == 0, G divides D
+  bool symmetric;   // int8 symmetric: params hold the scale only
+  ParamType ptype;
+};
+
+struct TokenDequantArgs {
+  index_t rows, D;
+  int bits, group;
+  bool symmetric;
+  ParamType ptype;
+};
+
+struct ChannelQuantArgs {
+  RowLayout in;   // T % group == 0
+  int bits;
+  int group;      // G tokens per group
+  ParamType ptype;
+};
+
+struct ChannelDequantArgs {
+  index_t rows, T, D;  // rows = B * H * T
+  int bits, group;
+  ParamType ptype;
+};
+
+struct Fp8Args {
+  RowLayout in;
+  Fp8Format format;
+  bool per_head;  // scale has H entries, else 1
+};
+
+}  // namespace kv
+}  // namespace trous

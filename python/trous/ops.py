@@ -1,0 +1,16 @@
+"""The registered ops (``torch.ops.trous.*``) under plain names.
+
+Each family's module registers its fake kernels and autograd when ``trous`` is imported; this
+module only gives the ops stable Python names.
+"""
+import torch
+
+_lib = torch.ops.trous
+
+# KV-cache quantization (trous.kvcache has the friendlier wrappers).
+kv_quantize = _lib.kv_quantize
+kv_dequantize = _lib.kv_dequantize
+kv_quantize_channel = _lib.kv_quantize_channel
+kv_dequantize_channel = _lib.kv_dequantize_channel
+kv_quantize_fp8 = _lib.kv_quantize_fp8
+kv_dequantize_fp8 = _lib.kv_dequantize_fp8

@@ -1,0 +1,101 @@
+"""KV-cache quantization written directly from the formulas of kvcache.md in plain PyTorch ops.
+
+Independent of the kernels: no shared code, only the documented math and layouts.
+"""
+import torch
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+
+
+def pack_lsb_first(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs integer codes along the last dim, element k of each byte at bit offset k * bits."""
+    per_byte = 8 // bits
+    q = q.to(torch.int32).reshape(*q.shape[:-1], q.shape[-1] // per_byte, per_byte)
+    shifts = torch.arange(per_byte, device=q.device, dtype=torch.int32) * bits
+    return (q << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_lsb_first(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    q = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(*codes.shape[:-1], codes.shape[-1] * per_byte)
+
+
+def _asym(x, dim, bits, param_dtype):
+    """Min-max over `dim` (kept). Returns codes and stored (rounded) scale and min."""
+    finite = torch.isfinite(x).all(dim=dim, keepdim=True)
+    mn = x.amin(dim=dim, keepdim=True)
+    mx = x.amax(dim=dim, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).to(param_dtype).float()
+    zero = mn.to(param_dtype).float()
+    nan = torch.full_like(scale, float("nan"))
+    scale = torch.where(finite, scale, nan)
+    zero = torch.where(finite, zero, nan)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.clamp(torch.round((x - zero) * inv), 0, 2**bits - 1)
+    q = torch.where(finite, q, torch.zeros_like(q))
+    return q.to(torch.int32), scale, zero
+
+
+def quantize_per_token(x, bits, group_size, symmetric=False, param_dtype=torch.float32):
+    """Returns (codes, params) in the layouts of trous.kvcache.quantize_per_token."""
+    B, H, T, D = x.shape
+    xg = x.float().reshape(B, H, T, D // group_size, group_size)
+    if symmetric:
+        finite = torch.isfinite(xg).all(-1, keepdim=True)
+        scale = (xg.abs().amax(-1, keepdim=True) / 127).to(param_dtype).float()
+        scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        q = torch.clamp(torch.round(xg * inv), -127, 127)
+        return q.reshape(B, H, T, D).to(torch.int8), scale.to(param_dtype)
+    q, scale, zero = _asym(xg, -1, bits, param_dtype)
+    params = torch.cat([scale, zero], -1).to(param_dtype)
+    return pack_lsb_first(q.reshape(B, H, T, D), bits), params
+
+
+def dequantize_per_token(codes, params, bits, group_size, symmetric=False, dtype=torch.float32):
+    B, H, T, _ = codes.shape
+    p = params.float()
+    if symmetric:
+        D = codes.shape[-1]
+        q = codes.float().reshape(B, H, T, D // group_size, group_size)
+        return (q * p[..., 0:1]).reshape(B, H, T, D).to(dtype)
+    q = unpack_lsb_first(codes, bits).float()
+    D = q.shape[-1]
+    q = q.reshape(B, H, T, D // group_size, group_size)
+    return (q * p[..., 0:1] + p[..., 1:2]).reshape(B, H, T, D).to(dtype)
+
+
+def quantize_per_channel(x, bits, group_size, param_dtype=torch.float32):
+    """KIVI keys: groups of G tokens per (head, channel). Returns (codes, params [B,H,T/G,D,2])."""
+    B, H, T, D = x.shape
+    xg = x.float().reshape(B, H, T // group_size, group_size, D)
+    q, scale, zero = _asym(xg, 3, bits, param_dtype)  # scale, zero: [B, H, T/G, 1, D]
+    params = torch.stack([scale.squeeze(3), zero.squeeze(3)], -1).to(param_dtype)
+    return pack_lsb_first(q.reshape(B, H, T, D), bits), params
+
+
+def dequantize_per_channel(codes, params, bits, group_size, dtype=torch.float32):
+    B, H, T, _ = codes.shape
+    q = unpack_lsb_first(codes, bits).float()
+    D = q.shape[-1]
+    q = q.reshape(B, H, T // group_size, group_size, D)
+    p = params.float().unsqueeze(3)  # [B, H, T/G, 1, D, 2]
+    return (q * p[..., 0] + p[..., 1]).reshape(B, H, T, D).to(dtype)
+
+
+def _scale_view(scale, x):
+    return scale.float().reshape(1, -1, 1, 1) if scale.numel() > 1 else scale.float().reshape(())
+
+
+def quantize_fp8(x, scale, fmt):
+    """satfinite RNE of x / scale: out-of-range and +-Inf saturate to +-max, NaN stays NaN."""
+    y = x.float() / _scale_view(scale, x)
+    y = torch.where(torch.isnan(y), y, y.clamp(-FP8_MAX[fmt], FP8_MAX[fmt]))
+    return y.to(FP8_DTYPES[fmt]).view(torch.uint8)
+
+
+def dequantize_fp8(codes, scale, fmt, dtype=torch.float32):
+    return (codes.view(FP8_DTYPES[fmt]).float() * _scale_view(scale, codes)).to(dtype)
