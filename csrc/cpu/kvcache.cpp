@@ -1,35 +1,63 @@
-// CPU kernels of KV-cache quantization: rows split across threads with at::parallel_for; the
-// per-row loops are plain arrays so the compiler vectorises them, and the hot ones are cloned for
-// AVX2/FMA (x86-64-v3) with a portable default picked at load time.
+// CPU kernels of KV-cache quantization. Rows are split across threads with at::parallel_for; within
+// a row, groups of 8 channels go through AVX2 (runtime-selected, see simd.h) or a scalar twin that
+// computes the same bits from the shared math in kvcache.h.
 #include "trous/kvcache_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
+
+#include "simd.h"
 
 namespace trous {
 namespace kv {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TROUS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define TROUS_CPU_CLONES
-#endif
+using cpu::has_avx2;
 
 // Rows per parallel task: large enough to amortise scheduling, small enough to balance two cores.
-constexpr int64_t kGrainElements = 1 << 16;
+constexpr int64_t kGrainElements = 1 << 15;
 
 int64_t grain_rows(index_t D) { return std::max<int64_t>(1, kGrainElements / std::max<index_t>(D, 1)); }
 
-TROUS_CPU_CLONES void to_float_row(const c10::Half* src, float* dst, index_t n) {
-  for (index_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+// ---- packing of 8 one-byte codes (byte k of `b` = code k) into bits bytes, LSB-first.
+inline void store_packed8(uint8_t* dst, uint64_t b, int bits) {
+  if (bits == 8) {
+    memcpy(dst, &b, 8);
+  } else if (bits == 4) {
+    uint64_t t = (b | (b >> 4)) & 0x00ff00ff00ff00ffull;  // byte 2k = q[2k] | q[2k+1] << 4
+    t = (t | (t >> 8)) & 0x0000ffff0000ffffull;
+    const uint32_t w = (uint32_t)(t | (t >> 16));
+    memcpy(dst, &w, 4);
+  } else {
+    const uint64_t t = b | (b >> 6) | (b >> 12) | (b >> 18);  // byte 4k = q[4k] | ... | q[4k+3] << 6
+    const uint16_t w = (uint16_t)((t & 0xff) | ((t >> 24) & 0xff00));
+    memcpy(dst, &w, 2);
+  }
 }
-TROUS_CPU_CLONES void to_float_row(const c10::BFloat16* src, float* dst, index_t n) {
-  for (index_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+
+inline uint64_t load_packed8(const uint8_t* src, int bits) {
+  uint64_t x = 0;
+  if (bits == 8) {
+    memcpy(&x, src, 8);
+  } else if (bits == 4) {  // spread 4 bytes to 8 nibbles, one per byte
+    uint32_t w;
+    memcpy(&w, src, 4);
+    x = w;
+    x = (x | (x << 16)) & 0x0000ffff0000ffffull;
+    x = (x | (x << 8)) & 0x00ff00ff00ff00ffull;
+    x = (x | (x << 4)) & 0x0f0f0f0f0f0f0f0full;
+  } else {  // spread 2 bytes to 8 crumbs
+    uint16_t w;
+    memcpy(&w, src, 2);
+    x = w;
+    x = (x | (x << 24)) & 0x000000ff000000ffull;
+    x = (x | (x << 12)) & 0x000f000f000f000full;
+    x = (x | (x << 6)) & 0x0303030303030303ull;
+  }
+  return x;
 }
 
 struct GroupStats {
@@ -37,69 +65,138 @@ struct GroupStats {
   bool finite;
 };
 
-TROUS_CPU_CLONES GroupStats group_stats(const float* v, int n) {
-  float mn = v[0], mx = v[0], amax = 0.f;
-  int bad = 0;
-  for (int i = 0; i < n; ++i) {
-    mn = v[i] < mn ? v[i] : mn;
-    mx = v[i] > mx ? v[i] : mx;
-    const float a = std::fabs(v[i]);
-    amax = a > amax ? a : amax;
-    bad |= !(a <= 3.402823466e38f);  // NaN or Inf
+GroupStats group_stats_scalar(const float* v, index_t n) {
+  GroupStats s{v[0], v[0], 0.f, true};
+  for (index_t i = 0; i < n; ++i) {
+    s.mn = fminf(s.mn, v[i]);
+    s.mx = fmaxf(s.mx, v[i]);
+    s.amax = fmaxf(s.amax, fabsf(v[i]));
+    s.finite = s.finite && std::isfinite(v[i]);
   }
-  return {mn, mx, amax, bad == 0};
+  return s;
 }
 
-// Codes of one group, one byte per element (packed afterwards).
-TROUS_CPU_CLONES void asym_codes(const float* v, int n, AsymParams p, int bits, uint8_t* q) {
-  for (int i = 0; i < n; ++i) q[i] = (uint8_t)asym_code(v[i], p, bits);
+uint64_t asym_codes8_scalar(const float* v, AsymParams p, int bits) {
+  uint64_t b = 0;
+  for (int k = 0; k < 8; ++k) b |= (uint64_t)asym_code(v[k], p, bits) << (8 * k);
+  return b;
 }
 
-TROUS_CPU_CLONES void sym_codes(const float* v, int n, float inv, uint8_t* q) {
-  for (int i = 0; i < n; ++i) q[i] = (uint8_t)(int8_t)sym_code(v[i], inv);
+uint64_t sym_codes8_scalar(const float* v, float inv) {
+  uint64_t b = 0;
+  for (int k = 0; k < 8; ++k) b |= (uint64_t)(uint8_t)(int8_t)sym_code(v[k], inv) << (8 * k);
+  return b;
 }
 
-// LSB-first packing of n one-byte codes into n * bits / 8 bytes.
-TROUS_CPU_CLONES void pack_codes(const uint8_t* q, index_t n, int bits, uint8_t* dst) {
-  if (bits == 8) {
-    std::copy(q, q + n, dst);
-  } else if (bits == 4) {
-    for (index_t k = 0; k < n / 2; ++k) dst[k] = (uint8_t)(q[2 * k] | q[2 * k + 1] << 4);
-  } else {
-    for (index_t k = 0; k < n / 4; ++k) {
-      dst[k] = (uint8_t)(q[4 * k] | q[4 * k + 1] << 2 | q[4 * k + 2] << 4 | q[4 * k + 3] << 6);
-    }
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 float hmin(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
+}
+
+TROUS_AVX2 float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// Exponent all ones = NaN or Inf; checked on the bits so min/max's NaN handling does not matter.
+TROUS_AVX2 __m256i non_finite_mask(__m256 v) {
+  const __m256i exp = _mm256_set1_epi32(0x7f800000);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exp), exp);
+}
+
+TROUS_AVX2 GroupStats group_stats_avx2(const float* v, index_t n) {
+  __m256 mn = _mm256_loadu_ps(v), mx = mn, amax = _mm256_setzero_ps();
+  __m256i bad = _mm256_setzero_si256();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (index_t i = 0; i < n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    mn = _mm256_min_ps(mn, x);
+    mx = _mm256_max_ps(mx, x);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(x, abs_mask));
+    bad = _mm256_or_si256(bad, non_finite_mask(x));
+  }
+  return {hmin(mn), hmax(mx), hmax(amax), _mm256_testz_si256(bad, bad) != 0};
+}
+
+// Same steps as asym_code: one rounded subtract, one rounded multiply, clamp, then cvtps (round to
+// nearest even in the default MXCSR mode).
+TROUS_AVX2 uint64_t asym_codes8_avx2(const float* v, AsymParams p, int bits) {
+  __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v), _mm256_set1_ps(p.zero)), _mm256_set1_ps(p.inv));
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), _mm256_set1_ps((float)max_code(bits)));
+  return cpu::low_bytes(_mm256_cvtps_epi32(t));
+}
+
+TROUS_AVX2 uint64_t sym_codes8_avx2(const float* v, float inv) {
+  __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v), _mm256_set1_ps(inv));
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+  return cpu::low_bytes(_mm256_cvtps_epi32(t));
+}
+
+// q * s + z with a separate rounded multiply and add, as the reference formula.
+template <typename T>
+TROUS_AVX2 void decode8_avx2(uint64_t b, bool is_signed, float s, float z, T* out) {
+  const __m128i bytes = _mm_cvtsi64_si128((long long)b);
+  const __m256i q = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+  cpu::store8(out, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s)), _mm256_set1_ps(z)));
+}
+
+// KIVI: per-channel running min / max over tokens (elementwise, 8 channels at a time).
+TROUS_AVX2 void channel_minmax_avx2(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
+  for (index_t c = 0; c < D; c += 8) {
+    const __m256 x = _mm256_loadu_ps(v + c);
+    _mm256_storeu_ps(mn + c, _mm256_min_ps(_mm256_loadu_ps(mn + c), x));
+    _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), x));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bad + c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bad + c), _mm256_or_si256(b, non_finite_mask(x)));
   }
 }
 
-TROUS_CPU_CLONES void unpack_codes(const uint8_t* src, index_t n, int bits, uint8_t* q) {
-  if (bits == 8) {
-    std::copy(src, src + n, q);
-  } else if (bits == 4) {
-    for (index_t k = 0; k < n / 2; ++k) {
-      q[2 * k] = src[k] & 0xf;
-      q[2 * k + 1] = src[k] >> 4;
-    }
-  } else {
-    for (index_t k = 0; k < n / 4; ++k) {
-      q[4 * k] = src[k] & 3;
-      q[4 * k + 1] = (src[k] >> 2) & 3;
-      q[4 * k + 2] = (src[k] >> 4) & 3;
-      q[4 * k + 3] = src[k] >> 6;
-    }
+TROUS_AVX2 void channel_codes_avx2(const float* v, const float* zero, const float* inv, int bits, index_t D,
+                                   uint8_t* dst) {
+  const __m256 max_q = _mm256_set1_ps((float)max_code(bits));
+  for (index_t c = 0; c < D; c += 8) {
+    __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(zero + c)), _mm256_loadu_ps(inv + c));
+    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), max_q);
+    store_packed8(dst + c / 8 * bits, cpu::low_bytes(_mm256_cvtps_epi32(t)), bits);
   }
 }
 
-TROUS_CPU_CLONES void asym_decode_row(const uint8_t* q, index_t n, float s, float z, float* out) {
-  for (index_t i = 0; i < n; ++i) out[i] = (float)q[i] * s + z;
+// float_to_fp8 of (x / s) for 8 values, in integer lanes (same steps as the scalar function).
+TROUS_AVX2 uint64_t fp8_codes8_avx2(const float* v, float s, Fp8Format f) {
+  const int mb = fp8_mant_bits(f), bias = fp8_bias(f), shift = 23 - mb;
+  const __m256 y = _mm256_div_ps(_mm256_loadu_ps(v), _mm256_set1_ps(s));
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(abs, shift), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(abs, _mm256_set1_epi32((1 << (shift - 1)) - 1)), lsb);
+  const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(rounded, shift), _mm256_set1_epi32((127 - bias) << mb));
+  const __m256 steps = _mm256_mul_ps(_mm256_castsi256_ps(abs), _mm256_set1_ps(bits_float((uint32_t)(127 + bias - 1 + mb) << 23)));
+  const __m256i subnormal = _mm256_cvtps_epi32(steps);
+  const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32((128 - bias) << 23), abs);
+  __m256i code = _mm256_blendv_epi8(normal, subnormal, is_sub);
+  code = _mm256_min_epi32(code, _mm256_set1_epi32((int)fp8_max_code(f)));
+  const __m256i is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7f), is_nan);
+  return cpu::low_bytes(_mm256_or_si256(code, sign));
 }
+
+TROUS_AVX2 void fp8_row_avx2(const float* v, float s, Fp8Format f, index_t D, uint8_t* dst) {
+  for (index_t c = 0; c < D; c += 8) {
+    const uint64_t b = fp8_codes8_avx2(v + c, s, f);
+    memcpy(dst + c, &b, 8);
+  }
+}
+#endif
 
 template <typename T>
-void store_row(const float* v, index_t n, T* out) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(v, v + n, out);
-  } else {
-    for (index_t i = 0; i < n; ++i) out[i] = static_cast<T>(v[i]);
+void decode8_scalar(uint64_t b, bool is_signed, float s, float z, T* out) {
+  for (int k = 0; k < 8; ++k) {
+    const uint8_t c = (uint8_t)(b >> (8 * k));
+    out[k] = static_cast<T>(is_signed ? (float)(int8_t)c * s : asym_decode(c, s, z));
   }
 }
 
@@ -122,7 +219,7 @@ const float* row_as_float(const T* src, index_t n, std::vector<float>& scratch) 
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    to_float_row(src, scratch.data(), n);
+    cpu::to_float_row(src, scratch.data(), n);
     return scratch.data();
   }
 }
@@ -136,74 +233,154 @@ void dispatch_cpu(DType dtype, F&& f) {
   }
 }
 
+// Per-row work, written once over an `Ops` policy (AVX2 or scalar). Each policy's row function
+// carries its own target attribute and this body is force-inlined into it, so the AVX2 helpers
+// inline too (a generic-target caller could not inline them).
+struct ScalarOps {
+  static GroupStats stats(const float* v, index_t n) { return group_stats_scalar(v, n); }
+  static uint64_t asym8(const float* v, AsymParams p, int bits) { return asym_codes8_scalar(v, p, bits); }
+  static uint64_t sym8(const float* v, float inv) { return sym_codes8_scalar(v, inv); }
+  template <typename T>
+  static void decode8(uint64_t b, bool is_signed, float s, float z, T* out) { decode8_scalar(b, is_signed, s, z, out); }
+};
+
+#if TROUS_HAVE_AVX2_PATH
+struct Avx2Ops {
+  TROUS_AVX2 static GroupStats stats(const float* v, index_t n) { return group_stats_avx2(v, n); }
+  TROUS_AVX2 static uint64_t asym8(const float* v, AsymParams p, int bits) { return asym_codes8_avx2(v, p, bits); }
+  TROUS_AVX2 static uint64_t sym8(const float* v, float inv) { return sym_codes8_avx2(v, inv); }
+  template <typename T>
+  TROUS_AVX2 static void decode8(uint64_t b, bool is_signed, float s, float z, T* out) {
+    decode8_avx2(b, is_signed, s, z, out);
+  }
+};
+#endif
+
+#define TROUS_FORCE_INLINE inline __attribute__((always_inline))
+
+// One row of D channels in groups of G (G % 8 == 0): parameters, then codes 8 at a time.
+template <typename Ops>
+TROUS_FORCE_INLINE void quantize_row(const float* row, const TokenQuantArgs& a, void* params, index_t row_index,
+                                     uint8_t* dst) {
+  const index_t G = a.group, n_groups = a.in.D / G;
+  for (index_t g = 0; g < n_groups; ++g) {
+    const float* v = row + g * G;
+    const index_t gi = row_index * n_groups + g;
+    const GroupStats st = Ops::stats(v, G);
+    if (a.symmetric) {
+      const float s = sym_scale(st.amax, st.finite, a.ptype);
+      const float inv = sym_inv(s);
+      store_param_cpu(params, gi, s, a.ptype);
+      for (index_t c = 0; c < G; c += 8) {
+        const uint64_t b = Ops::sym8(v + c, inv);
+        memcpy(dst + g * G + c, &b, 8);
+      }
+      continue;
+    }
+    const AsymParams p = asym_params(st.mn, st.mx, st.finite, a.bits, a.ptype);
+    store_param_cpu(params, 2 * gi, p.scale, a.ptype);
+    store_param_cpu(params, 2 * gi + 1, p.zero, a.ptype);
+    for (index_t c = 0; c < G; c += 8) {
+      const uint64_t b = st.finite ? Ops::asym8(v + c, p, a.bits) : 0;
+      store_packed8(dst + (g * G + c) / 8 * a.bits, b, a.bits);
+    }
+  }
+}
+
+template <typename Ops, typename T>
+TROUS_FORCE_INLINE void dequantize_row(const uint8_t* src, const void* params, const TokenDequantArgs& a,
+                                       index_t row_index, T* out) {
+  const index_t G = a.group, n_groups = a.D / G;
+  for (index_t g = 0; g < n_groups; ++g) {
+    const index_t gi = row_index * n_groups + g;
+    const float s = load_param_cpu(params, a.symmetric ? gi : 2 * gi, a.ptype);
+    const float z = a.symmetric ? 0.f : load_param_cpu(params, 2 * gi + 1, a.ptype);
+    for (index_t c = g * G; c < (g + 1) * G; c += 8) {
+      Ops::decode8(load_packed8(src + c / 8 * a.bits, a.bits), a.symmetric, s, z, out + c);
+    }
+  }
+}
+
+void quantize_row_scalar(const float* row, const TokenQuantArgs& a, void* params, index_t r, uint8_t* dst) {
+  quantize_row<ScalarOps>(row, a, params, r, dst);
+}
+template <typename T>
+void dequantize_row_scalar(const uint8_t* src, const void* params, const TokenDequantArgs& a, index_t r, T* out) {
+  dequantize_row<ScalarOps>(src, params, a, r, out);
+}
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 void quantize_row_avx2(const float* row, const TokenQuantArgs& a, void* params, index_t r, uint8_t* dst) {
+  quantize_row<Avx2Ops>(row, a, params, r, dst);
+}
+template <typename T>
+TROUS_AVX2 void dequantize_row_avx2(const uint8_t* src, const void* params, const TokenDequantArgs& a, index_t r,
+                                    T* out) {
+  dequantize_row<Avx2Ops>(src, params, a, r, out);
+}
+#endif
+
 template <typename T>
 void quantize_token_impl(const T* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
-  const index_t D = a.in.D, G = a.group, n_groups = D / G;
-  const index_t code_bytes = D * a.bits / 8;
+  const index_t D = a.in.D;
+  const index_t code_bytes = a.symmetric ? D : D * a.bits / 8;
+  auto* row_fn = &quantize_row_scalar;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &quantize_row_avx2;
+#endif
   at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(D);
-    std::vector<uint8_t> q(G);
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = row_as_float(x + row_offset(r, a.in.H, a.in.T, a.in.stride), D, scratch);
-      for (index_t g = 0; g < n_groups; ++g) {
-        const float* v = row + g * G;
-        const GroupStats st = group_stats(v, (int)G);
-        const index_t gi = r * n_groups + g;
-        if (a.symmetric) {
-          const float s = sym_scale(st.amax, st.finite, a.ptype);
-          sym_codes(v, (int)G, sym_inv(s), q.data());
-          store_param_cpu(params, gi, s, a.ptype);
-        } else {
-          const AsymParams p = asym_params(st.mn, st.mx, st.finite, a.bits, a.ptype);
-          if (st.finite) {
-            asym_codes(v, (int)G, p, a.bits, q.data());
-          } else {
-            std::fill(q.begin(), q.end(), 0);
-          }
-          store_param_cpu(params, 2 * gi, p.scale, a.ptype);
-          store_param_cpu(params, 2 * gi + 1, p.zero, a.ptype);
-        }
-        pack_codes(q.data(), G, a.bits, codes + r * code_bytes + g * G * a.bits / 8);
-      }
+      row_fn(row, a, params, r, codes + r * code_bytes);
     }
   });
 }
 
 template <typename T>
 void dequantize_token_impl(const uint8_t* codes, const void* params, T* out, const TokenDequantArgs& a) {
-  const index_t D = a.D, G = a.group, n_groups = D / G;
-  const index_t code_bytes = D * a.bits / 8;
+  const index_t D = a.D;
+  const index_t code_bytes = a.symmetric ? D : D * a.bits / 8;
+  auto* row_fn = &dequantize_row_scalar<T>;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &dequantize_row_avx2<T>;
+#endif
   at::parallel_for(0, a.rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
-    std::vector<uint8_t> q(D);
-    std::vector<float> v(D);
-    for (int64_t r = r0; r < r1; ++r) {
-      unpack_codes(codes + r * code_bytes, D, a.bits, q.data());
-      for (index_t g = 0; g < n_groups; ++g) {
-        const index_t gi = r * n_groups + g;
-        if (a.symmetric) {
-          // int8 codes: zero point 0, decode through the signed byte.
-          const float s = load_param_cpu(params, gi, a.ptype);
-          for (index_t i = 0; i < G; ++i) v[g * G + i] = (float)(int8_t)q[g * G + i] * s;
-        } else {
-          asym_decode_row(q.data() + g * G, G, load_param_cpu(params, 2 * gi, a.ptype),
-                          load_param_cpu(params, 2 * gi + 1, a.ptype), v.data() + g * G);
-        }
-      }
-      store_row(v.data(), D, out + r * D);
-    }
+    for (int64_t r = r0; r < r1; ++r) row_fn(codes + r * code_bytes, params, a, r, out + r * D);
   });
 }
 
+void channel_minmax_scalar(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
+  for (index_t c = 0; c < D; ++c) {
+    mn[c] = fminf(mn[c], v[c]);
+    mx[c] = fmaxf(mx[c], v[c]);
+    bad[c] |= !std::isfinite(v[c]);
+  }
+}
+
+void channel_codes_scalar(const float* v, const float* zero, const float* inv, int bits, index_t D, uint8_t* dst) {
+  for (index_t c = 0; c < D; c += 8) {
+    uint64_t b = 0;
+    for (int k = 0; k < 8; ++k) b |= (uint64_t)asym_code(v[c + k], AsymParams{0.f, zero[c + k], inv[c + k]}, bits) << (8 * k);
+    store_packed8(dst + c / 8 * bits, b, bits);
+  }
+}
+
+// KIVI keys: one task = one token group of one (b, h), G rows reduced channel-wise.
 template <typename T>
 void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const ChannelQuantArgs& a) {
   const index_t D = a.in.D, G = a.group, token_groups = a.in.T / G;
   const index_t code_bytes = D * a.bits / 8;
-  // One task = one token group of one (b, h): G rows, reduced channel-wise.
+  auto* minmax_fn = &channel_minmax_scalar;
+  auto* codes_fn = &channel_codes_scalar;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) {
+    minmax_fn = &channel_minmax_avx2;
+    codes_fn = &channel_codes_avx2;
+  }
+#endif
   at::parallel_for(0, a.in.B * a.in.H * token_groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> tile(G * D), mn(D), mx(D), scratch(D);
-    std::vector<uint8_t> q(D);
-    std::vector<AsymParams> p(D);
-    std::vector<int> bad(D);
+    std::vector<float> tile(G * D), scratch(D), mn(D), mx(D), zero(D), inv(D);
+    std::vector<uint32_t> bad(D);
     for (int64_t task = t0; task < t1; ++task) {
       const index_t row0 = (task / token_groups) * a.in.T + (task % token_groups) * G;
       for (index_t t = 0; t < G; ++t) {
@@ -212,25 +389,17 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
       }
       std::copy(tile.data(), tile.data() + D, mn.data());
       std::copy(tile.data(), tile.data() + D, mx.data());
-      std::fill(bad.begin(), bad.end(), 0);
-      for (index_t t = 0; t < G; ++t) {
-        const float* v = tile.data() + t * D;
-        for (index_t c = 0; c < D; ++c) {
-          mn[c] = v[c] < mn[c] ? v[c] : mn[c];
-          mx[c] = v[c] > mx[c] ? v[c] : mx[c];
-          bad[c] |= !(std::fabs(v[c]) <= 3.402823466e38f);
-        }
-      }
-      const index_t param0 = task * D * 2;
+      std::fill(bad.begin(), bad.end(), 0u);
+      for (index_t t = 0; t < G; ++t) minmax_fn(tile.data() + t * D, mn.data(), mx.data(), bad.data(), D);
       for (index_t c = 0; c < D; ++c) {
-        p[c] = asym_params(mn[c], mx[c], bad[c] == 0, a.bits, a.ptype);
-        store_param_cpu(params, param0 + 2 * c, p[c].scale, a.ptype);
-        store_param_cpu(params, param0 + 2 * c + 1, p[c].zero, a.ptype);
+        const AsymParams p = asym_params(mn[c], mx[c], bad[c] == 0, a.bits, a.ptype);
+        store_param_cpu(params, (task * D + c) * 2, p.scale, a.ptype);
+        store_param_cpu(params, (task * D + c) * 2 + 1, p.zero, a.ptype);
+        zero[c] = bad[c] ? 0.f : p.zero;  // a non-finite channel encodes as 0 (inv is 0 too)
+        inv[c] = p.inv;
       }
       for (index_t t = 0; t < G; ++t) {
-        const float* v = tile.data() + t * D;
-        for (index_t c = 0; c < D; ++c) q[c] = bad[c] ? 0 : (uint8_t)asym_code(v[c], p[c], a.bits);
-        pack_codes(q.data(), D, a.bits, codes + (row0 + t) * code_bytes);
+        codes_fn(tile.data() + t * D, zero.data(), inv.data(), a.bits, D, codes + (row0 + t) * code_bytes);
       }
     }
   });
@@ -241,29 +410,37 @@ void dequantize_channel_impl(const uint8_t* codes, const void* params, T* out, c
   const index_t D = a.D, token_groups = a.T / a.group;
   const index_t code_bytes = D * a.bits / 8;
   at::parallel_for(0, a.rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
-    std::vector<uint8_t> q(D);
     std::vector<float> v(D);
     for (int64_t r = r0; r < r1; ++r) {
       const index_t param0 = ((r / a.T) * token_groups + (r % a.T) / a.group) * D * 2;
-      unpack_codes(codes + r * code_bytes, D, a.bits, q.data());
-      for (index_t c = 0; c < D; ++c) {
-        v[c] = asym_decode(q[c], load_param_cpu(params, param0 + 2 * c, a.ptype),
-                           load_param_cpu(params, param0 + 2 * c + 1, a.ptype));
+      for (index_t c = 0; c < D; c += 8) {
+        const uint64_t b = load_packed8(codes + r * code_bytes + c * a.bits / 8, a.bits);
+        for (int k = 0; k < 8; ++k) {
+          v[c + k] = asym_decode((uint32_t)(b >> (8 * k)) & 0xffu, load_param_cpu(params, param0 + 2 * (c + k), a.ptype),
+                                 load_param_cpu(params, param0 + 2 * (c + k) + 1, a.ptype));
+        }
       }
-      store_row(v.data(), D, out + r * D);
+      cpu::from_float_row(v.data(), out + r * D, D);
     }
   });
+}
+
+void fp8_row_scalar(const float* v, float s, Fp8Format f, index_t D, uint8_t* dst) {
+  for (index_t c = 0; c < D; ++c) dst[c] = float_to_fp8(v[c] / s, f);
 }
 
 template <typename T>
 void quantize_fp8_impl(const T* x, const float* scale, uint8_t* codes, const Fp8Args& a) {
   const index_t D = a.in.D;
+  auto* row_fn = &fp8_row_scalar;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &fp8_row_avx2;
+#endif
   at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(D);
     for (int64_t r = r0; r < r1; ++r) {
       const float s = scale[a.per_head ? (r / a.in.T) % a.in.H : 0];
-      const float* row = row_as_float(x + row_offset(r, a.in.H, a.in.T, a.in.stride), D, scratch);
-      for (index_t c = 0; c < D; ++c) codes[r * D + c] = float_to_fp8(row[c] / s, a.format);
+      row_fn(row_as_float(x + row_offset(r, a.in.H, a.in.T, a.in.stride), D, scratch), s, a.format, D, codes + r * D);
     }
   });
 }
@@ -279,7 +456,7 @@ void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index
     for (int64_t r = r0; r < r1; ++r) {
       const float s = scale[per_head ? (r / T_len) % H : 0];
       for (index_t c = 0; c < D; ++c) v[c] = table[codes[r * D + c]] * s;
-      store_row(v.data(), D, out + r * D);
+      cpu::from_float_row(v.data(), out + r * D, D);
     }
   });
 }

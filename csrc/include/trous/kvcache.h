@@ -125,60 +125,57 @@ TROUS_INLINE int32_t sym_code(float x, float inv) {
 // value (satfinite). NaN stays NaN; +-Inf saturates to +-max.
 enum class Fp8Format : int { kE4M3 = 0, kE5M2 = 1 };
 
-TROUS_INLINE float fp8_max(Fp8Format f) { return f == Fp8Format::kE4M3 ? 448.f : 57344.f; }
 
-TROUS_INLINE uint8_t float_to_fp8(float v, Fp8Format f) {
-  const int mant_bits = f == Fp8Format::kE4M3 ? 3 : 2;
-  const int bias = f == Fp8Format::kE4M3 ? 7 : 15;
+TROUS_INLINE uint32_t float_bits(float v) {
   uint32_t x;
   memcpy(&x, &v, 4);
-  const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
+  return x;
+}
+
+TROUS_INLINE float bits_float(uint32_t x) {
+  float v;
+  memcpy(&v, &x, 4);
+  return v;
+}
+
+TROUS_INLINE int fp8_mant_bits(Fp8Format f) { return f == Fp8Format::kE4M3 ? 3 : 2; }
+TROUS_INLINE int fp8_bias(Fp8Format f) { return f == Fp8Format::kE4M3 ? 7 : 15; }
+TROUS_INLINE uint32_t fp8_max_code(Fp8Format f) { return f == Fp8Format::kE4M3 ? 0x7eu : 0x7bu; }
+
+// Integer-only encoding (no frexp/ldexp): normal values round their fp32 mantissa to the fp8 width
+// (a carry moves into the exponent by itself); subnormals are multiples of the smallest step.
+TROUS_INLINE uint8_t float_to_fp8(float v, Fp8Format f) {
+  const uint32_t x = float_bits(v);
+  const uint32_t sign = (x >> 24) & 0x80u;
   const uint32_t abs = x & 0x7fffffffu;
-  if (abs > 0x7f800000u) return f == Fp8Format::kE4M3 ? (uint8_t)(sign | 0x7f) : (uint8_t)(sign | 0x7f);
-  float a;
-  memcpy(&a, &abs, 4);
-  if (a >= fp8_max(f)) return (uint8_t)(sign | (f == Fp8Format::kE4M3 ? 0x7e : 0x7b));
-  // Smallest normal exponent is 1 - bias; below it values are multiples of 2^(1-bias-mant_bits).
-  const int min_exp = 1 - bias;
-  int e;
-  frexpf(a, &e);  // a = m * 2^e, m in [0.5, 1)
-  int exp = e - 1;  // a = 1.x * 2^exp
-  if (exp < min_exp) exp = min_exp;
-  const float quantum = ldexpf(1.f, exp - mant_bits);
-  const float q = rintf(a / quantum);  // exact division by a power of two, then RNE
-  float r = q * quantum;
-  if (r >= fp8_max(f)) return (uint8_t)(sign | (f == Fp8Format::kE4M3 ? 0x7e : 0x7b));
-  if (r == 0.f) return sign;
-  int re;
-  frexpf(r, &re);
-  int rexp = re - 1;
+  if (abs > 0x7f800000u) return (uint8_t)(sign | 0x7fu);  // NaN
+  const int mb = fp8_mant_bits(f), bias = fp8_bias(f);
   uint32_t code;
-  if (rexp < min_exp) {  // subnormal: exponent field 0
-    code = (uint32_t)q;
+  if (abs < (uint32_t)(128 - bias) << 23) {  // below the smallest normal 2^(1 - bias)
+    const float steps = bits_float(abs) * bits_float((uint32_t)(127 + bias - 1 + mb) << 23);  // exact
+    code = (uint32_t)round_half_even(steps);
   } else {
-    const uint32_t mant = (uint32_t)ldexpf(r, mant_bits - rexp) - (1u << mant_bits);
-    code = ((uint32_t)(rexp + bias) << mant_bits) | mant;
+    const int shift = 23 - mb;
+    const uint32_t rounded = abs + ((1u << (shift - 1)) - 1u) + ((abs >> shift) & 1u);
+    code = (rounded >> shift) - ((uint32_t)(127 - bias) << mb);
   }
+  if (code > fp8_max_code(f)) code = fp8_max_code(f);  // satfinite, +-Inf included
   return (uint8_t)(sign | code);
 }
 
 TROUS_INLINE float fp8_to_float(uint8_t c, Fp8Format f) {
-  const int mant_bits = f == Fp8Format::kE4M3 ? 3 : 2;
-  const int bias = f == Fp8Format::kE4M3 ? 7 : 15;
-  const bool neg = c & 0x80;
-  const uint32_t exp = (c & 0x7f) >> mant_bits;
-  const uint32_t mant = c & ((1u << mant_bits) - 1u);
-  float v;
-  if (f == Fp8Format::kE4M3 && (c & 0x7f) == 0x7f) {
-    v = NAN;
-  } else if (f == Fp8Format::kE5M2 && exp == 0x1f) {
-    v = mant ? NAN : INFINITY;
-  } else if (exp == 0) {
-    v = ldexpf((float)mant, 1 - bias - mant_bits);
-  } else {
-    v = ldexpf((float)(mant | (1u << mant_bits)), (int)exp - bias - mant_bits);
+  const int mb = fp8_mant_bits(f), bias = fp8_bias(f);
+  const uint32_t sign = (uint32_t)(c & 0x80u) << 24;
+  const uint32_t exp = (c & 0x7fu) >> mb;
+  const uint32_t mant = c & ((1u << mb) - 1u);
+  if ((f == Fp8Format::kE4M3 && (c & 0x7fu) == 0x7fu) || (f == Fp8Format::kE5M2 && exp == 0x1fu)) {
+    return bits_float(sign | 0x7f800000u | (mant ? 0x400000u : 0u));  // NaN, or Inf for e5m2
   }
-  return neg ? -v : v;
+  if (exp == 0) {  // subnormal: mant * 2^(1 - bias - mb)
+    const float v = (float)mant * bits_float((uint32_t)(127 + 1 - bias - mb) << 23);
+    return sign ? -v : v;
+  }
+  return bits_float(sign | ((exp + 127u - (uint32_t)bias) << 23) | (mant << (23 - mb)));
 }
 
 // ---- Kernel arguments (shared by the CPU kernels and the CUDA launchers).

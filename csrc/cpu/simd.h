@@ -1,0 +1,95 @@
+// x86 AVX2 helpers for CPU kernels, chosen at run time (the wheel stays portable to CPUs without
+// AVX2). The compiler does not vectorise min/max reductions or float compares without fast-math, so
+// the hot loops of the kernels are written with intrinsics behind TROUS_AVX2 and have scalar twins.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "trous/common.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TROUS_HAVE_AVX2_PATH 1
+#define TROUS_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define TROUS_HAVE_AVX2_PATH 0
+#endif
+
+namespace trous {
+namespace cpu {
+
+inline bool has_avx2() {
+#if TROUS_HAVE_AVX2_PATH
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TROUS_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+TROUS_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+TROUS_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+TROUS_AVX2 inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+TROUS_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
+  // Round to nearest even on the upper 16 bits; NaN stays a quiet NaN.
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40)), nan);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// Low byte of each 32-bit lane, in order, as 8 bytes.
+TROUS_AVX2 inline uint64_t low_bytes(__m256i v) {
+  const __m256i shuffle = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_shuffle_epi8(v, shuffle);
+  return (uint64_t)(uint32_t)_mm256_extract_epi32(b, 0) | (uint64_t)(uint32_t)_mm256_extract_epi32(b, 4) << 32;
+}
+#endif
+
+// Converts n elements to fp32 (n % 8 == 0 on the AVX2 path; a scalar tail otherwise).
+template <typename T>
+void to_float_row(const T* src, float* dst, index_t n) {
+  index_t i = 0;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) {
+    [&]() TROUS_AVX2 { for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i)); }();
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+void from_float_row(const float* src, T* dst, index_t n) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) {
+    [&]() TROUS_AVX2 { for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i)); }();
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+}  // namespace cpu
+}  // namespace trous
