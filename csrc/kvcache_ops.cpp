@@ -19,9 +19,9 @@ DType float_dtype(const at::Tensor& t, const char* op, const char* name) {
 
 DType out_dtype(at::ScalarType t, const char* op) { return trous::float_dtype(t, op, "dtype"); }
 
-ParamType param_type(at::ScalarType t, const char* op) {
+ParamType param_type(at::ScalarType t, const char* op, const char* name = "param_dtype") {
   // bf16 parameters are refused: their error on the minimum exceeds an 8-bit step (kvcache.md).
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf, op, ": param_dtype must be float32 or float16, got ", t);
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf, op, ": ", name, " must be float32 or float16, got ", t);
   return t == at::kHalf ? ParamType::kFloat16 : ParamType::kFloat32;
 }
 
@@ -55,7 +55,7 @@ void check_params(const at::Tensor& params, const at::Tensor& codes, const char*
   check_same_device(params, codes, op, "params");
   TORCH_CHECK(params.sizes() == expected, op, ": params must have shape ", expected, ", got ", params.sizes());
   TORCH_CHECK(params.is_contiguous(), op, ": params must be contiguous");
-  param_type(params.scalar_type(), op);
+  param_type(params.scalar_type(), op, "params");
 }
 
 void check_group(int64_t group, int64_t extent, const char* what, const char* op) {

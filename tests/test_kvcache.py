@@ -172,6 +172,8 @@ def test_non_finite_group_becomes_nan(device):
     x[0, 0, 1, 40] = float("inf")
     for q in (kv.quantize_per_token(x, 4, 32), kv.quantize_per_token(x, 8, 32, symmetric=True)):
         out = kv.dequantize(q, torch.float32)
+        group_bytes = 32 * q.bits // 8
+        assert (q.codes[0, 0, 0, :group_bytes] == 0).all() and (q.codes[0, 0, 1, group_bytes:] == 0).all()
         assert torch.isnan(out[0, 0, 0, :32]).all() and torch.isnan(out[0, 0, 1, 32:]).all()
         clean = torch.ones_like(out, dtype=torch.bool)
         clean[0, 0, 0, :32] = False
@@ -223,6 +225,10 @@ def test_empty(device):
      r"codes must be Byte, got Char"),
     (lambda x: torch.ops.trous.kv_dequantize(torch.zeros(1, 2, 3, 32, dtype=torch.uint8), torch.zeros(1, 2, 3, 2, 2), 4, 32, False, torch.int32),
      r"dtype must be float32, float16 or bfloat16, got Int"),
+    (lambda x: torch.ops.trous.kv_dequantize(torch.zeros(1, 2, 3, 32, dtype=torch.uint8), torch.zeros(1, 2, 3, 2, 2, dtype=torch.bfloat16), 4, 32, False, torch.float32),
+     r"params must be float32 or float16, got BFloat16"),
+    (lambda x: torch.ops.trous.kv_dequantize_channel(torch.zeros(1, 2, 30, 32, dtype=torch.uint8), torch.zeros(1, 2, 1, 64, 2), 4, 32, torch.float32),
+     r"T = codes.size\(2\) = 30 must be a multiple of group_size 32"),
 ])
 def test_bad_arguments_raise_clear_errors(call, message):
     x = gaussian((1, 2, 3, 64), torch.float32, "cpu")

@@ -272,7 +272,7 @@ TROUS_FORCE_INLINE void quantize_row(const float* row, const TokenQuantArgs& a, 
       const float inv = sym_inv(s);
       store_param_cpu(params, gi, s, a.ptype);
       for (index_t c = 0; c < G; c += 8) {
-        const uint64_t b = Ops::sym8(v + c, inv);
+        const uint64_t b = st.finite ? Ops::sym8(v + c, inv) : 0;
         memcpy(dst + g * G + c, &b, 8);
       }
       continue;

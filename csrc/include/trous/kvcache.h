@@ -117,6 +117,7 @@ TROUS_INLINE float sym_inv(float scale) { return scale > 0.f ? 1.f / scale : 0.f
 
 TROUS_INLINE int32_t sym_code(float x, float inv) {
   float t = x * inv;
+  t = t == t ? t : 0.f;  // NaN (only in a non-finite group, whose codes are 0) must not reach the int cast
   t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
   return (int32_t)round_half_even(t);
 }

@@ -36,7 +36,7 @@ TROUS_DEVICE inline void load_pack(const T* p, float (&v)[kPack]) {
   } else if constexpr (VEC && sizeof(T) == 2) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
     T e[kPack];
-    memcpy(e, &raw, sizeof(raw));
+    memcpy(static_cast<void*>(e), &raw, sizeof(raw));
 #pragma unroll
     for (int i = 0; i < kPack; ++i) v[i] = to_float(e[i]);
   } else {
@@ -56,7 +56,7 @@ TROUS_DEVICE inline void store_pack(T* p, const float (&v)[kPack]) {
 #pragma unroll
     for (int i = 0; i < kPack; ++i) e[i] = from_float<T>(v[i]);
     uint4 raw;
-    memcpy(&raw, e, sizeof(raw));
+    memcpy(&raw, static_cast<const void*>(e), sizeof(raw));
     *reinterpret_cast<uint4*>(p) = raw;
   }
 }
@@ -158,7 +158,7 @@ quantize_token_lanes(const T* __restrict__ x, uint8_t* __restrict__ codes, void*
     const float s = sym_scale(amax, finite, a.ptype);
     const float inv = sym_inv(s);
 #pragma unroll
-    for (int i = 0; i < kPack; ++i) q[i] = (uint32_t)(sym_code(v[i], inv) & 0xff);
+    for (int i = 0; i < kPack; ++i) q[i] = finite ? (uint32_t)(sym_code(v[i], inv) & 0xff) : 0u;
     if (leader) store_param(params, group_index, s, a.ptype);
   } else {
     const AsymParams pr = asym_params(mn, mx, finite, a.bits, a.ptype);
@@ -207,7 +207,7 @@ quantize_token_serial(const T* __restrict__ x, uint8_t* __restrict__ codes, void
     uint32_t q[kPack];
     for (int i = 0; i < kPack; ++i) {
       const float v = to_float(src[c + i]);
-      q[i] = a.symmetric ? (uint32_t)(sym_code(v, sym_inv(s)) & 0xff) : (finite ? asym_code(v, pr, a.bits) : 0u);
+      q[i] = !finite ? 0u : a.symmetric ? (uint32_t)(sym_code(v, sym_inv(s)) & 0xff) : asym_code(v, pr, a.bits);
     }
     store_codes(dst + c * a.bits / 8, q, a.bits);
   }
