@@ -82,7 +82,10 @@ def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is inline and runs serially unless the extension itself is built
+    # with OpenMP; the libgomp.so.1 it links is the one torch has already loaded.
+    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-fno-math-errno", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = []
     archs = None
     if with_cuda:
@@ -98,11 +101,11 @@ def _extension():
         ]
         ext = cpp_extension.CUDAExtension(
             "trous._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension(
             "trous._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx})
+            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     _write_build_info(with_cuda, archs)
     return ext
 

@@ -405,22 +405,46 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
   });
 }
 
+// One decoded row: codes (8 per step) times per-channel scale plus min, as in asym_decode.
+template <typename T>
+void channel_decode_row_scalar(const uint8_t* src, const float* scale, const float* zero, int bits, index_t D, T* out) {
+  for (index_t c = 0; c < D; c += 8) {
+    const uint64_t b = load_packed8(src + c / 8 * bits, bits);
+    for (int k = 0; k < 8; ++k) out[c + k] = static_cast<T>(asym_decode((uint32_t)(b >> (8 * k)) & 0xffu, scale[c + k], zero[c + k]));
+  }
+}
+
+#if TROUS_HAVE_AVX2_PATH
+template <typename T>
+TROUS_AVX2 void channel_decode_row_avx2(const uint8_t* src, const float* scale, const float* zero, int bits, index_t D,
+                                        T* out) {
+  for (index_t c = 0; c < D; c += 8) {
+    const __m256i q = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)load_packed8(src + c / 8 * bits, bits)));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(scale + c));
+    cpu::store8(out + c, _mm256_add_ps(v, _mm256_loadu_ps(zero + c)));
+  }
+}
+#endif
+
+// One task = one token group of one (b, h): its D scales and mins are decoded once for G rows.
 template <typename T>
 void dequantize_channel_impl(const uint8_t* codes, const void* params, T* out, const ChannelDequantArgs& a) {
-  const index_t D = a.D, token_groups = a.T / a.group;
+  const index_t D = a.D, G = a.group;
   const index_t code_bytes = D * a.bits / 8;
-  at::parallel_for(0, a.rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
-    std::vector<float> v(D);
-    for (int64_t r = r0; r < r1; ++r) {
-      const index_t param0 = ((r / a.T) * token_groups + (r % a.T) / a.group) * D * 2;
-      for (index_t c = 0; c < D; c += 8) {
-        const uint64_t b = load_packed8(codes + r * code_bytes + c * a.bits / 8, a.bits);
-        for (int k = 0; k < 8; ++k) {
-          v[c + k] = asym_decode((uint32_t)(b >> (8 * k)) & 0xffu, load_param_cpu(params, param0 + 2 * (c + k), a.ptype),
-                                 load_param_cpu(params, param0 + 2 * (c + k) + 1, a.ptype));
-        }
+  auto* row_fn = &channel_decode_row_scalar<T>;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &channel_decode_row_avx2<T>;
+#endif
+  at::parallel_for(0, a.rows / std::max<index_t>(G, 1), std::max<int64_t>(1, grain_rows(D) / G), [&](int64_t t0, int64_t t1) {
+    std::vector<float> scale(D), zero(D);
+    for (int64_t task = t0; task < t1; ++task) {
+      for (index_t c = 0; c < D; ++c) {
+        scale[c] = load_param_cpu(params, (task * D + c) * 2, a.ptype);
+        zero[c] = load_param_cpu(params, (task * D + c) * 2 + 1, a.ptype);
       }
-      cpu::from_float_row(v.data(), out + r * D, D);
+      for (index_t r = task * G; r < (task + 1) * G; ++r) {
+        row_fn(codes + r * code_bytes, scale.data(), zero.data(), a.bits, D, out + r * D);
+      }
     }
   });
 }
@@ -446,17 +470,35 @@ void quantize_fp8_impl(const T* x, const float* scale, uint8_t* codes, const Fp8
 }
 
 template <typename T>
+void fp8_decode_row_scalar(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+  for (index_t c = 0; c < D; ++c) out[c] = static_cast<T>(table[src[c]] * s);
+}
+
+#if TROUS_HAVE_AVX2_PATH
+template <typename T>
+TROUS_AVX2 void fp8_decode_row_avx2(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+  for (index_t c = 0; c < D; c += 8) {
+    uint64_t b;
+    memcpy(&b, src + c, 8);
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)b));
+    cpu::store8(out + c, _mm256_mul_ps(_mm256_i32gather_ps(table, idx, 4), _mm256_set1_ps(s)));
+  }
+}
+#endif
+
+template <typename T>
 void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index_t rows, index_t H, index_t T_len,
                          index_t D, Fp8Format format, bool per_head) {
-  // All 256 codes decoded once: the per-element work becomes a table lookup and a multiply.
+  // All 256 codes decoded once: the per-element work becomes a lookup (a gather) and a multiply.
   float table[256];
   for (int c = 0; c < 256; ++c) table[c] = fp8_to_float((uint8_t)c, format);
+  auto* row_fn = &fp8_decode_row_scalar<T>;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &fp8_decode_row_avx2<T>;
+#endif
   at::parallel_for(0, rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
-    std::vector<float> v(D);
     for (int64_t r = r0; r < r1; ++r) {
-      const float s = scale[per_head ? (r / T_len) % H : 0];
-      for (index_t c = 0; c < D; ++c) v[c] = table[codes[r * D + c]] * s;
-      cpu::from_float_row(v.data(), out + r * D, D);
+      row_fn(codes + r * D, table, scale[per_head ? (r / T_len) % H : 0], D, out + r * D);
     }
   });
 }
