@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 import trous  # noqa: E402
+from trous.bench.dcls import smoke_dcls_conv  # noqa: E402
 from trous.info import op_kernels, op_names  # noqa: E402
 
 
@@ -186,9 +187,49 @@ def smoke_kv(r: Runner, quick: bool):
 
 
 # qualified op names -> the function that exercises them. One line per family.
+# ---------------------------------------------------------------------------------------------
+# DCLS kernel construction
+
+
+def smoke_dcls_construct(r: Runner, quick: bool):
+    """Forward and backward of the fused construction, every version, 1/2/3-D (non-square), against
+    the fp64 reference's autograd."""
+    from trous.reference import dcls as ref
+
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if r.device == "cuda" and not quick else [])
+    for dks in ((7,), (5, 9), (3, 5, 7)):
+        for version in ("v0", "v1", "max", "gauss"):
+            for dtype in dtypes:
+                label = f"dcls_construct_kernel {version} {dks} {dtype}"
+
+                def run(dks=dks, version=version, dtype=dtype, label=label):
+                    g = torch.Generator().manual_seed(1)
+                    nd, O, I, kc = len(dks), 5, 3, 4
+                    w = torch.randn(O, I, kc, generator=g, dtype=torch.float64)
+                    P = (torch.rand(nd, O, I, kc, generator=g, dtype=torch.float64) * 2 - 1) * (max(dks) // 2)
+                    SIG = 0.2 + torch.rand(P.shape, generator=g, dtype=torch.float64) if version in ("max", "gauss") else None
+                    dev = [t.to(r.device, dtype) if t is not None else None for t in (w, P, SIG)]
+                    K = r.call("trous::dcls_construct_kernel", *dev, list(dks), version)
+                    gK = torch.randn(K.shape, generator=g, dtype=torch.float64)
+                    grads = r.call("trous::dcls_construct_kernel_backward", gK.to(r.device, dtype), *dev, list(dks), version)
+                    if not r.compare:
+                        return
+                    leaves = [t.clone().requires_grad_() for t in (w, P) + ((SIG,) if SIG is not None else ())]
+                    want = ref.construct_kernel(leaves[0], leaves[1], leaves[2] if SIG is not None else None, dks, version)
+                    wgrads = torch.autograd.grad(want, leaves, gK)
+                    tol = 2e-5 if dtype == torch.float32 else 3e-2
+                    r.check(label + " K", _close(K, want.detach(), tol, tol), "kernel differs")
+                    for name, a, e in zip(("grad_w", "grad_P", "grad_SIG"), grads, wgrads):
+                        r.check(f"{label} {name}", _close(a, e, 5 * tol, 5 * tol), f"{name} differs")
+
+                r.case(label, run)
+
+
 SMOKE = {
     ("trous::kv_quantize", "trous::kv_dequantize", "trous::kv_quantize_channel", "trous::kv_dequantize_channel",
      "trous::kv_quantize_fp8", "trous::kv_dequantize_fp8"): smoke_kv,
+    ("trous::dcls_construct_kernel", "trous::dcls_construct_kernel_backward"): smoke_dcls_construct,
+    ("trous::dcls_conv", "trous::dcls_conv_backward", "trous::dcls_conv_tap_counts"): smoke_dcls_conv,
 }
 
 

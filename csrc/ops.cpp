@@ -16,6 +16,20 @@ TORCH_LIBRARY(trous, m) {
   m.def("kv_dequantize_fp8(Tensor codes, Tensor scale, str format, ScalarType dtype) -> Tensor");
 
   // ---- DCLS kernel construction (dcls_ops.cpp).
+  // dcls 0.1.1's ConstructKernel{1,2,3}d, axis quirks included: weight [O, I/g, kc], P and SIG
+  // [ndim, O, I/g, kc] (SIG None for v0 / v1), version v0 | v1 | max | gauss -> K [O, I/g, *dks].
+  m.def("dcls_construct_kernel(Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> Tensor");
+  // (grad_weight, grad_P, grad_SIG) in one pass; grad_SIG is an empty tensor when SIG is None.
+  m.def("dcls_construct_kernel_backward(Tensor grad_K, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> (Tensor, Tensor, Tensor)");
 
   // ---- DCLS direct depthwise convolution (dcls_conv_ops.cpp).
+  // Depthwise only (in = out = groups = C): x [N, C, *spatial] (1-3 spatial dims, contiguous copy
+  // if needed), weight [C, 1, kc], P / SIG [ndim, C, 1, kc] in the dcls layout and axis conventions
+  // (SIG only for "gauss" / "max"), bias [C]; zero padding; out [N, C, *out] in x's dtype.
+  m.def("dcls_conv(Tensor x, Tensor weight, Tensor P, Tensor? SIG, Tensor? bias, int[] dilated_kernel_size, str version, int[] stride, int[] padding) -> Tensor");
+  // (grad_x, grad_weight, grad_P, grad_SIG); output_mask = [input, parameters]; what is not asked
+  // for (and grad_SIG of v0 / v1) is an empty [0] tensor. grad_bias = grad_out summed (caller).
+  m.def("dcls_conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version, int[] stride, int[] padding, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // CPU only: taps (support size of the dense window) per channel, int32 [C].
+  m.def("dcls_conv_tap_counts(Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> Tensor");
 }

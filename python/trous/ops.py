@@ -14,3 +14,12 @@ kv_quantize_channel = _lib.kv_quantize_channel
 kv_dequantize_channel = _lib.kv_dequantize_channel
 kv_quantize_fp8 = _lib.kv_quantize_fp8
 kv_dequantize_fp8 = _lib.kv_dequantize_fp8
+
+# DCLS kernel construction (trous.dcls has the modules and construct_kernel).
+dcls_construct_kernel = _lib.dcls_construct_kernel
+dcls_construct_kernel_backward = _lib.dcls_construct_kernel_backward
+
+# Direct depthwise DCLS convolution (trous._dcls_conv has the wrappers and the cost model).
+dcls_conv = _lib.dcls_conv
+dcls_conv_backward = _lib.dcls_conv_backward
+dcls_conv_tap_counts = _lib.dcls_conv_tap_counts
