@@ -77,17 +77,28 @@ TROUS_INLINE int max_code(int bits) { return (1 << bits) - 1; }
 
 // A group holding NaN or +-Inf gets NaN parameters: the whole group dequantizes to NaN, so the
 // poison stays visible instead of silently becoming finite numbers. Its codes are 0.
-TROUS_INLINE AsymParams asym_params(float mn, float mx, bool finite, int bits, ParamType t) {
+// Rounds a parameter to its storage type; CPU kernels may pass a faster equivalent (F16C).
+struct ParamRounding {
+  ParamType t;
+  TROUS_HOST_DEVICE float operator()(float v) const { return round_param(v, t); }
+};
+
+template <typename Round>
+TROUS_INLINE AsymParams asym_params_rounded(float mn, float mx, bool finite, int bits, Round round) {
   AsymParams p;
   if (!finite) {
     p.scale = p.zero = NAN;
     p.inv = 0.f;
     return p;
   }
-  p.scale = round_param((mx - mn) / (float)max_code(bits), t);
-  p.zero = round_param(mn, t);
+  p.scale = round((mx - mn) / (float)max_code(bits));
+  p.zero = round(mn);
   p.inv = p.scale > 0.f ? 1.f / p.scale : 0.f;
   return p;
+}
+
+TROUS_INLINE AsymParams asym_params(float mn, float mx, bool finite, int bits, ParamType t) {
+  return asym_params_rounded(mn, mx, finite, bits, ParamRounding{t});
 }
 
 // Round half to even for |t| < 2^22, identical to rintf/cvt.rni but vectorisable without SSE4.1:
@@ -108,8 +119,13 @@ TROUS_INLINE uint32_t asym_code(float x, AsymParams p, int bits) {
 TROUS_INLINE float asym_decode(uint32_t q, float scale, float zero) { return (float)q * scale + zero; }
 
 // Symmetric int8: s = amax / 127, q in [-127, 127].
+template <typename Round>
+TROUS_INLINE float sym_scale_rounded(float amax, bool finite, Round round) {
+  return finite ? round(amax / 127.f) : NAN;
+}
+
 TROUS_INLINE float sym_scale(float amax, bool finite, ParamType t) {
-  return finite ? round_param(amax / 127.f, t) : NAN;
+  return sym_scale_rounded(amax, finite, ParamRounding{t});
 }
 
 // `inv` = 1 / scale, or 0 for a zero or NaN scale (all codes 0).
