@@ -19,16 +19,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace trous {
 namespace dcls {
 namespace construct {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TROUS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define TROUS_CPU_CLONES
-#endif
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -24,15 +24,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace trous {
 namespace dcls {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TROUS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define TROUS_CPU_CLONES
-#endif
 #define TROUS_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 template <typename Acc> struct VecT;

@@ -18,6 +18,13 @@
 #define TROUS_HAVE_AVX2_PATH 0
 #endif
 
+// Whole-function clones for AVX2+FMA and a portable default, picked at load time (GCC ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TROUS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define TROUS_CPU_CLONES
+#endif
+
 namespace trous {
 namespace cpu {
 

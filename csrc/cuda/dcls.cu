@@ -1,9 +1,5 @@
 // Launchers of the DCLS construction kernels: raw pointers and a stream, no torch headers.
-#include <cuda_runtime.h>
-
-#include <stdexcept>
-#include <string>
-
+#include "launch_utils.cuh"
 #include "trous/dcls_cuda.h"
 #include "trous/dcls_kernels.cuh"
 
@@ -11,11 +7,6 @@ namespace trous {
 namespace dcls {
 namespace construct {
 namespace {
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
 
 void check_plan(const Plan& p, const ConstructArgs& a, const char* what) {
   if (!p.ok)

@@ -1,9 +1,5 @@
 // Launchers of the direct depthwise DCLS convolution kernels: raw pointers and a stream, no torch.
-#include <cuda_runtime.h>
-
-#include <stdexcept>
-#include <string>
-
+#include "launch_utils.cuh"
 #include "trous/dcls_conv_cuda.h"
 #include "trous/dcls_conv_kernels.cuh"
 
@@ -11,16 +7,10 @@ namespace trous {
 namespace dcls {
 namespace {
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-void check_launch(const char* what) { check(cudaGetLastError(), what); }
-
 int device_attr(cudaDeviceAttr a) {
   int dev = 0, v = 0;
-  check(cudaGetDevice(&dev), "trous dcls_conv: cudaGetDevice");
-  check(cudaDeviceGetAttribute(&v, a, dev), "trous dcls_conv: cudaDeviceGetAttribute");
+  cuda_check(cudaGetDevice(&dev), "trous dcls_conv: cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&v, a, dev), "trous dcls_conv: cudaDeviceGetAttribute");
   return v;
 }
 
@@ -32,17 +22,8 @@ size_t params_bytes(const ConvGeom& g) { return (size_t)params_smem_words(g) * 4
 template <typename K>
 void allow_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
           "trous dcls_conv: cudaFuncSetAttribute");
-  }
-}
-
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
   }
 }
 
@@ -99,7 +80,7 @@ void launch_forward(DType dtype, const void* x, void* out, const ConvGeom& g, co
   if (g.N * g.C == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const size_t smem = taps_bytes(g);
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     allow_smem(dcls_forward_kernel<T>, smem);
     for_slices(g, [&](const ConvGeom& gs, index_t n0, int) {
@@ -117,13 +98,13 @@ void launch_backward(DType dtype, const void* grad_out, const void* x, void* gra
   if (g.N * g.C == 0) {
     if (gr.gw) {
       const size_t n = (size_t)g.C * g.kc;
-      check(cudaMemsetAsync(gr.gw, 0, n * 4, s), "trous dcls_conv backward");
-      check(cudaMemsetAsync(gr.gP, 0, n * g.ndim * 4, s), "trous dcls_conv backward");
-      if (gr.gSIG) check(cudaMemsetAsync(gr.gSIG, 0, n * g.ndim * 4, s), "trous dcls_conv backward");
+      cuda_check(cudaMemsetAsync(gr.gw, 0, n * 4, s), "trous dcls_conv backward");
+      cuda_check(cudaMemsetAsync(gr.gP, 0, n * g.ndim * 4, s), "trous dcls_conv backward");
+      if (gr.gSIG) cuda_check(cudaMemsetAsync(gr.gSIG, 0, n * g.ndim * 4, s), "trous dcls_conv backward");
     }
     return;
   }
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* go = static_cast<const T*>(grad_out);
     if (grad_x) {

@@ -1,9 +1,5 @@
 // Launchers of the KV-cache kernels: raw pointers and a stream, no torch headers.
-#include <cuda_runtime.h>
-
-#include <stdexcept>
-#include <string>
-
+#include "launch_utils.cuh"
 #include "trous/kvcache_cuda.h"
 #include "trous/kvcache_kernels.cuh"
 
@@ -13,24 +9,10 @@ namespace {
 
 unsigned blocks_for(index_t work) { return (unsigned)ceil_div(work, kThreads); }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 // 16-byte vector loads need the base pointer and every row start 16-byte aligned.
 bool rows_aligned(const void* x, const RowLayout& in, size_t elem) {
   const auto ok = [elem](index_t stride) { return (stride * (index_t)elem) % 16 == 0; };
   return reinterpret_cast<uintptr_t>(x) % 16 == 0 && ok(in.stride.b) && ok(in.stride.h) && ok(in.stride.t);
-}
-
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-  }
 }
 
 template <typename T, bool VEC>
@@ -54,7 +36,7 @@ void launch_quantize_token(DType dtype, const void* x, uint8_t* codes, void* par
                            void* stream) {
   if (a.in.rows() == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
@@ -70,7 +52,7 @@ void launch_dequantize_token(DType dtype, const uint8_t* codes, const void* para
                              const TokenDequantArgs& a, void* stream) {
   if (a.rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_token<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
   });
@@ -82,7 +64,7 @@ void launch_quantize_channel(DType dtype, const void* x, uint8_t* codes, void* p
   if (a.in.rows() == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = blocks_for(a.in.B * a.in.H * (a.in.T / a.group) * (a.in.D / kPack));
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
@@ -98,7 +80,7 @@ void launch_dequantize_channel(DType dtype, const uint8_t* codes, const void* pa
                                const ChannelDequantArgs& a, void* stream) {
   if (a.rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_channel<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
   });
@@ -110,7 +92,7 @@ void launch_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t
   if (a.in.rows() == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
@@ -126,7 +108,7 @@ void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale
                            index_t H, index_t T, index_t D, Fp8Format format, bool per_head, void* stream) {
   if (rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using Elem = decltype(tag);
     dequantize_fp8<Elem><<<blocks_for(rows * (D / kPack)), kThreads, 0, s>>>(
         codes, scale, static_cast<Elem*>(out), rows, H, T, D, format, per_head);

@@ -12,6 +12,13 @@
 
 #define TROUS_INLINE TROUS_HOST_DEVICE inline
 
+// Dynamic shared memory as a typed pointer (the CUDA emulation header defines its own version).
+#ifndef TROUS_DYNAMIC_SHARED
+#define TROUS_DYNAMIC_SHARED(T, name)                                  \
+  extern __shared__ __align__(16) unsigned char trous_dynamic_smem_[]; \
+  T* name = reinterpret_cast<T*>(trous_dynamic_smem_)
+#endif
+
 namespace trous {
 
 // Element counts and offsets are 64-bit: a KV cache or an activation can exceed 2^31 elements.

@@ -22,12 +22,6 @@
 #include "trous/common.h"
 #include "trous/dcls_conv.h"
 
-#ifndef TROUS_DYNAMIC_SHARED
-#define TROUS_DYNAMIC_SHARED(T, name)                              \
-  extern __shared__ __align__(16) unsigned char trous_dyn_smem_[]; \
-  T* name = reinterpret_cast<T*>(trous_dyn_smem_)
-#endif
-
 namespace trous {
 namespace dcls {
 

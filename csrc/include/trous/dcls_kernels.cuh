@@ -16,12 +16,6 @@
 #include "trous/common.h"
 #include "trous/dcls.h"
 
-#ifndef TROUS_DYNAMIC_SHARED
-#define TROUS_DYNAMIC_SHARED(T, name)                                  \
-  extern __shared__ __align__(16) unsigned char trous_dynamic_smem_[]; \
-  T* name = reinterpret_cast<T*>(trous_dynamic_smem_)
-#endif
-
 namespace trous {
 namespace dcls {
 namespace construct {
