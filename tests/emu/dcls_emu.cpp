@@ -11,6 +11,7 @@
 // non-differentiable points (|t - mu| = 0 or 1) exactly where the reference does.
 // Exit status 0 iff every case passes.
 #include "cuda_emu.h"
+#include "emu_check.h"
 
 #include <chrono>
 #include <cmath>
@@ -162,35 +163,6 @@ Ref reference(const ConstructArgs& a, const std::vector<double>& w, const std::v
 }
 
 // ---------------------------------------------------------------- test bookkeeping
-int g_passed = 0, g_failed = 0;
-
-struct Check {
-  std::string name;
-  int errors = 0;
-  explicit Check(std::string n) : name(std::move(n)) {
-    trous_emu::context() = name;
-    std::printf("%s: ", name.c_str());
-    std::fflush(stdout);
-  }
-  void fail(const std::string& what) {
-    if (errors++ < 5) std::printf("%s  MISMATCH %s\n", errors == 1 ? "\n" : "", what.c_str());
-  }
-  void done() {
-    if (errors) {
-      ++g_failed;
-      std::printf("FAIL %s (%d mismatches)\n", name.c_str(), errors);
-    } else {
-      ++g_passed;
-      std::printf("ok\n");
-    }
-  }
-};
-
-uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-double uniform() {  // xorshift64*, [-1, 1)
-  g_rng ^= g_rng >> 12, g_rng ^= g_rng << 25, g_rng ^= g_rng >> 27;
-  return (double)((g_rng * 0x2545f4914f6cdd1dull) >> 40) / (double)(1 << 23) - 1.0;
-}
 double on_grid(double x) { return std::round(x * 16) / 16; }  // exact in every dtype for |x| < 16
 
 template <typename T>

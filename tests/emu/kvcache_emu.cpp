@@ -6,6 +6,7 @@
 // The launch policy (template variant per group size, grid = ceil(work / kThreads) blocks of
 // kThreads) mirrors csrc/cuda/kvcache.cu. Exit status 0 iff every case passes.
 #include "cuda_emu.h"
+#include "emu_check.h"
 
 #include <cuda_fp8.h>
 
@@ -194,37 +195,6 @@ int unpack(const uint8_t* row, int col, int bits) {
 }
 
 // ---------------------------------------------------------------- test bookkeeping
-int g_passed = 0, g_failed = 0;
-
-// One test case. Its name is printed (and flushed) before its kernels run, so the line a sanitizer
-// or emulation abort leaves unfinished names the case; the emulation also prints it with its errors.
-struct Check {
-  std::string name;
-  int errors = 0;
-  explicit Check(std::string n) : name(std::move(n)) {
-    trous_emu::context() = name;
-    std::printf("%s: ", name.c_str());
-    std::fflush(stdout);
-  }
-  void fail(const std::string& what) {
-    if (errors++ < 5) std::printf("%s  MISMATCH %s", errors == 1 ? "\n" : "", (what + "\n").c_str());
-  }
-  void done() {
-    if (errors) {
-      ++g_failed;
-      std::printf("FAIL %s (%d mismatches)\n", name.c_str(), errors);
-    } else {
-      ++g_passed;
-      std::printf("ok\n");
-    }
-  }
-};
-
-uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-float uniform() {  // xorshift64*, [-1, 1)
-  g_rng ^= g_rng >> 12, g_rng ^= g_rng << 25, g_rng ^= g_rng >> 27;
-  return (float)((g_rng * 0x2545f4914f6cdd1dull) >> 40) / (float)(1 << 23) - 1.f;
-}
 
 // An input [B, H, T, D] with arbitrary outer strides: `pad` elements after every row, heads
 // interleaved per token (BTHD order) or not, optionally starting one element past an aligned base.
