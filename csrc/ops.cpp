@@ -32,4 +32,11 @@ TORCH_LIBRARY(trous, m) {
   m.def("dcls_conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version, int[] stride, int[] padding, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // CPU only: taps (support size of the dense window) per channel, int32 [C].
   m.def("dcls_conv_tap_counts(Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> Tensor");
+
+  // ---- DCLS banded grouped 1-D convolution (dcls_banded_ops.cpp): the direct route of Dcls1d layers
+  // that are not depthwise. x [N, C_in, L]; K [C_out, C_in / groups, dks] (the constructed kernel);
+  // band int32 [C_out, C_in / groups, 2]: only taps lo <= s < hi of each K row are visited; zero padding.
+  m.def("dcls_banded_conv1d(Tensor x, Tensor K, Tensor band, Tensor? bias, int stride, int padding, int groups) -> Tensor");
+  // (grad_x, grad_K); output_mask = [x, K]; grad_K is 0 outside the bands; not asked for: empty [0].
+  m.def("dcls_banded_conv1d_backward(Tensor grad_out, Tensor x, Tensor K, Tensor band, int stride, int padding, int groups, bool[2] output_mask) -> (Tensor, Tensor)");
 }

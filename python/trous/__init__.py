@@ -9,6 +9,7 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import ops
 from . import kvcache
 from . import _dcls_conv  # noqa: F401  (fake kernels and autograd of dcls_conv)
+from . import _dcls_banded  # noqa: F401  (fake kernels and autograd of dcls_banded_conv1d)
 from . import dcls
 from .dcls import (ConstructKernel1d, ConstructKernel2d, ConstructKernel3d, ConstructKernel3_1d, Dcls1d, Dcls2d,
                    Dcls2dK1d, Dcls3_1d, Dcls3d)

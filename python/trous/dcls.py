@@ -260,22 +260,40 @@ class _DclsNd(Module):
         return input, self.padding
 
     def _direct(self, x: Tensor, weight: Tensor, P: Tensor, SIG: Optional[Tensor], padding):
-        """The direct convolution module (trous._dcls_conv) if the strategy picks it, else None."""
+        """``run(bias) -> output`` for the direct route if the strategy picks it, else None."""
         if self._strategy == "construct" or (self._strategy == "auto" and torch.compiler.is_compiling()):
             return None  # "auto"'s cost model reads P (data-dependent): compiled graphs construct
+        if type(self) is Dcls1d and not self._is_depthwise():
+            return self._banded(x, weight, P, SIG, padding)
         depthwise = type(self) in (Dcls1d, Dcls2d, Dcls3d) and self._is_depthwise()
         mod = _direct_module() if depthwise else None
         args = (x, weight, P, SIG, self.dilated_kernel_size, self.version, self.stride, padding)
         if mod is not None and mod.dcls_direct_supported(*args):
             if self._strategy == "direct" or mod.dcls_direct_is_faster(*args):
-                return mod
+                return lambda bias: mod.dcls_depthwise_conv(*args, bias)
             return None
         if self._strategy == "direct":
-            why = ("it needs a depthwise Dcls1d/2d/3d (in_channels == out_channels == groups)" if not depthwise else
+            why = ("it needs a depthwise Dcls1d/2d/3d (in_channels == out_channels == groups) or a Dcls1d"
+                   if not depthwise else
                    "this build has no direct DCLS convolution (trous._dcls_conv)" if mod is None else
                    "trous._dcls_conv.dcls_direct_supported() refuses these inputs (batched input of the layer's "
                    "rank, device, dtype and sizes)")
             raise RuntimeError(f"{type(self).__name__}: strategy='direct' is unavailable: {why}")
+        return None
+
+    def _banded(self, x: Tensor, weight: Tensor, P: Tensor, SIG: Optional[Tensor], padding):
+        """The banded grouped 1-D route (trous._dcls_banded) of a Dcls1d that is not depthwise."""
+        from . import _dcls_banded as banded
+
+        args = (x, weight, P, SIG, self.dilated_kernel_size[0], self.version, self.stride[0], padding[0], self.groups)
+        if not banded.banded_supported(*args):
+            if self._strategy == "direct":
+                raise RuntimeError(f"{type(self).__name__}: strategy='direct' is unavailable: "
+                                   "trous._dcls_banded.banded_supported() refuses these inputs (batched [N, C, L] "
+                                   "input, parameters on its device, a floating dtype the build has kernels for)")
+            return None
+        if self._strategy == "direct" or banded.banded_is_faster(x, P, SIG, self.dilated_kernel_size[0], self.version):
+            return lambda bias: banded.dcls_banded_conv1d(*args[:-1], groups=self.groups, bias=bias)
         return None
 
     def _conv(self, x: Tensor, K: Tensor, bias: Optional[Tensor], padding) -> Tensor:
@@ -300,8 +318,7 @@ class _DclsNd(Module):
         x, padding = self._pad(input)
         direct = self._direct(x, weight, P, SIG, padding)
         if direct is not None:
-            return direct.dcls_depthwise_conv(x, weight, P, SIG, self.dilated_kernel_size, self.version, self.stride,
-                                              padding, bias)
+            return direct(bias)
         return self._conv(x, self._construct(weight, P, SIG), bias, padding)
 
     def forward(self, input: Tensor) -> Tensor:

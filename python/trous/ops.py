@@ -23,3 +23,7 @@ dcls_construct_kernel_backward = _lib.dcls_construct_kernel_backward
 dcls_conv = _lib.dcls_conv
 dcls_conv_backward = _lib.dcls_conv_backward
 dcls_conv_tap_counts = _lib.dcls_conv_tap_counts
+
+# Banded grouped 1-D DCLS convolution (trous._dcls_banded has the wrapper, the band and the cost model).
+dcls_banded_conv1d = _lib.dcls_banded_conv1d
+dcls_banded_conv1d_backward = _lib.dcls_banded_conv1d_backward

@@ -1,0 +1,325 @@
+// Banded grouped 1-D DCLS convolution, CPU kernels (math in trous/dcls_banded.h).
+//
+// Forward and input gradient are the same loop: a destination row is a weighted sum of shifted
+// source rows, one (offset, weight) tap per band entry, listed once per call in a Plan. Rows are
+// swept in chunks of up to 64 outputs held in AVX2 registers (each tap: one load and one FMA per 8
+// outputs, no accumulator traffic through memory), and the source rows are cut into blocks whose
+// chunk window fits in L1: all destination rows sweep one block before the next (partial sums are
+// added back). The input gradient runs the same loop over the spread grad_out (zero-inserted for
+// stride > 1, padded by dks - 1), with mirrored offsets. Kernel gradients are dot products of a
+// grad_out row with shifted input rows, over input-row blocks that stay in L1; the band's shifts
+// are taken four at a time so each grad_out vector load feeds four FMAs.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "simd.h"
+#include "trous/dcls_banded_cpu.h"
+
+namespace trous {
+namespace dcls {
+namespace {
+
+constexpr int kChunk = 64;                // outputs per sweep (8 AVX2 accumulators)
+constexpr index_t kL1Bytes = 16 * 1024;   // source window per block: half of a 32 KiB L1
+
+// Taps of every destination row, in increasing source-row order, cut into source-row blocks: the
+// taps of row r in block b are [seg[r (blocks + 1) + b], seg[r (blocks + 1) + b + 1]).
+template <typename Acc>
+struct Plan {
+  int rows = 0, blocks = 1, block_rows = 1;
+  std::vector<index_t> off;  // source element of the tap for output 0, relative to the plane
+  std::vector<Acc> w;
+  std::vector<index_t> seg;
+
+  Plan(int rows_, int source_rows, index_t bytes_per_source_row) : rows(rows_) {
+    const index_t fit = kL1Bytes / (bytes_per_source_row > 0 ? bytes_per_source_row : 1);
+    block_rows = (int)(fit < 1 ? 1 : (fit > source_rows ? source_rows : fit));
+    if (block_rows < 1) block_rows = 1;
+    blocks = (source_rows + block_rows - 1) / block_rows;
+    if (blocks < 1) blocks = 1;
+    seg.assign((size_t)rows * (blocks + 1), 0);
+  }
+  // Row r's taps are added with non-decreasing source rows between begin_row and end_row.
+  void begin_row(int r) { cur_row = r, cur_block = 0, seg[(size_t)r * (blocks + 1)] = (index_t)off.size(); }
+  void add(int source_row, index_t offset, Acc weight) {
+    const int b = source_row / block_rows;
+    while (cur_block < b) seg[(size_t)cur_row * (blocks + 1) + ++cur_block] = (index_t)off.size();
+    off.push_back(offset);
+    w.push_back(weight);
+  }
+  void end_row() {
+    while (cur_block < blocks) seg[(size_t)cur_row * (blocks + 1) + ++cur_block] = (index_t)off.size();
+  }
+  index_t begin(int r, int b) const { return seg[(size_t)r * (blocks + 1) + b]; }
+  index_t end(int r, int b) const { return seg[(size_t)r * (blocks + 1) + b + 1]; }
+
+ private:
+  int cur_row = 0, cur_block = 0;
+};
+
+// out[t] (t < len) = (accumulate ? out[t] : init) + sum_k w[k] src[off[k] + t stride].
+template <typename Acc>
+void sweep_scalar(const Acc* src, const index_t* off, const Acc* w, index_t nt, Acc init, bool accumulate, Acc* out,
+                  int len, int stride) {
+  if (!accumulate) {
+    for (int t = 0; t < len; ++t) out[t] = init;
+  }
+  for (index_t k = 0; k < nt; ++k) {
+    const Acc* p = src + off[k];
+    const Acc wk = w[k];
+    for (int t = 0; t < len; ++t) out[t] += wk * p[(index_t)t * stride];
+  }
+}
+
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 inline __m256 load_lanes(const float* p, bool masked, __m256i mask) {
+  return masked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+}
+
+// V vectors of 8 outputs (the last one masked to `tail` lanes when tail < 8; masked-off lanes are
+// never read). Below four vectors the taps alternate between two accumulator sets, so the FMA
+// latency chain stays hidden.
+template <int V>
+TROUS_AVX2 inline void sweep_block(const float* src, const index_t* off, const float* w, index_t nt, float init,
+                                   bool accumulate, float* out, int tail) {
+  constexpr bool kTwoChains = V <= 4;
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 a[V], b[V];
+  for (int v = 0; v < V; ++v) {
+    a[v] = accumulate ? load_lanes(out + 8 * v, v == V - 1 && tail < 8, mask) : _mm256_set1_ps(init);
+    b[v] = _mm256_setzero_ps();
+  }
+  index_t k = 0;
+  if (kTwoChains) {
+    for (; k + 2 <= nt; k += 2) {
+      const float* p0 = src + off[k];
+      const float* p1 = src + off[k + 1];
+      const __m256 w0 = _mm256_set1_ps(w[k]), w1 = _mm256_set1_ps(w[k + 1]);
+      for (int v = 0; v < V; ++v) {
+        a[v] = _mm256_fmadd_ps(w0, load_lanes(p0 + 8 * v, v == V - 1 && tail < 8, mask), a[v]);
+        b[v] = _mm256_fmadd_ps(w1, load_lanes(p1 + 8 * v, v == V - 1 && tail < 8, mask), b[v]);
+      }
+    }
+  }
+  for (; k < nt; ++k) {
+    const float* p = src + off[k];
+    const __m256 wk = _mm256_set1_ps(w[k]);
+    for (int v = 0; v < V; ++v) a[v] = _mm256_fmadd_ps(wk, load_lanes(p + 8 * v, v == V - 1 && tail < 8, mask), a[v]);
+  }
+  for (int v = 0; v < V; ++v) {
+    const __m256 r = kTwoChains ? _mm256_add_ps(a[v], b[v]) : a[v];
+    if (v == V - 1 && tail < 8) {
+      _mm256_maskstore_ps(out + 8 * v, mask, r);
+    } else {
+      _mm256_storeu_ps(out + 8 * v, r);
+    }
+  }
+}
+
+// Stride-1 sweep of one chunk of 1 to 64 outputs.
+TROUS_AVX2 void sweep_avx2(const float* src, const index_t* off, const float* w, index_t nt, float init,
+                           bool accumulate, float* out, int len) {
+  const int vecs = (len + 7) / 8, tail = len - 8 * (vecs - 1);
+  switch (vecs) {
+    case 1: sweep_block<1>(src, off, w, nt, init, accumulate, out, tail); break;
+    case 2: sweep_block<2>(src, off, w, nt, init, accumulate, out, tail); break;
+    case 3: sweep_block<3>(src, off, w, nt, init, accumulate, out, tail); break;
+    case 4: sweep_block<4>(src, off, w, nt, init, accumulate, out, tail); break;
+    case 5: sweep_block<5>(src, off, w, nt, init, accumulate, out, tail); break;
+    case 6: sweep_block<6>(src, off, w, nt, init, accumulate, out, tail); break;
+    case 7: sweep_block<7>(src, off, w, nt, init, accumulate, out, tail); break;
+    default: sweep_block<8>(src, off, w, nt, init, accumulate, out, tail); break;
+  }
+}
+
+TROUS_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// acc[j] += sum_t gy[t] x[t + j] for j < J (J <= 4), t < L: stride-1 kernel-gradient dots.
+template <int J>
+TROUS_AVX2 inline void dots_avx2(const float* gy, const float* x, int L, float* acc) {
+  __m256 a[J];
+  for (int j = 0; j < J; ++j) a[j] = _mm256_setzero_ps();
+  int t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 g = _mm256_loadu_ps(gy + t);
+    for (int j = 0; j < J; ++j) a[j] = _mm256_fmadd_ps(g, _mm256_loadu_ps(x + t + j), a[j]);
+  }
+  for (int j = 0; j < J; ++j) {
+    float s = hsum(a[j]);
+    for (int u = t; u < L; ++u) s += gy[u] * x[u + j];
+    acc[j] += s;
+  }
+}
+#endif
+
+template <typename Acc>
+bool use_avx2(int stride) {
+  return std::is_same_v<Acc, float> && stride == 1 && cpu::has_avx2();
+}
+
+// For every (n, chunk): each source block in turn, every destination row. `plane_in` / `plane_out`
+// are the per-sample sizes of the source and destination tensors, `init(r)` the row's start value.
+template <typename Acc, typename Init>
+void run_plan(const Plan<Acc>& plan, const Acc* src, index_t plane_in, Acc* dst, int len, int stride, index_t N,
+              Init&& init) {
+  const index_t chunks = (len + kChunk - 1) / kChunk;
+  const bool avx2 = use_avx2<Acc>(stride);
+  at::parallel_for(0, N * chunks, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const index_t n = q / chunks;
+      const int t0 = (int)(q % chunks) * kChunk;
+      const int clen = len - t0 < kChunk ? len - t0 : kChunk;
+      const Acc* base = src + n * plane_in + (index_t)t0 * stride;
+      for (int b = 0; b < plan.blocks; ++b) {
+        for (int r = 0; r < plan.rows; ++r) {
+          const index_t k0 = plan.begin(r, b), nt = plan.end(r, b) - k0;
+          if (b > 0 && nt == 0) continue;
+          Acc* out = dst + (n * plan.rows + r) * (index_t)len + t0;
+#if TROUS_HAVE_AVX2_PATH
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (avx2) {
+              sweep_avx2(base, plan.off.data() + k0, plan.w.data() + k0, nt, init(r), b > 0, out, clen);
+              continue;
+            }
+          }
+#endif
+          (void)avx2;
+          sweep_scalar(base, plan.off.data() + k0, plan.w.data() + k0, nt, init(r), b > 0, out, clen, stride);
+        }
+      }
+    }
+  });
+}
+
+template <typename Acc>
+void forward_impl(const Acc* xp, const Acc* K, const int32_t* band, const Acc* bias, Acc* out, const BandedGeom& g) {
+  const int I = g.in_per_group(), Og = g.out_per_group();
+  const index_t lp = (index_t)g.l_in + 2 * g.pad;
+  // A chunk reads (kChunk - 1) stride + dks elements of each source row.
+  Plan<Acc> plan(g.c_out, g.c_in, ((index_t)(kChunk - 1) * g.stride + g.dks) * (index_t)sizeof(Acc));
+  for (int o = 0; o < g.c_out; ++o) {
+    plan.begin_row(o);
+    const int c0 = (o / Og) * I;
+    for (int i = 0; i < I; ++i) {
+      const index_t row = (index_t)o * I + i;
+      int lo, hi;
+      band_of(band, g, row, lo, hi);
+      for (int s = lo; s < hi; ++s) plan.add(c0 + i, (index_t)(c0 + i) * lp + s, K[row * g.dks + s]);
+    }
+    plan.end_row();
+  }
+  run_plan(plan, xp, (index_t)g.c_in * lp, out, g.l_out, g.stride, g.N,
+           [&](int o) { return bias ? bias[o] : Acc(0); });
+}
+
+template <typename Acc>
+void backward_input_impl(const Acc* gq, const Acc* K, const int32_t* band, Acc* gx, const BandedGeom& g) {
+  const int I = g.in_per_group(), Og = g.out_per_group();
+  const index_t lq = banded_spread_length(g);
+  Plan<Acc> plan(g.c_in, g.c_out, ((index_t)kChunk + g.dks) * (index_t)sizeof(Acc));
+  for (int c = 0; c < g.c_in; ++c) {
+    plan.begin_row(c);
+    const int i = c % I, o0 = (c / I) * Og;
+    for (int o = o0; o < o0 + Og; ++o) {
+      const index_t row = (index_t)o * I + i;
+      int lo, hi;
+      band_of(band, g, row, lo, hi);
+      // grad_x[u] takes grad_out[t] where t stride = u + pad - s: gq index u + pad + dks - 1 - s.
+      for (int s = lo; s < hi; ++s) plan.add(o, (index_t)o * lq + g.pad + g.dks - 1 - s, K[row * g.dks + s]);
+    }
+    plan.end_row();
+  }
+  run_plan(plan, gq, (index_t)g.c_out * lq, gx, g.l_in, 1, g.N, [](int) { return Acc(0); });
+}
+
+template <typename Acc>
+void backward_kernel_impl(const Acc* gy, const Acc* xp, const int32_t* band, Acc* gK, const BandedGeom& g) {
+  const int I = g.in_per_group(), Og = g.out_per_group();
+  const index_t lp = (index_t)g.l_in + 2 * g.pad;
+  const int L = g.l_out, st = g.stride;
+  const bool avx2 = use_avx2<Acc>(st);
+  // Input rows per block: whole padded rows that fit in L1 while every output row of the thread
+  // takes its dots with them.
+  index_t fit = kL1Bytes / (lp * (index_t)sizeof(Acc));
+  const int block_rows = (int)(fit < 1 ? 1 : (fit > g.c_in ? g.c_in : fit));
+  // Threads own disjoint output rows of grad_K: no reduction across threads.
+  at::parallel_for(0, g.c_out, 1, [&](int64_t oa, int64_t ob) {
+    for (int64_t o = oa; o < ob; ++o) {
+      for (index_t e = 0; e < (index_t)I * g.dks; ++e) gK[o * I * g.dks + e] = Acc(0);
+    }
+    for (index_t n = 0; n < g.N; ++n) {
+      for (int cb = 0; cb < g.c_in; cb += block_rows) {
+        const int ce = cb + block_rows < g.c_in ? cb + block_rows : g.c_in;
+        for (int64_t o = oa; o < ob; ++o) {
+          const int c0 = (int)(o / Og) * I;
+          const int from = cb > c0 ? cb : c0, to = ce < c0 + I ? ce : c0 + I;
+          const Acc* gyr = gy + (n * g.c_out + o) * L;
+          for (int c = from; c < to; ++c) {
+            const index_t row = (index_t)o * I + (c - c0);
+            int lo, hi;
+            band_of(band, g, row, lo, hi);
+            Acc* acc = gK + row * g.dks;
+            const Acc* xr = xp + (n * g.c_in + c) * lp;
+            int s = lo;
+#if TROUS_HAVE_AVX2_PATH
+            if constexpr (std::is_same_v<Acc, float>) {
+              if (avx2) {
+                for (; s + 4 <= hi; s += 4) dots_avx2<4>(gyr, xr + s, L, acc + s);
+                switch (hi - s) {
+                  case 3: dots_avx2<3>(gyr, xr + s, L, acc + s); break;
+                  case 2: dots_avx2<2>(gyr, xr + s, L, acc + s); break;
+                  case 1: dots_avx2<1>(gyr, xr + s, L, acc + s); break;
+                  default: break;
+                }
+                continue;
+              }
+            }
+#endif
+            (void)avx2;
+            for (; s < hi; ++s) {
+              Acc d = Acc(0);
+              for (int t = 0; t < L; ++t) d += gyr[t] * xr[s + (index_t)t * st];
+              acc[s] += d;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_banded_forward(const float* xp, const float* K, const int32_t* band, const float* bias, float* out,
+                        const BandedGeom& g) {
+  forward_impl(xp, K, band, bias, out, g);
+}
+void cpu_banded_forward(const double* xp, const double* K, const int32_t* band, const double* bias, double* out,
+                        const BandedGeom& g) {
+  forward_impl(xp, K, band, bias, out, g);
+}
+void cpu_banded_backward_input(const float* gq, const float* K, const int32_t* band, float* grad_x,
+                               const BandedGeom& g) {
+  backward_input_impl(gq, K, band, grad_x, g);
+}
+void cpu_banded_backward_input(const double* gq, const double* K, const int32_t* band, double* grad_x,
+                               const BandedGeom& g) {
+  backward_input_impl(gq, K, band, grad_x, g);
+}
+void cpu_banded_backward_kernel(const float* grad_out, const float* xp, const int32_t* band, float* grad_K,
+                                const BandedGeom& g) {
+  backward_kernel_impl(grad_out, xp, band, grad_K, g);
+}
+void cpu_banded_backward_kernel(const double* grad_out, const double* xp, const int32_t* band, double* grad_K,
+                                const BandedGeom& g) {
+  backward_kernel_impl(grad_out, xp, band, grad_K, g);
+}
+
+}  // namespace dcls
+}  // namespace trous
