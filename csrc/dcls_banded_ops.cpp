@@ -49,7 +49,11 @@ Banded prepare_banded(const char* op, const at::Tensor& x, const at::Tensor& K, 
   TORCH_CHECK(l_in >= 1 && l_in < (1 << 30), op, ": x.size(2) must be in [1, 2^30), got ", l_in);
   TORCH_CHECK(l_in + 2 * padding >= dks, op, ": padded input length ", l_in + 2 * padding,
               " is smaller than the dilated kernel size ", dks);
-  TORCH_CHECK(c_in < (1 << 30) && c_out < (1 << 30), op, ": too many channels");
+  // The CPU kernels address one sample's (padded) plane with 32-bit offsets.
+  TORCH_CHECK(c_in * (l_in + 2 * padding) < ((int64_t)1 << 31) &&
+                  c_out * (l_in + 2 * padding + dks) < ((int64_t)1 << 31),
+              op, ": one sample of more than 2^31 elements (C x padded length) is not supported, got C_in = ", c_in,
+              ", C_out = ", c_out, ", padded length ", l_in + 2 * padding);
   Banded r;
   BandedGeom& g = r.g;
   g.N = x.size(0);

@@ -8,8 +8,10 @@
 // added back). The input gradient runs the same loop over the spread grad_out (zero-inserted for
 // stride > 1, padded by dks - 1), with mirrored offsets. Kernel gradients are dot products of a
 // grad_out row with shifted input rows, over input-row blocks that stay in L1; the band's shifts
-// are taken four at a time so each grad_out vector load feeds four FMAs.
+// are taken four at a time so each grad_out vector load feeds four FMAs (AVX-512 where the CPU has
+// it: half the loop and a masked tail; the sweeps gain nothing from it on a 2-core Zen 4).
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <vector>
 
@@ -28,7 +30,9 @@ constexpr index_t kL1Bytes = 16 * 1024;   // source window per block: half of a 
 template <typename Acc>
 struct Plan {
   int rows = 0, blocks = 1, block_rows = 1;
-  std::vector<index_t> off;  // source element of the tap for output 0, relative to the plane
+  // Tap = (source element for output 0 relative to the sample's plane, weight); 32-bit offsets
+  // keep the plan small (it is re-read for every sample and chunk; the op layer bounds planes).
+  std::vector<int32_t> off;
   std::vector<Acc> w;
   std::vector<index_t> seg;
 
@@ -43,6 +47,7 @@ struct Plan {
   // Row r's taps are added with non-decreasing source rows between begin_row and end_row.
   void begin_row(int r) { cur_row = r, cur_block = 0, seg[(size_t)r * (blocks + 1)] = (index_t)off.size(); }
   void add(int source_row, index_t offset, Acc weight) {
+    TORCH_INTERNAL_ASSERT(offset >= 0 && offset < ((index_t)1 << 31));
     const int b = source_row / block_rows;
     while (cur_block < b) seg[(size_t)cur_row * (blocks + 1) + ++cur_block] = (index_t)off.size();
     off.push_back(offset);
@@ -60,7 +65,7 @@ struct Plan {
 
 // out[t] (t < len) = (accumulate ? out[t] : init) + sum_k w[k] src[off[k] + t stride].
 template <typename Acc>
-void sweep_scalar(const Acc* src, const index_t* off, const Acc* w, index_t nt, Acc init, bool accumulate, Acc* out,
+void sweep_scalar(const Acc* src, const int32_t* off, const Acc* w, index_t nt, Acc init, bool accumulate, Acc* out,
                   int len, int stride) {
   if (!accumulate) {
     for (int t = 0; t < len; ++t) out[t] = init;
@@ -81,7 +86,7 @@ TROUS_AVX2 inline __m256 load_lanes(const float* p, bool masked, __m256i mask) {
 // never read). Below four vectors the taps alternate between two accumulator sets, so the FMA
 // latency chain stays hidden.
 template <int V>
-TROUS_AVX2 inline void sweep_block(const float* src, const index_t* off, const float* w, index_t nt, float init,
+TROUS_AVX2 inline void sweep_block(const float* src, const int32_t* off, const float* w, index_t nt, float init,
                                    bool accumulate, float* out, int tail) {
   constexpr bool kTwoChains = V <= 4;
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -118,7 +123,7 @@ TROUS_AVX2 inline void sweep_block(const float* src, const index_t* off, const f
 }
 
 // Stride-1 sweep of one chunk of 1 to 64 outputs.
-TROUS_AVX2 void sweep_avx2(const float* src, const index_t* off, const float* w, index_t nt, float init,
+TROUS_AVX2 void sweep_avx2(const float* src, const int32_t* off, const float* w, index_t nt, float init,
                            bool accumulate, float* out, int len) {
   const int vecs = (len + 7) / 8, tail = len - 8 * (vecs - 1);
   switch (vecs) {
@@ -131,6 +136,24 @@ TROUS_AVX2 void sweep_avx2(const float* src, const index_t* off, const float* w,
     case 7: sweep_block<7>(src, off, w, nt, init, accumulate, out, tail); break;
     default: sweep_block<8>(src, off, w, nt, init, accumulate, out, tail); break;
   }
+}
+
+// AVX-512 twin of dots_avx2: 16 lanes, masked tail, no scalar loop.
+template <int J>
+TROUS_AVX512 inline void dots_avx512(const float* gy, const float* x, int L, float* acc) {
+  __m512 a[J];
+  for (int j = 0; j < J; ++j) a[j] = _mm512_setzero_ps();
+  int t = 0;
+  for (; t + 16 <= L; t += 16) {
+    const __m512 g = _mm512_loadu_ps(gy + t);
+    for (int j = 0; j < J; ++j) a[j] = _mm512_fmadd_ps(g, _mm512_loadu_ps(x + t + j), a[j]);
+  }
+  if (t < L) {
+    const __mmask16 m = (__mmask16)((1u << (L - t)) - 1u);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gy + t);
+    for (int j = 0; j < J; ++j) a[j] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, x + t + j), a[j]);
+  }
+  for (int j = 0; j < J; ++j) acc[j] += _mm512_reduce_add_ps(a[j]);
 }
 
 TROUS_AVX2 inline float hsum(__m256 v) {
@@ -168,13 +191,16 @@ bool use_avx2(int stride) {
 template <typename Acc, typename Init>
 void run_plan(const Plan<Acc>& plan, const Acc* src, index_t plane_in, Acc* dst, int len, int stride, index_t N,
               Init&& init) {
+  // Equal chunks (multiples of 16): a short last chunk would be FMA-latency bound.
   const index_t chunks = (len + kChunk - 1) / kChunk;
+  const int step = (int)((((len + chunks - 1) / chunks) + 15) / 16 * 16);
   const bool avx2 = use_avx2<Acc>(stride);
   at::parallel_for(0, N * chunks, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const index_t n = q / chunks;
-      const int t0 = (int)(q % chunks) * kChunk;
-      const int clen = len - t0 < kChunk ? len - t0 : kChunk;
+      const int t0 = (int)(q % chunks) * step;
+      const int clen = len - t0 < step ? len - t0 : step;
+      if (clen <= 0) continue;
       const Acc* base = src + n * plane_in + (index_t)t0 * stride;
       for (int b = 0; b < plan.blocks; ++b) {
         for (int r = 0; r < plan.rows; ++r) {
@@ -269,6 +295,16 @@ void backward_kernel_impl(const Acc* gy, const Acc* xp, const int32_t* band, Acc
             int s = lo;
 #if TROUS_HAVE_AVX2_PATH
             if constexpr (std::is_same_v<Acc, float>) {
+              if (avx2 && cpu::has_avx512()) {
+                for (; s + 4 <= hi; s += 4) dots_avx512<4>(gyr, xr + s, L, acc + s);
+                switch (hi - s) {
+                  case 3: dots_avx512<3>(gyr, xr + s, L, acc + s); break;
+                  case 2: dots_avx512<2>(gyr, xr + s, L, acc + s); break;
+                  case 1: dots_avx512<1>(gyr, xr + s, L, acc + s); break;
+                  default: break;
+                }
+                continue;
+              }
               if (avx2) {
                 for (; s + 4 <= hi; s += 4) dots_avx2<4>(gyr, xr + s, L, acc + s);
                 switch (hi - s) {

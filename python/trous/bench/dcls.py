@@ -32,6 +32,9 @@ FAMILY = "dcls"
 STAGE1 = ("stage1", 8, 96, 56, 34, 17)
 STAGE4 = ("stage4", 8, 768, 7, 34, 17)
 AUDIO = ("audio", 8, 96, 56, 26, 23)
+# SNN synaptic delays: Dcls1d(140, 256, kernel_count=1, groups=1, dilated_kernel_size=25), input
+# (64, 140, 160) padded left by dks - 1 by the user (output length 136).
+SNN = ("snn", 64, 140, 256, 160, 1, 25)
 
 
 def targets(device: str) -> dict:
@@ -181,10 +184,75 @@ def _cases_for(spec, version: str, placement: str, device: str, quick: bool, tg:
     return out
 
 
+def _snn_cases(version: str, sig: Optional[float], device: str, quick: bool) -> List[Case]:
+    """The SNN delay layer (groups 1, kc 1): trous.Dcls1d (strategy "auto": the banded route when
+    its cost model says so) against the dcls package's Dcls1d (eager and compiled) and a plain
+    conv1d of the dilated size with the kernel given. ``sig`` sets SIG (gauss): 0.23 is the
+    initialisation (sigma 0.5), a large value the start of SNN delay training."""
+    from .. import _dcls_banded as db
+    from .. import dcls as tdcls
+
+    name, N, ci, co, L, kc, d = SNN
+    shape = f"{name} {N}x{ci}x{L} -> {co} kc{kc} d{d} {version}" + (f" SIG {sig}" if sig is not None else "")
+    torch.manual_seed(11)
+    ours = tdcls.Dcls1d(ci, co, kc, dilated_kernel_size=d, version=version).to(device)
+    if sig is not None:
+        with torch.no_grad():
+            ours.SIG.fill_(sig)
+    params = [p for p in (ours.weight, ours.P, ours.SIG, ours.bias) if p is not None]
+    band = db.dcls_band1d(ours.P, ours.SIG, d, version)
+    width = float((band[..., 1] - band[..., 0]).float().mean())
+    x_bytes = N * ci * L * 4
+
+    def make_x(i):
+        g = torch.Generator().manual_seed(200 + i)
+        return (torch.randn(N, ci, L, generator=g).to(device).requires_grad_(),)
+
+    def ours_fb(x):
+        return _grad_all(ours(x), [x] + params)
+
+    x0 = make_x(0)[0]
+    saved = _saved_bytes(lambda: ours(x0))
+    route = "banded" if ours._direct(x0, ours.weight, ours.P, ours.SIG, ours.padding) is not None else "construct"
+    common = dict(family=FAMILY, shape=shape, dtype="fp32", bytes_moved=4 * x_bytes, input_bytes=x_bytes)
+    extra = {"band_width_mean": round(width, 2), "window": d, "route": route,
+             "saved_vs_input_trous": round(saved / x_bytes, 3)}
+    tg = {"speedup": 5.0} if device == "cpu" and (sig is None or sig < 1) else {}  # issue 3, at init
+    out: List[Case] = []
+    try:
+        import logging
+
+        logging.getLogger().setLevel(logging.ERROR)
+        from DCLS.construct.modules import Dcls1d as PeerDcls1d
+    except Exception:  # noqa: BLE001
+        PeerDcls1d = None
+    if PeerDcls1d is not None:
+        peer = PeerDcls1d(ci, co, kc, dilated_kernel_size=d, version=version).to(device)
+        peer.load_state_dict(ours.state_dict())
+        pparams = [p for p in (peer.weight, peer.P, peer.SIG, peer.bias) if p is not None]
+        ex = dict(extra, saved_vs_input_baseline=round(_saved_bytes(lambda: peer(x0)) / x_bytes, 3))
+        out.append(Case(op=f"{route} fwd+bwd vs dcls", make_inputs=make_x, fn=ours_fb,
+                        baseline=lambda x: _grad_all(peer(x), [x] + pparams), baseline_name="dcls 0.1.1 eager",
+                        targets=dict(tg), extra=ex, **common))
+        out.append(Case(op=f"{route} fwd vs dcls", make_inputs=make_x, fn=_no_grad(ours), baseline=_no_grad(peer),
+                        baseline_name="dcls 0.1.1 eager (no grad)", extra=ex, **common))
+        if not quick:
+            compiled = torch.compile(peer)
+            out.append(Case(op=f"{route} fwd+bwd vs dcls compiled", make_inputs=make_x, fn=ours_fb,
+                            baseline=lambda x: _grad_all(compiled(x), [x] + pparams),
+                            baseline_name="dcls 0.1.1 torch.compile", extra=ex, **common))
+    K = (torch.randn(co, ci, d) / math.sqrt(ci * d)).to(device).requires_grad_()
+    out.append(Case(op=f"{route} fwd+bwd vs dense conv1d k{d}", make_inputs=make_x, fn=ours_fb,
+                    baseline=lambda x: _grad_all(F.conv1d(x, K), [x, K]),
+                    baseline_name=f"conv1d k{d}, kernel given", extra=dict(extra), **common))
+    return out
+
+
 def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> List[Case]:
-    """Stage 1 and stage 4 (v1 and gauss, init and trained positions) and DCLS-Audio gauss.
-    --quick: stage 1 and stage 4 with trained positions only, fewer baselines. ``shape`` (N, C, H,
-    kc, dks) replaces the shapes."""
+    """Stage 1 and stage 4 (v1 and gauss, init and trained positions), DCLS-Audio gauss and the SNN
+    delay layer (v1, gauss at init SIG and at a large SIG). --quick: stage 1 and stage 4 with
+    trained positions and the SNN layer at init, fewer baselines. ``shape`` (N, C, H, kc, dks)
+    replaces the 2-D shapes (and drops the SNN layer)."""
     tg = targets(device)
     specs = [STAGE1, STAGE4] + ([] if quick else [AUDIO])
     if shape is not None:
@@ -201,6 +269,10 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
                 if spec[0] == "stage4" and device != "cuda":
                     tgs = {"speedup": 5.0}
                 out += _cases_for(spec, version, placement, device, quick, tgs)
+    if shape is None:
+        snn = [("v1", None), ("gauss", 0.23)] + ([] if quick else [("gauss", 5.0)])
+        for version, sig in snn:
+            out += _snn_cases(version, sig, device, quick)
     return out
 
 
