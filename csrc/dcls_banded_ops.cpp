@@ -87,7 +87,8 @@ void with_acc(const Banded& r, F&& f) {
 }
 
 at::Tensor pad_input(const at::Tensor& x, const Banded& r) {
-  return at::constant_pad_nd(x.to(r.acc), {r.g.pad, r.g.pad}, 0).contiguous();
+  const at::Tensor xa = x.to(r.acc).contiguous();
+  return r.g.pad == 0 ? xa : at::constant_pad_nd(xa, {r.g.pad, r.g.pad}, 0);
 }
 
 at::Tensor dcls_banded_conv1d(const at::Tensor& x, const at::Tensor& K, const at::Tensor& band,
@@ -149,7 +150,11 @@ std::tuple<at::Tensor, at::Tensor> dcls_banded_conv1d_backward(const at::Tensor&
         const at::Tensor gy = grad_out.to(r.acc).contiguous();
         if (want_x) {
           // Spread grad_out: t -> (dks - 1) + t * stride, zeros between and around.
-          at::Tensor gq = at::zeros({g.N, g.c_out, banded_spread_length(g)}, gy.options());
+          at::Tensor gq = at::empty({g.N, g.c_out, banded_spread_length(g)}, gy.options());
+          gq.narrow(2, 0, g.dks - 1).zero_();
+          gq.narrow(2, g.dks - 1 + (int64_t)(g.l_out - 1) * g.stride + 1,
+                    banded_spread_length(g) - (g.dks - 1 + (int64_t)(g.l_out - 1) * g.stride + 1)).zero_();
+          if (g.stride > 1) gq.narrow(2, g.dks - 1, (int64_t)(g.l_out - 1) * g.stride + 1).zero_();
           gq.slice(2, g.dks - 1, g.dks - 1 + (int64_t)(g.l_out - 1) * g.stride + 1, g.stride).copy_(gy);
           at::Tensor acc_gx = at::empty({g.N, g.c_in, g.l_in}, gy.options());
           with_acc(r, [&](auto t) {
