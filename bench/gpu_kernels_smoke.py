@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 import trous  # noqa: E402
-from trous.bench.dcls import smoke_dcls_conv  # noqa: E402
+from trous.bench.dcls import smoke_dcls_banded, smoke_dcls_conv  # noqa: E402
 from trous.info import op_kernels, op_names  # noqa: E402
 
 
@@ -230,6 +230,7 @@ SMOKE = {
      "trous::kv_quantize_fp8", "trous::kv_dequantize_fp8"): smoke_kv,
     ("trous::dcls_construct_kernel", "trous::dcls_construct_kernel_backward"): smoke_dcls_construct,
     ("trous::dcls_conv", "trous::dcls_conv_backward", "trous::dcls_conv_tap_counts"): smoke_dcls_conv,
+    ("trous::dcls_banded_conv1d", "trous::dcls_banded_conv1d_backward"): smoke_dcls_banded,
 }
 
 
