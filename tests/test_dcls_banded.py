@@ -13,7 +13,7 @@ import trous
 from trous import _dcls_banded as db
 from trous.reference import dcls as ref
 
-from conftest import seeded
+from conftest import close, dcls_package_modules, seeded
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
@@ -60,10 +60,6 @@ def run(tensors, kw, impl, seed=99):
     return out.detach(), grads
 
 
-def close(a, b, rtol):
-    scale = max(b.abs().max().item(), 1e-3)
-    err = (a.double() - b.double()).abs().max().item()
-    assert err <= rtol * scale, f"max err {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -102,12 +98,6 @@ def test_long_rows_cross_chunks_and_blocks():
             close(a, b, 2e-5)
 
 
-def _dcls_module():
-    try:
-        from DCLS.construct import modules
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"the dcls package (pip install --no-deps dcls==0.1.1) is not importable: {e}")
-    return modules
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
@@ -117,7 +107,7 @@ def _dcls_module():
 def test_layer_matches_dcls_package(shape, version, padding_mode):
     """trous.Dcls1d(strategy="direct") holding a dcls 0.1.1 layer's state dict: same outputs and
     gradients of the input and of every parameter (fp32)."""
-    modules = _dcls_module()
+    modules = dcls_package_modules()
     ci, co, kc, d, pad, groups = shape
     torch.manual_seed(5)
     peer = modules.Dcls1d(ci, co, kc, stride=1, padding=pad, dilated_kernel_size=d, groups=groups,

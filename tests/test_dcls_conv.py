@@ -12,7 +12,7 @@ import trous
 from trous import _dcls_conv as dc
 from trous.reference import dcls_conv as ref
 
-from conftest import seeded
+from conftest import close, dcls_package_modules, seeded
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
@@ -57,10 +57,6 @@ def run_both(tensors, kw, impl):
     return out.detach(), grads
 
 
-def close(a, b, rtol):
-    scale = max(b.abs().max().item(), 1e-3)
-    err = (a.double() - b.double()).abs().max().item()
-    assert err <= rtol * scale, f"max err {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -86,19 +82,13 @@ def test_fp32_matches_fp64_reference(cfg, version):
         close(a, b, 2e-5)
 
 
-def _dcls_module():
-    try:
-        from DCLS.construct import modules
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"the dcls package (pip install --no-deps dcls==0.1.1) is not importable: {e}")
-    return modules
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[5]], ids=["1d", "2d", "2d-s2", "3d"])
 def test_matches_dcls_package(cfg, version):
     """The peer's own construction + F.convNd, fp32, same parameters: outputs and all gradients."""
-    modules = _dcls_module()
+    modules = dcls_package_modules()
     tensors, kw = make(cfg, version, dtype=torch.float32, seed=2)
     C, kc, dks = tensors[0].shape[1], tensors[1].shape[2], kw["dilated_kernel_size"]
     construct = {1: modules.ConstructKernel1d, 2: modules.ConstructKernel2d, 3: modules.ConstructKernel3d}[len(dks)]
@@ -118,7 +108,7 @@ def test_matches_dcls_package(cfg, version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_dcls_layer_drop_in(version):
     """A Dcls2d depthwise layer of the peer (its parameters, padding dks // 2) through the direct op."""
-    modules = _dcls_module()
+    modules = dcls_package_modules()
     torch.manual_seed(3)
     m = modules.Dcls2d(6, 6, kernel_count=5, dilated_kernel_size=(7, 9), padding=(3, 4), groups=6, version=version)
     if version == "max":

@@ -156,6 +156,32 @@ TROUS_AVX512 inline void dots_avx512(const float* gy, const float* x, int L, flo
   for (int j = 0; j < J; ++j) acc[j] += _mm512_reduce_add_ps(a[j]);
 }
 
+// Two rows of two shifts each (v0 / v1 at kc 1): one grad_out load feeds four FMAs.
+TROUS_AVX512 inline void dots_pair_avx512(const float* gy, const float* xa, const float* xb, int L, float* acc_a,
+                                          float* acc_b) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+  int t = 0;
+  for (; t + 16 <= L; t += 16) {
+    const __m512 g = _mm512_loadu_ps(gy + t);
+    a0 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xa + t), a0);
+    a1 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xa + t + 1), a1);
+    b0 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + t), b0);
+    b1 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + t + 1), b1);
+  }
+  if (t < L) {
+    const __mmask16 m = (__mmask16)((1u << (L - t)) - 1u);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gy + t);
+    a0 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, xa + t), a0);
+    a1 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, xa + t + 1), a1);
+    b0 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, xb + t), b0);
+    b1 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, xb + t + 1), b1);
+  }
+  acc_a[0] += _mm512_reduce_add_ps(a0);
+  acc_a[1] += _mm512_reduce_add_ps(a1);
+  acc_b[0] += _mm512_reduce_add_ps(b0);
+  acc_b[1] += _mm512_reduce_add_ps(b1);
+}
+
 TROUS_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -296,6 +322,15 @@ void backward_kernel_impl(const Acc* gy, const Acc* xp, const int32_t* band, Acc
 #if TROUS_HAVE_AVX2_PATH
             if constexpr (std::is_same_v<Acc, float>) {
               if (avx2 && cpu::has_avx512()) {
+                if (hi - lo == 2 && c + 1 < to) {
+                  int lo2, hi2;
+                  band_of(band, g, row + 1, lo2, hi2);
+                  if (hi2 - lo2 == 2) {
+                    dots_pair_avx512(gyr, xr + lo, xr + lp + lo2, L, acc + lo, acc + g.dks + lo2);
+                    ++c;
+                    continue;
+                  }
+                }
                 for (; s + 4 <= hi; s += 4) dots_avx512<4>(gyr, xr + s, L, acc + s);
                 switch (hi - s) {
                   case 3: dots_avx512<3>(gyr, xr + s, L, acc + s); break;

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from .ops import has_cuda_kernel
+
 __all__ = ["dcls_banded_conv1d", "dcls_band1d", "banded_supported", "banded_is_faster"]
 
 _ops = torch.ops.trous
@@ -84,11 +86,6 @@ def dcls_banded_conv1d(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, S
     return _ops.dcls_banded_conv1d(x, K, band, bias, int(stride), int(padding), int(groups))
 
 
-def _has_cuda_kernels() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("trous::dcls_banded_conv1d", "CUDA")
-    except Exception:  # pragma: no cover - private API moved
-        return False
 
 
 def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
@@ -110,7 +107,7 @@ def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG
         if x.device.type == "cpu":
             return x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
         if x.device.type == "cuda":
-            return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _has_cuda_kernels()
+            return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and has_cuda_kernel("dcls_banded_conv1d")
         return False
     except Exception:
         return False

@@ -31,6 +31,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .ops import has_cuda_kernel
+
 __all__ = [
     "dcls_depthwise_conv",
     "dcls_direct_supported",
@@ -91,11 +93,6 @@ def _cuda_smem_bytes(kc: int, dks: Sequence[int]) -> int:
     return 4 * max(taps, params)
 
 
-def _has_cuda_kernels() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("trous::dcls_conv", "CUDA")
-    except Exception:  # pragma: no cover - private API moved
-        return False
 
 
 def dcls_direct_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
@@ -129,7 +126,7 @@ def dcls_direct_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor
         if x.device.type == "cpu":
             return x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
         if x.device.type == "cuda":
-            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not _has_cuda_kernels():
+            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not has_cuda_kernel("dcls_conv"):
                 return False
             if c > 65535:
                 return False

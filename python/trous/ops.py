@@ -7,6 +7,15 @@ import torch
 
 _lib = torch.ops.trous
 
+
+def has_cuda_kernel(op: str) -> bool:
+    """Whether this build registered a CUDA kernel for ``trous::<op>`` (never raises)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"trous::{op}", "CUDA")
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
 # KV-cache quantization (trous.kvcache has the friendlier wrappers).
 kv_quantize = _lib.kv_quantize
 kv_dequantize = _lib.kv_dequantize

@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include "trous/common.h"
+#include "trous/float_convert.cuh"
 #include "trous/dcls_banded.h"
 
 namespace trous {
@@ -22,14 +23,6 @@ namespace banded {
 
 constexpr int kThreads = 256;           // every kernel; a multiple of 32 (block_sum uses full warps)
 constexpr unsigned kMaxBlocks = 65535;  // grid cap of the launchers; the kernels loop past it
-
-TROUS_DEVICE inline float to_float(float v) { return v; }
-TROUS_DEVICE inline float to_float(__half v) { return __half2float(v); }
-TROUS_DEVICE inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> TROUS_DEVICE inline T from_float(float v);
-template <> TROUS_DEVICE inline float from_float<float>(float v) { return v; }
-template <> TROUS_DEVICE inline __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> TROUS_DEVICE inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 TROUS_DEVICE inline int imax(int a, int b) { return a > b ? a : b; }
 TROUS_DEVICE inline int imin(int a, int b) { return a < b ? a : b; }

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include "trous/common.h"
+#include "trous/float_convert.cuh"
 #include "trous/kvcache.h"
 
 namespace trous {
@@ -16,14 +17,6 @@ namespace kv {
 
 constexpr int kPack = 8;
 constexpr int kThreads = 256;
-
-TROUS_DEVICE inline float to_float(float v) { return v; }
-TROUS_DEVICE inline float to_float(__half v) { return __half2float(v); }
-TROUS_DEVICE inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> TROUS_DEVICE inline T from_float(float v);
-template <> TROUS_DEVICE inline float from_float<float>(float v) { return v; }
-template <> TROUS_DEVICE inline __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> TROUS_DEVICE inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Loads 8 consecutive elements as fp32; VEC uses 16-byte loads (the launcher checks alignment).
 template <typename T, bool VEC>
