@@ -1,6 +1,6 @@
 // Banded grouped 1-D DCLS convolution ops (math in trous/dcls_banded.h): argument checks in one
-// place, then the CPU kernels (on fp32 / fp64 padded copies) or the CUDA launchers (x's dtype, fp32
-// kernel). Schemas in ops.cpp; band computation, fake kernels and autograd in python/trous/_dcls_banded.py.
+// place, then the CPU kernels (fp32 / fp64; other dtypes are converted) or the CUDA launchers (x's
+// dtype, fp32 kernel). Schemas in ops.cpp; band computation, fake kernels and autograd in python/trous/_dcls_banded.py.
 #include <torch/library.h>
 
 #include <array>
@@ -86,11 +86,6 @@ void with_acc(const Banded& r, F&& f) {
   }
 }
 
-at::Tensor pad_input(const at::Tensor& x, const Banded& r) {
-  const at::Tensor xa = x.to(r.acc).contiguous();
-  return r.g.pad == 0 ? xa : at::constant_pad_nd(xa, {r.g.pad, r.g.pad}, 0);
-}
-
 at::Tensor dcls_banded_conv1d(const at::Tensor& x, const at::Tensor& K, const at::Tensor& band,
                               const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding, int64_t groups) {
   const char* op = "trous.dcls_banded_conv1d";
@@ -108,11 +103,11 @@ at::Tensor dcls_banded_conv1d(const at::Tensor& x, const at::Tensor& K, const at
   run_on_device(
       x, op,
       [&] {
-        const at::Tensor xp = pad_input(x, r);
-        at::Tensor acc_out = at::empty({g.N, g.c_out, g.l_out}, xp.options());
+        const at::Tensor xa = x.to(r.acc).contiguous();
+        at::Tensor acc_out = at::empty({g.N, g.c_out, g.l_out}, xa.options());
         with_acc(r, [&](auto t) {
           using A = decltype(t);
-          cpu_banded_forward(xp.data_ptr<A>(), r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
+          cpu_banded_forward(xa.data_ptr<A>(), r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
                              b.defined() ? b.data_ptr<A>() : nullptr, acc_out.data_ptr<A>(), g);
         });
         out = acc_out.to(x.scalar_type());
@@ -149,27 +144,20 @@ std::tuple<at::Tensor, at::Tensor> dcls_banded_conv1d_backward(const at::Tensor&
       [&] {
         const at::Tensor gy = grad_out.to(r.acc).contiguous();
         if (want_x) {
-          // Spread grad_out: t -> (dks - 1) + t * stride, zeros between and around.
-          at::Tensor gq = at::empty({g.N, g.c_out, banded_spread_length(g)}, gy.options());
-          gq.narrow(2, 0, g.dks - 1).zero_();
-          gq.narrow(2, g.dks - 1 + (int64_t)(g.l_out - 1) * g.stride + 1,
-                    banded_spread_length(g) - (g.dks - 1 + (int64_t)(g.l_out - 1) * g.stride + 1)).zero_();
-          if (g.stride > 1) gq.narrow(2, g.dks - 1, (int64_t)(g.l_out - 1) * g.stride + 1).zero_();
-          gq.slice(2, g.dks - 1, g.dks - 1 + (int64_t)(g.l_out - 1) * g.stride + 1, g.stride).copy_(gy);
           at::Tensor acc_gx = at::empty({g.N, g.c_in, g.l_in}, gy.options());
           with_acc(r, [&](auto t) {
             using A = decltype(t);
-            cpu_banded_backward_input(gq.data_ptr<A>(), r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
+            cpu_banded_backward_input(gy.data_ptr<A>(), r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
                                       acc_gx.data_ptr<A>(), g);
           });
           gx = acc_gx.to(x.scalar_type());
         }
         if (want_k) {
-          const at::Tensor xp = pad_input(x, r);
+          const at::Tensor xa = x.to(r.acc).contiguous();
           at::Tensor acc_gK = at::empty(r.K.sizes(), r.K.options());
           with_acc(r, [&](auto t) {
             using A = decltype(t);
-            cpu_banded_backward_kernel(gy.data_ptr<A>(), xp.data_ptr<A>(), r.band.data_ptr<int32_t>(),
+            cpu_banded_backward_kernel(gy.data_ptr<A>(), xa.data_ptr<A>(), r.band.data_ptr<int32_t>(),
                                        acc_gK.data_ptr<A>(), g);
           });
           gK = acc_gK.to(K.scalar_type());

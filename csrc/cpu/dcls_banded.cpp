@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "simd.h"
@@ -138,6 +139,16 @@ TROUS_AVX2 void sweep_avx2(const float* src, const int32_t* off, const float* w,
   }
 }
 
+// The four horizontal sums of a, b, c, d in one transpose-add tree (half the shuffles of four
+// separate reductions).
+TROUS_AVX512 inline void sum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
+  auto half = [](__m512 v) TROUS_AVX512 {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  };
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
 // AVX-512 twin of dots_avx2: 16 lanes, masked tail, no scalar loop.
 template <int J>
 TROUS_AVX512 inline void dots_avx512(const float* gy, const float* x, int L, float* acc) {
@@ -153,7 +164,13 @@ TROUS_AVX512 inline void dots_avx512(const float* gy, const float* x, int L, flo
     const __m512 g = _mm512_maskz_loadu_ps(m, gy + t);
     for (int j = 0; j < J; ++j) a[j] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, x + t + j), a[j]);
   }
-  for (int j = 0; j < J; ++j) acc[j] += _mm512_reduce_add_ps(a[j]);
+  if constexpr (J == 4) {
+    float sums[4];
+    sum4_avx512(a[0], a[1], a[2], a[3], sums);
+    for (int j = 0; j < 4; ++j) acc[j] += sums[j];
+  } else {
+    for (int j = 0; j < J; ++j) acc[j] += _mm512_reduce_add_ps(a[j]);
+  }
 }
 
 // Two rows of two shifts each (v0 / v1 at kc 1): one grad_out load feeds four FMAs.
@@ -176,10 +193,12 @@ TROUS_AVX512 inline void dots_pair_avx512(const float* gy, const float* xa, cons
     b0 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, xb + t), b0);
     b1 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, xb + t + 1), b1);
   }
-  acc_a[0] += _mm512_reduce_add_ps(a0);
-  acc_a[1] += _mm512_reduce_add_ps(a1);
-  acc_b[0] += _mm512_reduce_add_ps(b0);
-  acc_b[1] += _mm512_reduce_add_ps(b1);
+  float sums[4];
+  sum4_avx512(a0, a1, b0, b1, sums);
+  acc_a[0] += sums[0];
+  acc_a[1] += sums[1];
+  acc_b[0] += sums[2];
+  acc_b[1] += sums[3];
 }
 
 TROUS_AVX2 inline float hsum(__m256 v) {
@@ -212,22 +231,58 @@ bool use_avx2(int stride) {
   return std::is_same_v<Acc, float> && stride == 1 && cpu::has_avx2();
 }
 
+// One sample's source plane with the margins the plans assume: row r of `src` (len elements) at
+// lead + t * step of a row of padded_len, zeros elsewhere. The rows are written to `scratch`
+// (per thread, reused across calls: no page faults, stays in L2) unless no margin is needed.
+template <typename Acc>
+const Acc* sample_plane(const Acc* src, index_t rows, int len, int lead, int step, index_t padded_len,
+                        std::vector<Acc>& scratch) {
+  if (lead == 0 && step == 1 && padded_len == len) return src;
+  scratch.assign((size_t)(rows * padded_len), Acc(0));
+  for (index_t r = 0; r < rows; ++r) {
+    Acc* dst = scratch.data() + r * padded_len + lead;
+    const Acc* row = src + r * len;
+    if (step == 1) {
+      std::copy(row, row + len, dst);
+    } else {
+      for (int t = 0; t < len; ++t) dst[(index_t)t * step] = row[t];
+    }
+  }
+  return scratch.data();
+}
+
+// Where each sample's source plane comes from: rows of len elements placed at lead + t * step of
+// padded rows (see sample_plane).
+struct SourceLayout {
+  index_t rows;
+  int len, lead, step;
+  index_t padded_len;
+};
+
 // For every (n, chunk): each source block in turn, every destination row. `plane_in` / `plane_out`
 // are the per-sample sizes of the source and destination tensors, `init(r)` the row's start value.
 template <typename Acc, typename Init>
-void run_plan(const Plan<Acc>& plan, const Acc* src, index_t plane_in, Acc* dst, int len, int stride, index_t N,
+void run_plan(const Plan<Acc>& plan, const Acc* src, const SourceLayout& lay, Acc* dst, int len, int stride, index_t N,
               Init&& init) {
   // Equal chunks (multiples of 16): a short last chunk would be FMA-latency bound.
   const index_t chunks = (len + kChunk - 1) / kChunk;
   const int step = (int)((((len + chunks - 1) / chunks) + 15) / 16 * 16);
   const bool avx2 = use_avx2<Acc>(stride);
   at::parallel_for(0, N * chunks, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<Acc> scratch;
+    index_t plane_n = -1;
+    const Acc* plane = nullptr;
     for (int64_t q = q0; q < q1; ++q) {
       const index_t n = q / chunks;
+      if (n != plane_n) {
+        plane = sample_plane(src + n * lay.rows * lay.len, lay.rows, lay.len, lay.lead, lay.step, lay.padded_len,
+                             scratch);
+        plane_n = n;
+      }
       const int t0 = (int)(q % chunks) * step;
       const int clen = len - t0 < step ? len - t0 : step;
       if (clen <= 0) continue;
-      const Acc* base = src + n * plane_in + (index_t)t0 * stride;
+      const Acc* base = plane + (index_t)t0 * stride;
       for (int b = 0; b < plan.blocks; ++b) {
         for (int r = 0; r < plan.rows; ++r) {
           const index_t k0 = plan.begin(r, b), nt = plan.end(r, b) - k0;
@@ -250,7 +305,7 @@ void run_plan(const Plan<Acc>& plan, const Acc* src, index_t plane_in, Acc* dst,
 }
 
 template <typename Acc>
-void forward_impl(const Acc* xp, const Acc* K, const int32_t* band, const Acc* bias, Acc* out, const BandedGeom& g) {
+void forward_impl(const Acc* x, const Acc* K, const int32_t* band, const Acc* bias, Acc* out, const BandedGeom& g) {
   const int I = g.in_per_group(), Og = g.out_per_group();
   const index_t lp = (index_t)g.l_in + 2 * g.pad;
   // A chunk reads (kChunk - 1) stride + dks elements of each source row.
@@ -266,14 +321,15 @@ void forward_impl(const Acc* xp, const Acc* K, const int32_t* band, const Acc* b
     }
     plan.end_row();
   }
-  run_plan(plan, xp, (index_t)g.c_in * lp, out, g.l_out, g.stride, g.N,
+  run_plan(plan, x, SourceLayout{g.c_in, g.l_in, g.pad, 1, lp}, out, g.l_out, g.stride, g.N,
            [&](int o) { return bias ? bias[o] : Acc(0); });
 }
 
 template <typename Acc>
-void backward_input_impl(const Acc* gq, const Acc* K, const int32_t* band, Acc* gx, const BandedGeom& g) {
+void backward_input_impl(const Acc* gy, const Acc* K, const int32_t* band, Acc* gx, const BandedGeom& g) {
   const int I = g.in_per_group(), Og = g.out_per_group();
-  const index_t lq = banded_spread_length(g);
+  // Spread grad_out rows: grad_out[t] at (dks - 1) + t stride, zeros around (every tap in range).
+  const index_t lq = (index_t)g.l_in + 2 * g.pad + g.dks - 1;
   Plan<Acc> plan(g.c_in, g.c_out, ((index_t)kChunk + g.dks) * (index_t)sizeof(Acc));
   for (int c = 0; c < g.c_in; ++c) {
     plan.begin_row(c);
@@ -282,16 +338,18 @@ void backward_input_impl(const Acc* gq, const Acc* K, const int32_t* band, Acc* 
       const index_t row = (index_t)o * I + i;
       int lo, hi;
       band_of(band, g, row, lo, hi);
-      // grad_x[u] takes grad_out[t] where t stride = u + pad - s: gq index u + pad + dks - 1 - s.
+      // grad_x[u] takes grad_out[t] where t stride = u + pad - s. In the spread rows grad_out[t]
+      // sits at (dks - 1) + t stride, so the tap reads index u + pad + dks - 1 - s.
       for (int s = lo; s < hi; ++s) plan.add(o, (index_t)o * lq + g.pad + g.dks - 1 - s, K[row * g.dks + s]);
     }
     plan.end_row();
   }
-  run_plan(plan, gq, (index_t)g.c_out * lq, gx, g.l_in, 1, g.N, [](int) { return Acc(0); });
+  run_plan(plan, gy, SourceLayout{g.c_out, g.l_out, g.dks - 1, g.stride, lq}, gx, g.l_in, 1, g.N,
+           [](int) { return Acc(0); });
 }
 
 template <typename Acc>
-void backward_kernel_impl(const Acc* gy, const Acc* xp, const int32_t* band, Acc* gK, const BandedGeom& g) {
+void backward_kernel_impl(const Acc* gy, const Acc* x, const int32_t* band, Acc* gK, const BandedGeom& g) {
   const int I = g.in_per_group(), Og = g.out_per_group();
   const index_t lp = (index_t)g.l_in + 2 * g.pad;
   const int L = g.l_out, st = g.stride;
@@ -305,7 +363,9 @@ void backward_kernel_impl(const Acc* gy, const Acc* xp, const int32_t* band, Acc
     for (int64_t o = oa; o < ob; ++o) {
       for (index_t e = 0; e < (index_t)I * g.dks; ++e) gK[o * I * g.dks + e] = Acc(0);
     }
+    std::vector<Acc> scratch;
     for (index_t n = 0; n < g.N; ++n) {
+      const Acc* xn = sample_plane(x + n * g.c_in * g.l_in, g.c_in, g.l_in, g.pad, 1, lp, scratch);
       for (int cb = 0; cb < g.c_in; cb += block_rows) {
         const int ce = cb + block_rows < g.c_in ? cb + block_rows : g.c_in;
         for (int64_t o = oa; o < ob; ++o) {
@@ -317,7 +377,7 @@ void backward_kernel_impl(const Acc* gy, const Acc* xp, const int32_t* band, Acc
             int lo, hi;
             band_of(band, g, row, lo, hi);
             Acc* acc = gK + row * g.dks;
-            const Acc* xr = xp + (n * g.c_in + c) * lp;
+            const Acc* xr = xn + (index_t)c * lp;
             int s = lo;
 #if TROUS_HAVE_AVX2_PATH
             if constexpr (std::is_same_v<Acc, float>) {
@@ -367,29 +427,29 @@ void backward_kernel_impl(const Acc* gy, const Acc* xp, const int32_t* band, Acc
 
 }  // namespace
 
-void cpu_banded_forward(const float* xp, const float* K, const int32_t* band, const float* bias, float* out,
+void cpu_banded_forward(const float* x, const float* K, const int32_t* band, const float* bias, float* out,
                         const BandedGeom& g) {
-  forward_impl(xp, K, band, bias, out, g);
+  forward_impl(x, K, band, bias, out, g);
 }
-void cpu_banded_forward(const double* xp, const double* K, const int32_t* band, const double* bias, double* out,
+void cpu_banded_forward(const double* x, const double* K, const int32_t* band, const double* bias, double* out,
                         const BandedGeom& g) {
-  forward_impl(xp, K, band, bias, out, g);
+  forward_impl(x, K, band, bias, out, g);
 }
-void cpu_banded_backward_input(const float* gq, const float* K, const int32_t* band, float* grad_x,
+void cpu_banded_backward_input(const float* grad_out, const float* K, const int32_t* band, float* grad_x,
                                const BandedGeom& g) {
-  backward_input_impl(gq, K, band, grad_x, g);
+  backward_input_impl(grad_out, K, band, grad_x, g);
 }
-void cpu_banded_backward_input(const double* gq, const double* K, const int32_t* band, double* grad_x,
+void cpu_banded_backward_input(const double* grad_out, const double* K, const int32_t* band, double* grad_x,
                                const BandedGeom& g) {
-  backward_input_impl(gq, K, band, grad_x, g);
+  backward_input_impl(grad_out, K, band, grad_x, g);
 }
-void cpu_banded_backward_kernel(const float* grad_out, const float* xp, const int32_t* band, float* grad_K,
+void cpu_banded_backward_kernel(const float* grad_out, const float* x, const int32_t* band, float* grad_K,
                                 const BandedGeom& g) {
-  backward_kernel_impl(grad_out, xp, band, grad_K, g);
+  backward_kernel_impl(grad_out, x, band, grad_K, g);
 }
-void cpu_banded_backward_kernel(const double* grad_out, const double* xp, const int32_t* band, double* grad_K,
+void cpu_banded_backward_kernel(const double* grad_out, const double* x, const int32_t* band, double* grad_K,
                                 const BandedGeom& g) {
-  backward_kernel_impl(grad_out, xp, band, grad_K, g);
+  backward_kernel_impl(grad_out, x, band, grad_K, g);
 }
 
 }  // namespace dcls
