@@ -189,10 +189,11 @@ class _DclsNd(Module):
 
     @property
     def strategy(self) -> str:
-        """How forward runs: "construct" (dense kernel + F.convNd), "direct" (trous._dcls_conv's direct
-        depthwise DCLS convolution, never materialises the kernel; depthwise Dcls1d/2d/3d with batched
-        input only) or "auto" (direct where it applies and its cost model says it is faster; under
-        torch.compile "auto" constructs, since the cost model depends on the values of P)."""
+        """How forward runs: "construct" (dense kernel + F.convNd), "direct" (depthwise Dcls1d/2d/3d:
+        trous._dcls_conv's direct depthwise DCLS convolution, never materialises the kernel; other
+        Dcls1d: trous._dcls_banded, the constructed kernel visited only inside each row's band of
+        taps; batched input only) or "auto" (direct where it applies and its cost model says it is
+        faster; under torch.compile "auto" constructs, since the banded cost model reads P and SIG)."""
         return self._strategy
 
     @strategy.setter
