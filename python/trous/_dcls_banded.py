@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .ops import has_cuda_kernel
+from .ops import inputs_supported
 
 __all__ = ["dcls_banded_conv1d", "dcls_band1d", "banded_supported", "banded_is_faster"]
 
@@ -102,13 +102,7 @@ def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG
         if version in _SIG_VERSIONS and (SIG is None or SIG.shape != P.shape):
             return False
         tensors = [x, weight, P] + ([SIG] if version in _SIG_VERSIONS else [])
-        if any(t.device != x.device or not t.is_floating_point() for t in tensors):
-            return False
-        if x.device.type == "cpu":
-            return x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-        if x.device.type == "cuda":
-            return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and has_cuda_kernel("dcls_banded_conv1d")
-        return False
+        return inputs_supported(x, tensors, "dcls_banded_conv1d")
     except Exception:
         return False
 

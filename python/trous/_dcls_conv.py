@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .ops import has_cuda_kernel
+from .ops import inputs_supported
 
 __all__ = [
     "dcls_depthwise_conv",
@@ -121,18 +121,14 @@ def dcls_direct_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor
         if any(x.shape[2 + i] < 1 or x.shape[2 + i] + 2 * pd[i] < dks[i] for i in range(nd)):
             return False
         tensors = [x, weight, P] + ([SIG] if version in _SIG_VERSIONS else [])
-        if any(t.device != x.device or not t.is_floating_point() for t in tensors):
+        if not inputs_supported(x, tensors, "dcls_conv"):
             return False
-        if x.device.type == "cpu":
-            return x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
         if x.device.type == "cuda":
-            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not has_cuda_kernel("dcls_conv"):
-                return False
             if c > 65535:
                 return False
             optin = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
             return _cuda_smem_bytes(kc, dks) <= optin
-        return False
+        return True
     except Exception:
         return False
 

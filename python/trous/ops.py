@@ -16,6 +16,18 @@ def has_cuda_kernel(op: str) -> bool:
         return False
 
 
+def inputs_supported(x: torch.Tensor, tensors, cuda_op: str) -> bool:
+    """x and `tensors` on one device and floating point, x of a dtype trous's kernels take there
+    (CPU: fp32 / fp64 / fp16 / bf16; CUDA: fp32 / fp16 / bf16, when this build has `cuda_op`)."""
+    if any(t.device != x.device or not t.is_floating_point() for t in tensors):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    if x.device.type == "cuda":
+        return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and has_cuda_kernel(cuda_op)
+    return False
+
+
 # KV-cache quantization (trous.kvcache has the friendlier wrappers).
 kv_quantize = _lib.kv_quantize
 kv_dequantize = _lib.kv_dequantize
