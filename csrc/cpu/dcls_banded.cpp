@@ -224,6 +224,28 @@ TROUS_AVX2 inline void dots_avx2(const float* gy, const float* x, int L, float* 
     acc[j] += s;
   }
 }
+
+// acc[s] += dot(gy, x[s:]) for every shift s in [lo, hi), four shifts per pass over gy.
+struct Avx2Dots {
+  template <int J>
+  static void run(const float* gy, const float* x, int L, float* acc) { dots_avx2<J>(gy, x, L, acc); }
+};
+struct Avx512Dots {
+  template <int J>
+  static void run(const float* gy, const float* x, int L, float* acc) { dots_avx512<J>(gy, x, L, acc); }
+};
+
+template <typename Dots>
+void band_dots(const float* gy, const float* x, int L, int lo, int hi, float* acc) {
+  int s = lo;
+  for (; s + 4 <= hi; s += 4) Dots::template run<4>(gy, x + s, L, acc + s);
+  switch (hi - s) {
+    case 3: Dots::template run<3>(gy, x + s, L, acc + s); break;
+    case 2: Dots::template run<2>(gy, x + s, L, acc + s); break;
+    case 1: Dots::template run<1>(gy, x + s, L, acc + s); break;
+    default: break;
+  }
+}
 #endif
 
 template <typename Acc>
@@ -391,23 +413,11 @@ void backward_kernel_impl(const Acc* gy, const Acc* x, const int32_t* band, Acc*
                     continue;
                   }
                 }
-                for (; s + 4 <= hi; s += 4) dots_avx512<4>(gyr, xr + s, L, acc + s);
-                switch (hi - s) {
-                  case 3: dots_avx512<3>(gyr, xr + s, L, acc + s); break;
-                  case 2: dots_avx512<2>(gyr, xr + s, L, acc + s); break;
-                  case 1: dots_avx512<1>(gyr, xr + s, L, acc + s); break;
-                  default: break;
-                }
+                band_dots<Avx512Dots>(gyr, xr, L, lo, hi, acc);
                 continue;
               }
               if (avx2) {
-                for (; s + 4 <= hi; s += 4) dots_avx2<4>(gyr, xr + s, L, acc + s);
-                switch (hi - s) {
-                  case 3: dots_avx2<3>(gyr, xr + s, L, acc + s); break;
-                  case 2: dots_avx2<2>(gyr, xr + s, L, acc + s); break;
-                  case 1: dots_avx2<1>(gyr, xr + s, L, acc + s); break;
-                  default: break;
-                }
+                band_dots<Avx2Dots>(gyr, xr, L, lo, hi, acc);
                 continue;
               }
             }

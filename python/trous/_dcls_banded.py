@@ -77,15 +77,15 @@ def dcls_band1d(P: torch.Tensor, SIG: Optional[torch.Tensor], dilated_kernel_siz
 
 def dcls_banded_conv1d(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
                        dilated_kernel_size: int, version: str, stride: int = 1, padding: int = 0, groups: int = 1,
-                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Grouped 1-D DCLS convolution visiting only each kernel row's band (see the module docstring)."""
+                       bias: Optional[torch.Tensor] = None, band: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Grouped 1-D DCLS convolution visiting only each kernel row's band (see the module docstring).
+    ``band``: :func:`dcls_band1d` of these P and SIG when the caller already has it."""
     d = int(dilated_kernel_size)
     sig = SIG if version in _SIG_VERSIONS else None
     K = _ops.dcls_construct_kernel(weight, P, sig, [d], version)
-    band = dcls_band1d(P, sig, d, version)
+    if band is None:
+        band = dcls_band1d(P, sig, d, version)
     return _ops.dcls_banded_conv1d(x, K, band, bias, int(stride), int(padding), int(groups))
-
-
 
 
 def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
@@ -108,22 +108,19 @@ def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG
 
 
 # Relative cost of one banded multiply-add against one multiply-add of the dense route (oneDNN's
-# conv1d, forward + backward): 2.3 measured on a 2-core AVX2 EPYC at the SNN shape with the whole
+# conv1d, forward + backward): 2.3 measured on a 2-core Zen 4 EPYC at the SNN shape with the whole
 # window as band (gauss, SIG 5: banded 573 ms, dense conv1d 251 ms).
 _CPU_BANDED_MAC_COST = 2.3
 
 
-def banded_is_faster(x: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor], dilated_kernel_size: int,
-                     version: str) -> bool:
-    """Cost model of ``strategy="auto"``: the banded route when its taps, weighted by their relative
-    cost, are fewer than the dense window's. Reads the band (P and SIG values): on the CPU only. On
-    CUDA the banded kernels are unmeasured (no GPU run yet) and the dense cuDNN route is kept."""
+def banded_is_faster(x: torch.Tensor, band: torch.Tensor, dilated_kernel_size: int) -> bool:
+    """Cost model of ``strategy="auto"``: the banded route when the band's taps (:func:`dcls_band1d`),
+    weighted by their relative cost, are fewer than the dense window's. On the CPU only: on CUDA the
+    banded kernels are unmeasured (no GPU run yet) and the dense cuDNN route is kept."""
     if x.device.type != "cpu":
         return False
-    d = int(dilated_kernel_size)
-    band = dcls_band1d(P, SIG if version in _SIG_VERSIONS else None, d, version)
     width = (band[..., 1] - band[..., 0]).float().mean().item()
-    return width * _CPU_BANDED_MAC_COST < d
+    return width * _CPU_BANDED_MAC_COST < int(dilated_kernel_size)
 
 
 # ---- fake kernels (shapes and dtypes only, for torch.compile / export)

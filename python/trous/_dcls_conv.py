@@ -93,8 +93,6 @@ def _cuda_smem_bytes(kc: int, dks: Sequence[int]) -> int:
     return 4 * max(taps, params)
 
 
-
-
 def dcls_direct_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
                           dilated_kernel_size: IntOrSeq, version: str, stride: IntOrSeq = 1,
                           padding: IntOrSeq = 0) -> bool:

@@ -293,9 +293,14 @@ class _DclsNd(Module):
                                    "trous._dcls_banded.banded_supported() refuses these inputs (batched [N, C, L] "
                                    "input, parameters on its device, a floating dtype the build has kernels for)")
             return None
-        if self._strategy == "direct" or banded.banded_is_faster(x, P, SIG, self.dilated_kernel_size[0], self.version):
-            return lambda bias: banded.dcls_banded_conv1d(*args[:-1], groups=self.groups, bias=bias)
-        return None
+        band = None
+        if self._strategy == "auto":
+            if x.device.type != "cpu":
+                return None  # the cost model reads the band on the CPU only (no device sync)
+            band = banded.dcls_band1d(P, SIG, self.dilated_kernel_size[0], self.version)
+            if not banded.banded_is_faster(x, band, self.dilated_kernel_size[0]):
+                return None
+        return lambda bias: banded.dcls_banded_conv1d(*args[:-1], groups=self.groups, bias=bias, band=band)
 
     def _conv(self, x: Tensor, K: Tensor, bias: Optional[Tensor], padding) -> Tensor:
         nd = K.dim() - 2

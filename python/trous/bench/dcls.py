@@ -78,16 +78,24 @@ def _no_grad(fn):
     return run
 
 
-def _dcls_peer(C, kc, d, version, w, P, SIG, b, device):
-    """The dcls package's Dcls2d (depthwise) holding the same parameter values, or None."""
+def _peer_modules():
+    """The dcls package's DCLS.construct.modules, or None when it is not installed."""
     try:
         import logging
 
         logging.getLogger().setLevel(logging.ERROR)  # its "implicit GEMM not installed" warnings
-        from DCLS.construct.modules import Dcls2d
+        from DCLS.construct import modules
     except Exception:  # noqa: BLE001
         return None
-    m = Dcls2d(C, C, kc, padding=d // 2, dilated_kernel_size=d, groups=C, version=version).to(device)
+    return modules
+
+
+def _dcls_peer(C, kc, d, version, w, P, SIG, b, device):
+    """The dcls package's Dcls2d (depthwise) holding the same parameter values, or None."""
+    modules = _peer_modules()
+    if modules is None:
+        return None
+    m = modules.Dcls2d(C, C, kc, padding=d // 2, dilated_kernel_size=d, groups=C, version=version).to(device)
     with torch.no_grad():
         m.weight.copy_(w)
         m.P.copy_(P)
@@ -219,15 +227,9 @@ def _snn_cases(version: str, sig: Optional[float], device: str, quick: bool) -> 
              "saved_vs_input_trous": round(saved / x_bytes, 3)}
     tg = {"speedup": 5.0} if device == "cpu" and (sig is None or sig < 1) else {}  # issue 3, at init
     out: List[Case] = []
-    try:
-        import logging
-
-        logging.getLogger().setLevel(logging.ERROR)
-        from DCLS.construct.modules import Dcls1d as PeerDcls1d
-    except Exception:  # noqa: BLE001
-        PeerDcls1d = None
-    if PeerDcls1d is not None:
-        peer = PeerDcls1d(ci, co, kc, dilated_kernel_size=d, version=version).to(device)
+    modules = _peer_modules()
+    if modules is not None:
+        peer = modules.Dcls1d(ci, co, kc, dilated_kernel_size=d, version=version).to(device)
         peer.load_state_dict(ours.state_dict())
         pparams = [p for p in (peer.weight, peer.P, peer.SIG, peer.bias) if p is not None]
         ex = dict(extra, saved_vs_input_baseline=round(_saved_bytes(lambda: peer(x0)) / x_bytes, 3))
