@@ -100,6 +100,36 @@ def test_long_rows_cross_chunks_and_blocks():
 
 
 
+# Batches of 16 and more take the batch-lane CPU kernels (fp32, AVX-512): a batch that is not a
+# multiple of 16, several source blocks and output tiles, runs of more than four taps, grouped
+# rows, and stride 2 (its forward and grad_K stay on the per-sample kernels, its grad_x does not).
+LANES_CONFIGS = [
+    ("n17", 17, 6, 7, 30, 1, 11, 1, 0, 1),
+    ("n33-g2-pad", 33, 8, 6, 41, 2, 9, 1, 3, 2),
+    ("n16-stride2", 16, 5, 4, 23, 2, 7, 2, 1, 1),
+    ("n20-blocks", 20, 40, 50, 70, 1, 25, 1, 12, 1),
+]
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="the batch-lane kernels need AVX-512")
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("cfg", LANES_CONFIGS, ids=[c[0] for c in LANES_CONFIGS])
+def test_batch_lane_kernels_match_reference_and_per_sample_kernels(cfg, version):
+    tensors, kw = make(cfg, version, seed=5, sig=0.6)
+    as_fp32 = [t.float() if t is not None else None for t in tensors]
+    out, grads = run(as_fp32, kw, banded)
+    rout, rgrads = run(tensors, kw, reference)
+    close(out, rout, 2e-6)
+    for a, b in zip(grads, rgrads):
+        close(a, b, 2e-5)
+    # Slices of fewer than 16 samples take the per-sample kernels: the same numbers to fp32 rounding.
+    x = as_fp32[0]
+    with torch.no_grad():
+        slices = [banded(x[i:i + 8], *as_fp32[1:], kw) for i in range(0, x.shape[0], 8)]
+    close(out, torch.cat(slices), 2e-6)
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("shape", [(5, 7, 3, 9, 2, 1), (6, 4, 1, 25, 2, 2), (4, 8, 2, 7, 1, 4)],

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "dcls_banded_plan.h"
 #include "trous/dcls_banded_cpu.h"
 
 namespace trous {
@@ -25,44 +26,6 @@ namespace {
 
 constexpr int kChunk = 64;                // outputs per sweep (8 AVX2 accumulators)
 constexpr index_t kL1Bytes = 16 * 1024;   // source window per block: half of a 32 KiB L1
-
-// Taps of every destination row, in increasing source-row order, cut into source-row blocks: the
-// taps of row r in block b are [seg[r (blocks + 1) + b], seg[r (blocks + 1) + b + 1]).
-template <typename Acc>
-struct Plan {
-  int rows = 0, blocks = 1, block_rows = 1;
-  // Tap = (source element for output 0 relative to the sample's plane, weight); 32-bit offsets
-  // keep the plan small (it is re-read for every sample and chunk; the op layer bounds planes).
-  std::vector<int32_t> off;
-  std::vector<Acc> w;
-  std::vector<index_t> seg;
-
-  Plan(int rows_, int source_rows, index_t bytes_per_source_row) : rows(rows_) {
-    const index_t fit = kL1Bytes / (bytes_per_source_row > 0 ? bytes_per_source_row : 1);
-    block_rows = (int)(fit < 1 ? 1 : (fit > source_rows ? source_rows : fit));
-    if (block_rows < 1) block_rows = 1;
-    blocks = (source_rows + block_rows - 1) / block_rows;
-    if (blocks < 1) blocks = 1;
-    seg.assign((size_t)rows * (blocks + 1), 0);
-  }
-  // Row r's taps are added with non-decreasing source rows between begin_row and end_row.
-  void begin_row(int r) { cur_row = r, cur_block = 0, seg[(size_t)r * (blocks + 1)] = (index_t)off.size(); }
-  void add(int source_row, index_t offset, Acc weight) {
-    TORCH_INTERNAL_ASSERT(offset >= 0 && offset < ((index_t)1 << 31));
-    const int b = source_row / block_rows;
-    while (cur_block < b) seg[(size_t)cur_row * (blocks + 1) + ++cur_block] = (index_t)off.size();
-    off.push_back(offset);
-    w.push_back(weight);
-  }
-  void end_row() {
-    while (cur_block < blocks) seg[(size_t)cur_row * (blocks + 1) + ++cur_block] = (index_t)off.size();
-  }
-  index_t begin(int r, int b) const { return seg[(size_t)r * (blocks + 1) + b]; }
-  index_t end(int r, int b) const { return seg[(size_t)r * (blocks + 1) + b + 1]; }
-
- private:
-  int cur_row = 0, cur_block = 0;
-};
 
 // out[t] (t < len) = (accumulate ? out[t] : init) + sum_k w[k] src[off[k] + t stride].
 template <typename Acc>
@@ -273,14 +236,6 @@ const Acc* sample_plane(const Acc* src, index_t rows, int len, int lead, int ste
   return scratch.data();
 }
 
-// Where each sample's source plane comes from: rows of len elements placed at lead + t * step of
-// padded rows (see sample_plane).
-struct SourceLayout {
-  index_t rows;
-  int len, lead, step;
-  index_t padded_len;
-};
-
 // For every (n, chunk): each source block in turn, every destination row. `plane_in` / `plane_out`
 // are the per-sample sizes of the source and destination tensors, `init(r)` the row's start value.
 template <typename Acc, typename Init>
@@ -326,12 +281,35 @@ void run_plan(const Plan<Acc>& plan, const Acc* src, const SourceLayout& lay, Ac
   });
 }
 
+// Source blocks sized for the kernel that runs the plan: a chunk window of each source row (one
+// sample's lanes), or a 16-output window of sixteen samples (the batch-lane kernels).
+template <typename Acc>
+Plan<Acc> make_plan(int rows, int source_rows, index_t window, bool lanes, int dks) {
+  if (lanes) return Plan<Acc>(rows, source_rows, lanes_bytes_per_source_row(dks), lanes_block_bytes());
+  return Plan<Acc>(rows, source_rows, window * (index_t)sizeof(Acc), kL1Bytes);
+}
+
+template <typename Acc>
+bool lanes_for(const BandedGeom& g, int sweep_stride) {
+  return std::is_same_v<Acc, float> && sweep_stride == 1 && lanes_apply(g);
+}
+
+template <typename Acc, typename Init>
+void run(const Plan<Acc>& plan, bool lanes, const Acc* src, const SourceLayout& lay, Acc* dst, int len, int stride,
+         const BandedGeom& g, const Acc* init_rows, Init&& init) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (lanes) return lanes_run_plan(plan, src, lay, dst, len, g.N, init_rows);
+  }
+  run_plan(plan, src, lay, dst, len, stride, g.N, init);
+}
+
 template <typename Acc>
 void forward_impl(const Acc* x, const Acc* K, const int32_t* band, const Acc* bias, Acc* out, const BandedGeom& g) {
   const int I = g.in_per_group(), Og = g.out_per_group();
   const index_t lp = (index_t)g.l_in + 2 * g.pad;
+  const bool lanes = lanes_for<Acc>(g, g.stride);
   // A chunk reads (kChunk - 1) stride + dks elements of each source row.
-  Plan<Acc> plan(g.c_out, g.c_in, ((index_t)(kChunk - 1) * g.stride + g.dks) * (index_t)sizeof(Acc));
+  Plan<Acc> plan = make_plan<Acc>(g.c_out, g.c_in, (index_t)(kChunk - 1) * g.stride + g.dks, lanes, g.dks);
   for (int o = 0; o < g.c_out; ++o) {
     plan.begin_row(o);
     const int c0 = (o / Og) * I;
@@ -343,8 +321,8 @@ void forward_impl(const Acc* x, const Acc* K, const int32_t* band, const Acc* bi
     }
     plan.end_row();
   }
-  run_plan(plan, x, SourceLayout{g.c_in, g.l_in, g.pad, 1, lp}, out, g.l_out, g.stride, g.N,
-           [&](int o) { return bias ? bias[o] : Acc(0); });
+  run(plan, lanes, x, SourceLayout{g.c_in, g.l_in, g.pad, 1, lp}, out, g.l_out, g.stride, g, bias,
+      [&](int o) { return bias ? bias[o] : Acc(0); });
 }
 
 template <typename Acc>
@@ -352,7 +330,8 @@ void backward_input_impl(const Acc* gy, const Acc* K, const int32_t* band, Acc* 
   const int I = g.in_per_group(), Og = g.out_per_group();
   // Spread grad_out rows: grad_out[t] at (dks - 1) + t stride, zeros around (every tap in range).
   const index_t lq = (index_t)g.l_in + 2 * g.pad + g.dks - 1;
-  Plan<Acc> plan(g.c_in, g.c_out, ((index_t)kChunk + g.dks) * (index_t)sizeof(Acc));
+  const bool lanes = lanes_for<Acc>(g, 1);
+  Plan<Acc> plan = make_plan<Acc>(g.c_in, g.c_out, (index_t)kChunk + g.dks, lanes, g.dks);
   for (int c = 0; c < g.c_in; ++c) {
     plan.begin_row(c);
     const int i = c % I, o0 = (c / I) * Og;
@@ -361,13 +340,14 @@ void backward_input_impl(const Acc* gy, const Acc* K, const int32_t* band, Acc* 
       int lo, hi;
       band_of(band, g, row, lo, hi);
       // grad_x[u] takes grad_out[t] where t stride = u + pad - s. In the spread rows grad_out[t]
-      // sits at (dks - 1) + t stride, so the tap reads index u + pad + dks - 1 - s.
-      for (int s = lo; s < hi; ++s) plan.add(o, (index_t)o * lq + g.pad + g.dks - 1 - s, K[row * g.dks + s]);
+      // sits at (dks - 1) + t stride, so the tap reads index u + pad + dks - 1 - s (listed in
+      // increasing offsets: the lanes kernel fuses consecutive taps).
+      for (int s = hi - 1; s >= lo; --s) plan.add(o, (index_t)o * lq + g.pad + g.dks - 1 - s, K[row * g.dks + s]);
     }
     plan.end_row();
   }
-  run_plan(plan, gy, SourceLayout{g.c_out, g.l_out, g.dks - 1, g.stride, lq}, gx, g.l_in, 1, g.N,
-           [](int) { return Acc(0); });
+  run(plan, lanes, gy, SourceLayout{g.c_out, g.l_out, g.dks - 1, g.stride, lq}, gx, g.l_in, 1, g, (const Acc*)nullptr,
+      [](int) { return Acc(0); });
 }
 
 template <typename Acc>
@@ -455,6 +435,7 @@ void cpu_banded_backward_input(const double* grad_out, const double* K, const in
 }
 void cpu_banded_backward_kernel(const float* grad_out, const float* x, const int32_t* band, float* grad_K,
                                 const BandedGeom& g) {
+  if (lanes_for<float>(g, g.stride)) return lanes_backward_kernel(grad_out, x, band, grad_K, g);
   backward_kernel_impl(grad_out, x, band, grad_K, g);
 }
 void cpu_banded_backward_kernel(const double* grad_out, const double* x, const int32_t* band, double* grad_K,
