@@ -108,18 +108,30 @@ def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG
 
 
 # Relative cost of one banded multiply-add against one multiply-add of the dense route (oneDNN's
-# conv1d, forward + backward): 2.3 measured on a 2-core Zen 4 EPYC at the SNN shape with the whole
-# window as band (gauss, SIG 5: banded 573 ms, dense conv1d 251 ms).
+# conv1d, forward + backward), measured on a 2-core Zen 4 EPYC at the SNN shape (dense conv1d
+# 245-251 ms). The per-sample kernels: 2.3 with the whole window as band (gauss, SIG 5: 573 ms).
+# The batch-lane kernels (batch >= 16, AVX-512, stride 1): 1.0 per tap plus about one tap of
+# repacking per row (full window 247 ms, gauss SIG 0.23 at 6.8 taps 73 ms, v1 at 2 taps 31 ms).
 _CPU_BANDED_MAC_COST = 2.3
+_CPU_LANES_MAC_COST, _CPU_LANES_EXTRA_TAPS = 1.0, 1.0
+_LANES_MIN_BATCH = 16
 
 
-def banded_is_faster(x: torch.Tensor, band: torch.Tensor, dilated_kernel_size: int) -> bool:
+def _lanes_apply(x: torch.Tensor, stride: int) -> bool:
+    """Whether the CPU op takes its batch-lane kernels (fp64 keeps the per-sample ones)."""
+    return (x.dtype != torch.float64 and x.shape[0] >= _LANES_MIN_BATCH and stride == 1
+            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+
+
+def banded_is_faster(x: torch.Tensor, band: torch.Tensor, dilated_kernel_size: int, stride: int = 1) -> bool:
     """Cost model of ``strategy="auto"``: the banded route when the band's taps (:func:`dcls_band1d`),
     weighted by their relative cost, are fewer than the dense window's. On the CPU only: on CUDA the
     banded kernels are unmeasured (no GPU run yet) and the dense cuDNN route is kept."""
     if x.device.type != "cpu":
         return False
     width = (band[..., 1] - band[..., 0]).float().mean().item()
+    if _lanes_apply(x, stride):
+        return (width + _CPU_LANES_EXTRA_TAPS) * _CPU_LANES_MAC_COST < int(dilated_kernel_size)
     return width * _CPU_BANDED_MAC_COST < int(dilated_kernel_size)
 
 

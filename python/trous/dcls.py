@@ -298,7 +298,7 @@ class _DclsNd(Module):
             if x.device.type != "cpu":
                 return None  # the cost model reads the band on the CPU only (no device sync)
             band = banded.dcls_band1d(P, SIG, self.dilated_kernel_size[0], self.version)
-            if not banded.banded_is_faster(x, band, self.dilated_kernel_size[0]):
+            if not banded.banded_is_faster(x, band, self.dilated_kernel_size[0], self.stride[0]):
                 return None
         return lambda bias: banded.dcls_banded_conv1d(*args[:-1], groups=self.groups, bias=bias, band=band)
 
