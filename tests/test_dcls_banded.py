@@ -100,10 +100,11 @@ def test_long_rows_cross_chunks_and_blocks():
 
 
 
-# Batches of 16 and more take the batch-lane CPU kernels (fp32, AVX-512): a batch that is not a
+# Batches of 10 and more take the batch-lane CPU kernels (fp32, AVX-512): a batch that is not a
 # multiple of 16, several source blocks and output tiles, runs of more than four taps, grouped
 # rows, and stride 2 (its forward and grad_K stay on the per-sample kernels, its grad_x does not).
 LANES_CONFIGS = [
+    ("n11", 11, 5, 6, 26, 2, 9, 1, 1, 1),
     ("n17", 17, 6, 7, 30, 1, 11, 1, 0, 1),
     ("n33-g2-pad", 33, 8, 6, 41, 2, 9, 1, 3, 2),
     ("n16-stride2", 16, 5, 4, 23, 2, 7, 2, 1, 1),

@@ -11,7 +11,7 @@
 // are taken four at a time so each grad_out vector load feeds four FMAs (AVX-512 where the CPU has
 // it: half the loop and a masked tail; the sweeps gain nothing from it on a 2-core Zen 4).
 //
-// These per-sample kernels serve fp64, small batches and strides > 1. fp32 batches of 16 and more
+// These per-sample kernels serve fp64, small batches and strides > 1. fp32 batches of 10 and more
 // on AVX-512 CPUs go to the batch-lane kernels (cpu/dcls_banded_lanes.cpp, the same plans): about
 // 1.5x (v1) to 3x (gauss) faster at the SNN shape.
 #include <ATen/Parallel.h>

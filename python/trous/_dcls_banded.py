@@ -110,11 +110,11 @@ def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG
 # Relative cost of one banded multiply-add against one multiply-add of the dense route (oneDNN's
 # conv1d, forward + backward), measured on a 2-core Zen 4 EPYC at the SNN shape (dense conv1d
 # 245-251 ms). The per-sample kernels: 2.3 with the whole window as band (gauss, SIG 5: 573 ms).
-# The batch-lane kernels (batch >= 16, AVX-512, stride 1): 1.0 per tap plus about one tap of
+# The batch-lane kernels (batch >= 10, AVX-512, stride 1): 1.0 per tap plus about one tap of
 # repacking per row (full window 247 ms, gauss SIG 0.23 at 6.8 taps 73 ms, v1 at 2 taps 31 ms).
 _CPU_BANDED_MAC_COST = 2.3
 _CPU_LANES_MAC_COST, _CPU_LANES_EXTRA_TAPS = 1.0, 1.0
-_LANES_MIN_BATCH = 16
+_LANES_MIN_BATCH = 10  # kLanesMinBatch in csrc/cpu/dcls_banded_lanes.cpp
 
 
 def _lanes_apply(x: torch.Tensor, stride: int) -> bool:
