@@ -81,6 +81,9 @@ def _ddp_worker(rank, world, port, out_dir):
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         F.cross_entropy(model(x[shard]), y[shard]).backward()  # DDP averages the gradients over ranks
         torch.save(_grads(model.module), os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks reach teardown before either closes its gloo pairs: a rank whose peer hung up
+        # mid-exchange aborts ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
