@@ -241,10 +241,11 @@ const Acc* sample_plane(const Acc* src, index_t rows, int len, int lead, int ste
 }
 
 // For every (n, chunk): each source block in turn, every destination row. `plane_in` / `plane_out`
-// are the per-sample sizes of the source and destination tensors, `init(r)` the row's start value.
-template <typename Acc, typename Init>
+// are the per-sample sizes of the source and destination tensors, init[r] the row's start value
+// (0 when init is null).
+template <typename Acc>
 void run_plan(const Plan<Acc>& plan, const Acc* src, const SourceLayout& lay, Acc* dst, int len, int stride, index_t N,
-              Init&& init) {
+              const Acc* init) {
   // Equal chunks (multiples of 16): a short last chunk would be FMA-latency bound.
   const index_t chunks = (len + kChunk - 1) / kChunk;
   const int step = (int)((((len + chunks - 1) / chunks) + 15) / 16 * 16);
@@ -272,13 +273,13 @@ void run_plan(const Plan<Acc>& plan, const Acc* src, const SourceLayout& lay, Ac
 #if TROUS_HAVE_AVX2_PATH
           if constexpr (std::is_same_v<Acc, float>) {
             if (avx2) {
-              sweep_avx2(base, plan.off.data() + k0, plan.w.data() + k0, nt, init(r), b > 0, out, clen);
+              sweep_avx2(base, plan.off.data() + k0, plan.w.data() + k0, nt, init ? init[r] : Acc(0), b > 0, out, clen);
               continue;
             }
           }
 #endif
           (void)avx2;
-          sweep_scalar(base, plan.off.data() + k0, plan.w.data() + k0, nt, init(r), b > 0, out, clen, stride);
+          sweep_scalar(base, plan.off.data() + k0, plan.w.data() + k0, nt, init ? init[r] : Acc(0), b > 0, out, clen, stride);
         }
       }
     }
@@ -298,13 +299,13 @@ bool lanes_for(const BandedGeom& g, int sweep_stride) {
   return std::is_same_v<Acc, float> && sweep_stride == 1 && lanes_apply(g);
 }
 
-template <typename Acc, typename Init>
+template <typename Acc>
 void run(const Plan<Acc>& plan, bool lanes, const Acc* src, const SourceLayout& lay, Acc* dst, int len, int stride,
-         const BandedGeom& g, const Acc* init_rows, Init&& init) {
+         index_t N, const Acc* init) {
   if constexpr (std::is_same_v<Acc, float>) {
-    if (lanes) return lanes_run_plan(plan, src, lay, dst, len, g.N, init_rows);
+    if (lanes) return lanes_run_plan(plan, src, lay, dst, len, N, init);
   }
-  run_plan(plan, src, lay, dst, len, stride, g.N, init);
+  run_plan(plan, src, lay, dst, len, stride, N, init);
 }
 
 template <typename Acc>
@@ -325,8 +326,7 @@ void forward_impl(const Acc* x, const Acc* K, const int32_t* band, const Acc* bi
     }
     plan.end_row();
   }
-  run(plan, lanes, x, SourceLayout{g.c_in, g.l_in, g.pad, 1, lp}, out, g.l_out, g.stride, g, bias,
-      [&](int o) { return bias ? bias[o] : Acc(0); });
+  run(plan, lanes, x, SourceLayout{g.c_in, g.l_in, g.pad, 1, lp}, out, g.l_out, g.stride, g.N, bias);
 }
 
 template <typename Acc>
@@ -350,8 +350,7 @@ void backward_input_impl(const Acc* gy, const Acc* K, const int32_t* band, Acc* 
     }
     plan.end_row();
   }
-  run(plan, lanes, gy, SourceLayout{g.c_out, g.l_out, g.dks - 1, g.stride, lq}, gx, g.l_in, 1, g, (const Acc*)nullptr,
-      [](int) { return Acc(0); });
+  run(plan, lanes, gy, SourceLayout{g.c_out, g.l_out, g.dks - 1, g.stride, lq}, gx, g.l_in, 1, g.N, (const Acc*)nullptr);
 }
 
 template <typename Acc>
