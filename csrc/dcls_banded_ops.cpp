@@ -143,25 +143,16 @@ std::tuple<at::Tensor, at::Tensor> dcls_banded_conv1d_backward(const at::Tensor&
       x, op,
       [&] {
         const at::Tensor gy = grad_out.to(r.acc).contiguous();
-        if (want_x) {
-          at::Tensor acc_gx = at::empty({g.N, g.c_in, g.l_in}, gy.options());
-          with_acc(r, [&](auto t) {
-            using A = decltype(t);
-            cpu_banded_backward_input(gy.data_ptr<A>(), r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
-                                      acc_gx.data_ptr<A>(), g);
-          });
-          gx = acc_gx.to(x.scalar_type());
-        }
-        if (want_k) {
-          const at::Tensor xa = x.to(r.acc).contiguous();
-          at::Tensor acc_gK = at::empty(r.K.sizes(), r.K.options());
-          with_acc(r, [&](auto t) {
-            using A = decltype(t);
-            cpu_banded_backward_kernel(gy.data_ptr<A>(), xa.data_ptr<A>(), r.band.data_ptr<int32_t>(),
-                                       acc_gK.data_ptr<A>(), g);
-          });
-          gK = acc_gK.to(K.scalar_type());
-        }
+        const at::Tensor xa = want_k ? x.to(r.acc).contiguous() : at::Tensor();  // grad_K's input only
+        at::Tensor acc_gx = want_x ? at::empty({g.N, g.c_in, g.l_in}, gy.options()) : at::Tensor();
+        at::Tensor acc_gK = want_k ? at::empty(r.K.sizes(), r.K.options()) : at::Tensor();
+        with_acc(r, [&](auto t) {
+          using A = decltype(t);
+          cpu_banded_backward(gy.data_ptr<A>(), want_k ? xa.data_ptr<A>() : nullptr, r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
+                              want_x ? acc_gx.data_ptr<A>() : nullptr, want_k ? acc_gK.data_ptr<A>() : nullptr, g);
+        });
+        if (want_x) gx = acc_gx.to(x.scalar_type());
+        if (want_k) gK = acc_gK.to(K.scalar_type());
       },
       [&](void* stream) {
         TROUS_CUDA_ONLY(

@@ -294,25 +294,24 @@ Plan<Acc> make_plan(int rows, int source_rows, index_t window, bool lanes, int d
   return Plan<Acc>(rows, source_rows, window * (index_t)sizeof(Acc), kL1Bytes);
 }
 
+// The lanes kernels take fp32 sweeps of stride 1 (the forward of a stride-1 convolution, any input
+// gradient: it sweeps the spread grad_out).
 template <typename Acc>
 bool lanes_for(const BandedGeom& g, int sweep_stride) {
   return std::is_same_v<Acc, float> && sweep_stride == 1 && lanes_apply(g);
 }
 
-template <typename Acc>
-void run(const Plan<Acc>& plan, bool lanes, const Acc* src, const SourceLayout& lay, Acc* dst, int len, int stride,
-         index_t N, const Acc* init) {
-  if constexpr (std::is_same_v<Acc, float>) {
-    if (lanes) return lanes_run_plan(plan, src, lay, dst, len, N, init);
-  }
-  run_plan(plan, src, lay, dst, len, stride, N, init);
+// x rows zero-padded by pad on both sides.
+SourceLayout x_layout(const BandedGeom& g) { return {g.c_in, g.l_in, g.pad, 1, (index_t)g.l_in + 2 * g.pad}; }
+// Spread grad_out rows: grad_out[t] at (dks - 1) + t stride, zeros around (every tap in range).
+SourceLayout spread_layout(const BandedGeom& g) {
+  return {g.c_out, g.l_out, g.dks - 1, g.stride, (index_t)g.l_in + 2 * g.pad + g.dks - 1};
 }
 
 template <typename Acc>
-void forward_impl(const Acc* x, const Acc* K, const int32_t* band, const Acc* bias, Acc* out, const BandedGeom& g) {
+Plan<Acc> forward_plan(const Acc* K, const int32_t* band, const BandedGeom& g, bool lanes) {
   const int I = g.in_per_group(), Og = g.out_per_group();
-  const index_t lp = (index_t)g.l_in + 2 * g.pad;
-  const bool lanes = lanes_for<Acc>(g, g.stride);
+  const index_t lp = x_layout(g).padded_len;
   // A chunk reads (kChunk - 1) stride + dks elements of each source row.
   Plan<Acc> plan = make_plan<Acc>(g.c_out, g.c_in, (index_t)(kChunk - 1) * g.stride + g.dks, lanes, g.dks);
   for (int o = 0; o < g.c_out; ++o) {
@@ -326,15 +325,14 @@ void forward_impl(const Acc* x, const Acc* K, const int32_t* band, const Acc* bi
     }
     plan.end_row();
   }
-  run(plan, lanes, x, SourceLayout{g.c_in, g.l_in, g.pad, 1, lp}, out, g.l_out, g.stride, g.N, bias);
+  return plan;
 }
 
+// The input gradient's taps over the spread grad_out rows.
 template <typename Acc>
-void backward_input_impl(const Acc* gy, const Acc* K, const int32_t* band, Acc* gx, const BandedGeom& g) {
+Plan<Acc> input_plan(const Acc* K, const int32_t* band, const BandedGeom& g, bool lanes) {
   const int I = g.in_per_group(), Og = g.out_per_group();
-  // Spread grad_out rows: grad_out[t] at (dks - 1) + t stride, zeros around (every tap in range).
-  const index_t lq = (index_t)g.l_in + 2 * g.pad + g.dks - 1;
-  const bool lanes = lanes_for<Acc>(g, 1);
+  const index_t lq = spread_layout(g).padded_len;
   Plan<Acc> plan = make_plan<Acc>(g.c_in, g.c_out, (index_t)kChunk + g.dks, lanes, g.dks);
   for (int c = 0; c < g.c_in; ++c) {
     plan.begin_row(c);
@@ -350,7 +348,17 @@ void backward_input_impl(const Acc* gy, const Acc* K, const int32_t* band, Acc* 
     }
     plan.end_row();
   }
-  run(plan, lanes, gy, SourceLayout{g.c_out, g.l_out, g.dks - 1, g.stride, lq}, gx, g.l_in, 1, g.N, (const Acc*)nullptr);
+  return plan;
+}
+
+template <typename Acc>
+void forward_impl(const Acc* x, const Acc* K, const int32_t* band, const Acc* bias, Acc* out, const BandedGeom& g) {
+  const bool lanes = lanes_for<Acc>(g, g.stride);
+  const Plan<Acc> plan = forward_plan(K, band, g, lanes);
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (lanes) return lanes_run_plan(plan, lanes_pack(x, g.N, x_layout(g), 0), out, g.l_out, bias);
+  }
+  run_plan(plan, x, x_layout(g), out, g.l_out, g.stride, g.N, bias);
 }
 
 template <typename Acc>
@@ -418,6 +426,25 @@ void backward_kernel_impl(const Acc* gy, const Acc* x, const int32_t* band, Acc*
   });
 }
 
+// Both gradients from one repacked grad_out on the lanes path (grad_K reads the spread rows past
+// their lead); the per-sample kernels pad and spread per sample.
+template <typename Acc>
+void backward_impl(const Acc* gy, const Acc* x, const Acc* K, const int32_t* band, Acc* gx, Acc* gK,
+                   const BandedGeom& g) {
+  const bool lanes_x = gx && lanes_for<Acc>(g, 1), lanes_k = gK && lanes_for<Acc>(g, g.stride);
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (lanes_x || lanes_k) {
+      const LanePlanes spread = lanes_pack(gy, g.N, spread_layout(g), 0);
+      if (gx) lanes_run_plan(input_plan(K, band, g, true), spread, gx, g.l_in, nullptr);
+      if (lanes_k) return lanes_backward_kernel(spread, lanes_pack(x, g.N, x_layout(g), 1), band, gK, g);
+      if (gK) backward_kernel_impl(gy, x, band, gK, g);
+      return;
+    }
+  }
+  if (gx) run_plan(input_plan(K, band, g, false), gy, spread_layout(g), gx, g.l_in, 1, g.N, (const Acc*)nullptr);
+  if (gK) backward_kernel_impl(gy, x, band, gK, g);
+}
+
 }  // namespace
 
 void cpu_banded_forward(const float* x, const float* K, const int32_t* band, const float* bias, float* out,
@@ -428,22 +455,13 @@ void cpu_banded_forward(const double* x, const double* K, const int32_t* band, c
                         const BandedGeom& g) {
   forward_impl(x, K, band, bias, out, g);
 }
-void cpu_banded_backward_input(const float* grad_out, const float* K, const int32_t* band, float* grad_x,
-                               const BandedGeom& g) {
-  backward_input_impl(grad_out, K, band, grad_x, g);
+void cpu_banded_backward(const float* grad_out, const float* x, const float* K, const int32_t* band, float* grad_x,
+                         float* grad_K, const BandedGeom& g) {
+  backward_impl(grad_out, x, K, band, grad_x, grad_K, g);
 }
-void cpu_banded_backward_input(const double* grad_out, const double* K, const int32_t* band, double* grad_x,
-                               const BandedGeom& g) {
-  backward_input_impl(grad_out, K, band, grad_x, g);
-}
-void cpu_banded_backward_kernel(const float* grad_out, const float* x, const int32_t* band, float* grad_K,
-                                const BandedGeom& g) {
-  if (lanes_for<float>(g, g.stride)) return lanes_backward_kernel(grad_out, x, band, grad_K, g);
-  backward_kernel_impl(grad_out, x, band, grad_K, g);
-}
-void cpu_banded_backward_kernel(const double* grad_out, const double* x, const int32_t* band, double* grad_K,
-                                const BandedGeom& g) {
-  backward_kernel_impl(grad_out, x, band, grad_K, g);
+void cpu_banded_backward(const double* grad_out, const double* x, const double* K, const int32_t* band,
+                         double* grad_x, double* grad_K, const BandedGeom& g) {
+  backward_impl(grad_out, x, K, band, grad_x, grad_K, g);
 }
 
 }  // namespace dcls

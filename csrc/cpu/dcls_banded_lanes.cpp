@@ -99,11 +99,13 @@ struct PackBuffer {
   }
 };
 
-// src [N, rows, len] -> [ceil(N / 16), rows, padded_len, 16]: element (n, r, t) at position
-// lead + t step of its row, lane n % 16; zeros elsewhere.
-const float* pack(const float* src, index_t N, const SourceLayout& lay, PackBuffer& buffer) {
+}  // namespace
+
+LanePlanes lanes_pack(const float* src, index_t N, const SourceLayout& lay, int slot) {
+  static thread_local PackBuffer buffers[2];
+  TORCH_INTERNAL_ASSERT(slot == 0 || slot == 1);
   const index_t nb_count = (N + kLanes - 1) / kLanes, row_floats = lay.padded_len * kLanes;
-  float* dst = buffer.get(nb_count * lay.rows * row_floats);
+  float* dst = buffers[slot].get(nb_count * lay.rows * row_floats);
   at::parallel_for(0, nb_count * lay.rows, 16, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const index_t nb = q / lay.rows, r = q % lay.rows;
@@ -117,8 +119,10 @@ const float* pack(const float* src, index_t N, const SourceLayout& lay, PackBuff
       }
     }
   });
-  return dst;
+  return LanePlanes{dst, lay, N};
 }
+
+namespace {
 
 // acc[r] += sum_j w[j] src[r + j] for r < R, j < J: each source vector is loaded once.
 template <int R, int J>
@@ -228,12 +232,11 @@ TROUS_AVX512 inline void dot_run(const float* g, const float* x, int L, float* o
 
 }  // namespace
 
-void lanes_run_plan(const Plan<float>& plan, const float* src, const SourceLayout& lay, float* dst, int len,
-                    index_t N, const float* init) {
+void lanes_run_plan(const Plan<float>& plan, const LanePlanes& src, float* dst, int len, const float* init) {
   static constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kMaxTile>{});
   const Runs runs(plan);
-  static thread_local PackBuffer buffer;
-  const float* packed = pack(src, N, lay, buffer);
+  const SourceLayout& lay = src.lay;
+  const index_t N = src.N;
   const index_t nb_count = (N + kLanes - 1) / kLanes, plane_floats = lay.rows * lay.padded_len * kLanes;
   // Tiles of equal size (within one): a short last tile would waste the loads it shares.
   const int tiles = (len + kMaxTile - 1) / kMaxTile, base = len / tiles, extra = len % tiles;
@@ -244,17 +247,15 @@ void lanes_run_plan(const Plan<float>& plan, const float* src, const SourceLayou
       const int tile = (int)(q % tiles), R = base + (tile < extra ? 1 : 0);
       const int t0 = tile * base + std::min(tile, extra);
       const TileOut to{dst, plan.rows, len, t0, (int)std::min<index_t>(kLanes, N - nb * kLanes), nb * kLanes};
-      kTiles[R - 1](runs, packed + nb * plane_floats + (index_t)t0 * kLanes, init, partial.get(), to);
+      kTiles[R - 1](runs, src.data + nb * plane_floats + (index_t)t0 * kLanes, init, partial.get(), to);
     }
   });
 }
 
-void lanes_backward_kernel(const float* gy, const float* x, const int32_t* band, float* gK, const BandedGeom& g) {
+void lanes_backward_kernel(const LanePlanes& gy, const LanePlanes& x, const int32_t* band, float* gK,
+                           const BandedGeom& g) {
   const int I = g.in_per_group(), Og = g.out_per_group(), L = g.l_out;
-  const index_t lp = (index_t)g.l_in + 2 * g.pad;
-  static thread_local PackBuffer x_buffer, gy_buffer;
-  const float* xp = pack(x, g.N, SourceLayout{g.c_in, g.l_in, g.pad, 1, lp}, x_buffer);
-  const float* gp = pack(gy, g.N, SourceLayout{g.c_out, L, 0, 1, L}, gy_buffer);
+  const index_t lp = x.lay.padded_len, lq = gy.lay.padded_len;
   const index_t nb_count = (g.N + kLanes - 1) / kLanes;
   // Input rows per block: whole packed rows that stay in L2 while every output row of the thread
   // takes its dots with them.
@@ -264,12 +265,12 @@ void lanes_backward_kernel(const float* gy, const float* x, const int32_t* band,
   at::parallel_for(0, g.c_out, 1, [&](int64_t oa, int64_t ob) {
     std::fill(gK + oa * I * g.dks, gK + ob * I * g.dks, 0.f);
     for (index_t nb = 0; nb < nb_count; ++nb) {
-      const float* xn = xp + nb * g.c_in * lp * kLanes;
+      const float* xn = x.data + nb * g.c_in * lp * kLanes;
       for (int cb = 0; cb < g.c_in; cb += block_rows) {
         const int ce = std::min(cb + block_rows, g.c_in);
         for (int64_t o = oa; o < ob; ++o) {
           const int c0 = (int)(o / Og) * I, from = std::max(cb, c0), to = std::min(ce, c0 + I);
-          const float* gyr = gp + (nb * g.c_out + o) * (index_t)L * kLanes;
+          const float* gyr = gy.data + ((nb * g.c_out + o) * lq + gy.lay.lead) * kLanes;
           for (int c = from; c < to; ++c) {
             const index_t row = o * I + (c - c0);
             int lo, hi;
@@ -292,10 +293,13 @@ void lanes_backward_kernel(const float* gy, const float* x, const int32_t* band,
 }
 
 #else
-void lanes_run_plan(const Plan<float>&, const float*, const SourceLayout&, float*, int, index_t, const float*) {
+LanePlanes lanes_pack(const float*, index_t, const SourceLayout&, int) {
   TORCH_CHECK(false, "trous.dcls_banded: the batch-lane kernels need x86-64 (AVX-512)");
 }
-void lanes_backward_kernel(const float*, const float*, const int32_t*, float*, const BandedGeom&) {
+void lanes_run_plan(const Plan<float>&, const LanePlanes&, float*, int, const float*) {
+  TORCH_CHECK(false, "trous.dcls_banded: the batch-lane kernels need x86-64 (AVX-512)");
+}
+void lanes_backward_kernel(const LanePlanes&, const LanePlanes&, const int32_t*, float*, const BandedGeom&) {
   TORCH_CHECK(false, "trous.dcls_banded: the batch-lane kernels need x86-64 (AVX-512)");
 }
 #endif

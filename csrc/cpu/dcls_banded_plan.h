@@ -66,13 +66,25 @@ bool lanes_apply(const BandedGeom& g);
 index_t lanes_bytes_per_source_row(int dks);
 index_t lanes_block_bytes();
 
-// run_plan for stride 1 with 16 samples per vector: dst[n, r, t] = init[r] (0 if null) +
-// sum over row r's taps (off, w) of w src_plane(n)[off + t], src laid out as `lay` describes.
-void lanes_run_plan(const Plan<float>& plan, const float* src, const SourceLayout& lay, float* dst, int len,
-                    index_t N, const float* init);
+// A source repacked for the lanes kernels: element (n, r, t) of src [N, rows, len] at
+// data[(((n / 16) rows + r) padded_len + lead + t step) 16 + n % 16], zeros elsewhere.
+struct LanePlanes {
+  const float* data;
+  SourceLayout lay;
+  index_t N;
+};
 
-// grad_K of a stride-1 convolution (every entry written, zero outside the bands).
-void lanes_backward_kernel(const float* gy, const float* x, const int32_t* band, float* gK, const BandedGeom& g);
+// Packs into per-thread buffer `slot` (0 or 1), which the next pack into that slot overwrites.
+LanePlanes lanes_pack(const float* src, index_t N, const SourceLayout& lay, int slot);
+
+// run_plan for stride 1 with 16 samples per vector: dst[n, r, t] = init[r] (0 if null) +
+// sum over row r's taps (off, w) of w src_plane(n)[off + t].
+void lanes_run_plan(const Plan<float>& plan, const LanePlanes& src, float* dst, int len, const float* init);
+
+// grad_K of a stride-1 convolution (every entry written, zero outside the bands) from packed
+// grad_out (plain or spread rows: its lead is honoured) and packed padded x.
+void lanes_backward_kernel(const LanePlanes& gy, const LanePlanes& x, const int32_t* band, float* gK,
+                           const BandedGeom& g);
 
 }  // namespace dcls
 }  // namespace trous

@@ -15,17 +15,13 @@ void cpu_banded_forward(const float* x, const float* K, const int32_t* band, con
 void cpu_banded_forward(const double* x, const double* K, const int32_t* band, const double* bias, double* out,
                         const BandedGeom& g);
 
-// grad_out: [N, c_out, l_out]; grad_x: [N, c_in, l_in].
-void cpu_banded_backward_input(const float* grad_out, const float* K, const int32_t* band, float* grad_x,
-                               const BandedGeom& g);
-void cpu_banded_backward_input(const double* grad_out, const double* K, const int32_t* band, double* grad_x,
-                               const BandedGeom& g);
-
-// grad_out: [N, c_out, l_out]; x: [N, c_in, l_in]; grad_K: [c_out, I, dks], every entry written.
-void cpu_banded_backward_kernel(const float* grad_out, const float* x, const int32_t* band, float* grad_K,
-                                const BandedGeom& g);
-void cpu_banded_backward_kernel(const double* grad_out, const double* x, const int32_t* band, double* grad_K,
-                                const BandedGeom& g);
+// grad_out: [N, c_out, l_out]; x: [N, c_in, l_in]; grad_x: [N, c_in, l_in] and grad_K:
+// [c_out, I, dks] (every entry written, zero outside the bands), each skipped when null. One call
+// for both: the kernels share the repacked grad_out.
+void cpu_banded_backward(const float* grad_out, const float* x, const float* K, const int32_t* band, float* grad_x,
+                         float* grad_K, const BandedGeom& g);
+void cpu_banded_backward(const double* grad_out, const double* x, const double* K, const int32_t* band,
+                         double* grad_x, double* grad_K, const BandedGeom& g);
 
 }  // namespace dcls
 }  // namespace trous
