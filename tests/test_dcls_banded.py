@@ -13,7 +13,7 @@ import trous
 from trous import _dcls_banded as db
 from trous.reference import dcls as ref
 
-from conftest import close, dcls_package_modules, seeded
+from conftest import assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules, seeded
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
@@ -406,13 +406,7 @@ def test_backward_bad_grad_out():
 @pytest.mark.parametrize("cfg", CONFIGS[:4], ids=[c[0] for c in CONFIGS[:4]])
 def test_device_fp32(device, cfg, version):
     tensors, kw = make(cfg, version, seed=17)
-    on_dev = [t.float().to(device) if t is not None else None for t in tensors]
-    out, grads = run(on_dev, kw, banded)
-    rout, rgrads = run(tensors, kw, reference)
-    assert out.device.type == device
-    close(out.cpu(), rout, 2e-5)
-    for a, b in zip(grads, rgrads):
-        close(a.cpu(), b, 1e-4)
+    assert_matches_on_device(tensors, lambda t: run(t, kw, banded), lambda t: run(t, kw, reference), device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -420,14 +414,7 @@ def test_device_fp32(device, cfg, version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_cuda_low_precision(dtype, version):
     tensors, kw = make(CONFIGS[0], version, seed=18)
-    low = [tensors[0].to(dtype).cuda()] + [t.float().cuda() if t is not None else None for t in tensors[1:]]
-    out, grads = run(low, kw, banded)
-    rout, rgrads = run([low[0].double().cpu()] + tensors[1:], kw, reference)
-    assert out.dtype == dtype
-    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    close(out.cpu(), rout, tol)
-    for a, b in zip(grads, rgrads):
-        close(a.cpu(), b, 2 * tol)
+    assert_cuda_low_precision(tensors, lambda t: run(t, kw, banded), lambda t: run(t, kw, reference), dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

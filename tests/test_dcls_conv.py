@@ -12,7 +12,7 @@ import trous
 from trous import _dcls_conv as dc
 from trous.reference import dcls_conv as ref
 
-from conftest import close, dcls_package_modules, seeded
+from conftest import assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules, seeded
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
@@ -369,13 +369,8 @@ def test_bench_family_tiny():
 def test_device_fp32(device, cfg, version):
     """fp32 on every available device (CUDA when present) against the fp64 CPU reference."""
     tensors, kw = make(cfg, version, seed=13)
-    on_dev = [t.float().to(device) if t is not None else None for t in tensors]
-    out, grads = run_both(on_dev, kw, dc.dcls_depthwise_conv)
-    rout, rgrads = run_both(tensors, kw, ref.dcls_depthwise_conv)
-    assert out.device.type == device
-    close(out.cpu(), rout, 2e-5)
-    for a, b in zip(grads, rgrads):
-        close(a.cpu(), b, 1e-4)
+    assert_matches_on_device(tensors, lambda t: run_both(t, kw, dc.dcls_depthwise_conv),
+                             lambda t: run_both(t, kw, ref.dcls_depthwise_conv), device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -383,14 +378,8 @@ def test_device_fp32(device, cfg, version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_cuda_low_precision(dtype, version):
     tensors, kw = make(CONFIGS[2], version, seed=14)
-    low = [tensors[0].to(dtype).cuda()] + [t.float().cuda() if t is not None else None for t in tensors[1:]]
-    out, grads = run_both(low, kw, dc.dcls_depthwise_conv)
-    rout, rgrads = run_both([low[0].double().cpu()] + tensors[1:], kw, ref.dcls_depthwise_conv)
-    assert out.dtype == dtype
-    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    close(out.cpu(), rout, tol)
-    for a, b in zip(grads, rgrads):
-        close(a.cpu(), b, 2 * tol)
+    assert_cuda_low_precision(tensors, lambda t: run_both(t, kw, dc.dcls_depthwise_conv),
+                              lambda t: run_both(t, kw, ref.dcls_depthwise_conv), dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
