@@ -21,6 +21,16 @@ def close(a, b, rtol):
     assert err <= rtol * scale, f"max err {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
 
 
+def output_and_grads(tensors, forward, seed=99):
+    """forward(*leaves) on fresh leaf copies of tensors, and the gradients of every leaf that is not
+    None for a seeded random grad_out."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = forward(*leaves)
+    g = torch.randn(out.shape, generator=seeded(seed), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], g)
+    return out.detach(), grads
+
+
 def assert_matches_on_device(tensors, run_impl, run_ref, device):
     """fp32 copies of (x, parameters...) on device through run_impl (tensors -> (out, grads))
     against run_ref on the fp64 CPU originals."""

@@ -13,7 +13,8 @@ import trous
 from trous import _dcls_banded as db
 from trous.reference import dcls as ref
 
-from conftest import assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules, seeded
+from conftest import (assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules,
+                      output_and_grads, seeded)
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
@@ -53,13 +54,7 @@ def reference(x, w, P, SIG, b, kw):
 
 def run(tensors, kw, impl, seed=99):
     """Output and gradients of every input that is not None."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    out = impl(*leaves, kw)
-    g = torch.randn(out.shape, generator=seeded(seed), dtype=torch.float64).to(out.dtype)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], g)
-    return out.detach(), grads
-
-
+    return output_and_grads(tensors, lambda *leaves: impl(*leaves, kw), seed)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -129,6 +124,13 @@ def test_batch_lane_kernels_match_reference_and_per_sample_kernels(cfg, version)
     with torch.no_grad():
         slices = [banded(x[i:i + 8], *as_fp32[1:], kw) for i in range(0, x.shape[0], 8)]
     close(out, torch.cat(slices), 2e-6)
+    # Each gradient alone (an input that needs no grad) equals its half of the pair.
+    x, K, band, _, kw = _op_args(cfg, version)
+    gy = torch.randn(x.shape[0], K.shape[0], out.shape[2], generator=seeded(6))
+    args = (gy, x, K, band, kw["stride"], kw["padding"], kw["groups"])
+    gx, gK = torch.ops.trous.dcls_banded_conv1d_backward(*args, [True, True])
+    close(torch.ops.trous.dcls_banded_conv1d_backward(*args, [True, False])[0], gx, 1e-6)
+    close(torch.ops.trous.dcls_banded_conv1d_backward(*args, [False, True])[1], gK, 1e-6)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])

@@ -12,7 +12,8 @@ import trous
 from trous import _dcls_conv as dc
 from trous.reference import dcls_conv as ref
 
-from conftest import assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules, seeded
+from conftest import (assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules,
+                      output_and_grads, seeded)
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
@@ -49,14 +50,8 @@ def make(cfg, version, dtype=torch.float64, seed=0, p_spread=0.7, sig=0.3):
 
 def run_both(tensors, kw, impl):
     """Output and gradients of impl(x, w, P, SIG, dks, version, stride, padding, bias)."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    x, w, P, SIG, b = leaves
-    out = impl(x, w, P, SIG, kw["dilated_kernel_size"], kw["version"], kw["stride"], kw["padding"], bias=b)
-    g = torch.randn(out.shape, generator=seeded(99), dtype=torch.float64).to(out.dtype)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], g)
-    return out.detach(), grads
-
-
+    return output_and_grads(tensors, lambda x, w, P, SIG, b: impl(
+        x, w, P, SIG, kw["dilated_kernel_size"], kw["version"], kw["stride"], kw["padding"], bias=b))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
