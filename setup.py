@@ -80,8 +80,9 @@ def _write_build_info(with_cuda, archs):
 
 def _extension():
     with_cuda = _want_cuda()
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # csrc/<family>/*.cpp (CPU kernels and op files) and csrc/trous/*.cpp (the module); see CONTRIBUTING.md.
+    sources = sorted(glob.glob("csrc/*/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc")]
     # -fopenmp: at::parallel_for is inline and runs serially unless the extension itself is built
     # with OpenMP; the libgomp.so.1 it links is the one torch has already loaded.
     cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-fno-math-errno", "-fopenmp"]
@@ -90,7 +91,7 @@ def _extension():
     archs = None
     if with_cuda:
         archs = _arch_list()
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/*/*.cu"))
         include_dirs += _pip_cuda_includes()
         macros.append(("TROUS_WITH_CUDA", None))
         nvcc = [

@@ -149,7 +149,7 @@ sanitize() {
   local tool="$1"
   shift
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 200 "$@" \
-    "$PYTHON" bench/gpu_kernels_smoke.py --device cuda --quick --allow-missing
+    "$PYTHON" -m trous.smoke --device cuda --quick --allow-missing
 }
 
 bench() {
@@ -174,7 +174,7 @@ fi
 if [[ $BUILT -eq 1 ]]; then
   step info "$PYTHON" -m trous.info
   step pytest run_pytest
-  step smoke "$PYTHON" bench/gpu_kernels_smoke.py --device cuda
+  step smoke "$PYTHON" -m trous.smoke --device cuda
   if [[ -n "$SANITIZER" && -x "$SANITIZER" ]]; then
     # memcheck: every kernel the script launches (torch's too); racecheck / synccheck: trous's kernels
     # only (their names contain "trous"), torch's own kernels would take most of the time.

@@ -1,20 +1,26 @@
 """trous: hand-written CPU and CUDA kernels for the operators that skip work.
 
 Loading the package loads the compiled library ``trous._C``, which registers every op under
-``torch.ops.trous``; ``trous.ops`` holds their Python-facing functions.
+``torch.ops.trous``, then each op family's package (``trous.kvcache``, ``trous.dcls``, ...), which
+registers the fake kernels and autograd of its ops; ``trous.ops`` names the ops.
 """
+import importlib as _importlib
+
 import torch  # noqa: F401  (the extension links against the already-loaded torch)
 
 from . import _C  # noqa: F401  (registers the ops)
-from . import ops
-from . import kvcache
-from . import _dcls_conv  # noqa: F401  (fake kernels and autograd of dcls_conv)
-from . import _dcls_banded  # noqa: F401  (fake kernels and autograd of dcls_banded_conv1d)
-from . import dcls
-from .dcls import (ConstructKernel1d, ConstructKernel2d, ConstructKernel3d, ConstructKernel3_1d, Dcls1d, Dcls2d,
-                   Dcls2dK1d, Dcls3_1d, Dcls3d)
+from . import _families, ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "kvcache", "dcls", "Dcls1d", "Dcls2d", "Dcls3d", "Dcls3_1d", "Dcls2dK1d", "ConstructKernel1d",
-           "ConstructKernel2d", "ConstructKernel3d", "ConstructKernel3_1d", "__version__"]
+__all__ = ["ops", "__version__"]
+
+# Families are found by name (trous._families); each one's TOP_LEVEL names are exported here.
+for _name in _families.names():
+    _family = _importlib.import_module(f".{_name}", __name__)
+    globals()[_name] = _family
+    __all__.append(_name)
+    for _export in getattr(_family, "TOP_LEVEL", ()):
+        globals()[_export] = getattr(_family, _export)
+        __all__.append(_export)
+del _name, _family, _export

@@ -1,11 +1,25 @@
-"""The registered ops (``torch.ops.trous.*``) under plain names.
-
-Each family's module registers its fake kernels and autograd when ``trous`` is imported; this
-module only gives the ops stable Python names.
+"""The registered ops (``torch.ops.trous.*``) under plain names: ``trous.ops.kv_quantize`` is
+``torch.ops.trous.kv_quantize``. Each family's package registers its ops' fake kernels and
+autograd when ``trous`` is imported; this module lists no op, so no family edits it.
 """
 import torch
 
 _lib = torch.ops.trous
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        return getattr(_lib, name)
+    except (AttributeError, RuntimeError) as e:
+        raise AttributeError(f"trous.ops has no op {name!r} (torch.ops.trous.{name} is not registered)") from e
+
+
+def __dir__():
+    from .info import op_names
+
+    return sorted(set(globals()) | {n.split("::", 1)[1] for n in op_names()})
 
 
 def has_cuda_kernel(op: str) -> bool:
@@ -26,25 +40,3 @@ def inputs_supported(x: torch.Tensor, tensors, cuda_op: str) -> bool:
     if x.device.type == "cuda":
         return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and has_cuda_kernel(cuda_op)
     return False
-
-
-# KV-cache quantization (trous.kvcache has the friendlier wrappers).
-kv_quantize = _lib.kv_quantize
-kv_dequantize = _lib.kv_dequantize
-kv_quantize_channel = _lib.kv_quantize_channel
-kv_dequantize_channel = _lib.kv_dequantize_channel
-kv_quantize_fp8 = _lib.kv_quantize_fp8
-kv_dequantize_fp8 = _lib.kv_dequantize_fp8
-
-# DCLS kernel construction (trous.dcls has the modules and construct_kernel).
-dcls_construct_kernel = _lib.dcls_construct_kernel
-dcls_construct_kernel_backward = _lib.dcls_construct_kernel_backward
-
-# Direct depthwise DCLS convolution (trous._dcls_conv has the wrappers and the cost model).
-dcls_conv = _lib.dcls_conv
-dcls_conv_backward = _lib.dcls_conv_backward
-dcls_conv_tap_counts = _lib.dcls_conv_tap_counts
-
-# Banded grouped 1-D DCLS convolution (trous._dcls_banded has the wrapper, the band and the cost model).
-dcls_banded_conv1d = _lib.dcls_banded_conv1d
-dcls_banded_conv1d_backward = _lib.dcls_banded_conv1d_backward

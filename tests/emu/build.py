@@ -2,12 +2,13 @@
 
 Torch-free: usable from pytest (tests/test_emulation.py), from CMake-less shells and by hand:
 
-    python3 tests/emu/build.py kvcache_emu               # build + run under asan and tsan
-    python3 tests/emu/build.py kvcache_emu plain tsan -- token
+    python3 tests/emu/build.py kvcache/quantize_emu               # build + run under asan and tsan
+    python3 tests/emu/build.py kvcache/quantize_emu plain tsan -- token
 
-Binaries go to build/emu/<name>_<variant>; a build is reused while the compiler, the flags and the
-content of every project header it includes (g++ -MMD) are unchanged. A new kernel family only
-adds tests/emu/<family>_emu.cpp (and one entry in tests/test_emulation.py).
+A test is named by its source: <family>/<subop>_emu for tests/<family>/<subop>_emu.cpp (found by
+emu_tests(), so a new kernel only adds its file), planted_bugs for the harness's own test.
+Binaries go to build/emu/<family>_<subop>_emu_<variant>; a build is reused while the compiler, the
+flags and the content of every project header it includes (g++ -MMD) are unchanged.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-EMU_DIR = ROOT / "tests" / "emu"
+TESTS_DIR = ROOT / "tests"
+EMU_DIR = TESTS_DIR / "emu"
 OUT_DIR = ROOT / "build" / "emu"
 
 # torch's CUDAExtension compiles every .cu with these: kernels must not rely on half operators.
@@ -64,7 +66,7 @@ def cuda_include() -> Path | None:
 def flags(variant: str) -> list[str]:
     # CUDA headers as -isystem: no warnings from them and -MMD leaves them out of the dependencies.
     return ["-std=c++17", "-O1", "-g", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-            f"-I{ROOT / 'csrc' / 'include'}", f"-I{EMU_DIR}", f"-isystem{cuda_include()}",
+            f"-I{ROOT / 'csrc'}", f"-I{EMU_DIR}", f"-isystem{cuda_include()}",
             *TORCH_NVCC_DEFINES, *VARIANTS[variant]]
 
 
@@ -110,13 +112,23 @@ def _compiler_version() -> str:
     return subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
 
 
+def emu_tests() -> list[str]:
+    """Every kernel emulation test: <family>/<subop>_emu for each tests/<family>/<subop>_emu.cpp."""
+    return sorted(f"{p.parent.name}/{p.stem}" for p in TESTS_DIR.glob("*/*_emu.cpp"))
+
+
+def source(name: str) -> Path:
+    """tests/<family>/<subop>_emu.cpp for "<family>/<subop>_emu", tests/emu/<name>.cpp otherwise."""
+    return TESTS_DIR / f"{name}.cpp" if "/" in name else EMU_DIR / f"{name}.cpp"
+
+
 def build(name: str, variant: str, verbose: bool = False) -> Path:
-    """Compiles tests/emu/<name>.cpp for `variant` unless an up-to-date binary exists; returns it."""
-    src = EMU_DIR / f"{name}.cpp"
+    """Compiles the source of test `name` for `variant` unless an up-to-date binary exists; returns it."""
+    src = source(name)
     if not src.is_file():
         raise FileNotFoundError(src)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    exe = OUT_DIR / f"{name}_{variant}"
+    exe = OUT_DIR / f"{name.replace('/', '_')}_{variant}"
     dep, stamp = exe.with_suffix(".d"), exe.with_suffix(".stamp")
     cmd = [compiler(), *flags(variant), str(src)]
     if exe.is_file() and stamp.is_file() and stamp.read_text() == _dep_hash(dep, cmd):
@@ -166,7 +178,7 @@ def _run_exe(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 def run(name: str, variant: str, args=(), timeout: float = 600) -> subprocess.CompletedProcess:
-    """Builds (if needed) and runs tests/emu/<name>.cpp's binary; stdout and stderr are captured."""
+    """Builds (if needed) and runs test `name`'s binary; stdout and stderr are captured."""
     return _run_exe([str(build(name, variant)), *map(str, args)], timeout)
 
 
@@ -175,7 +187,7 @@ def main(argv=None) -> int:
     args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="test source tests/emu/<name>.cpp, e.g. kvcache_emu")
+    ap.add_argument("name", help=f"one of {', '.join(emu_tests())} or planted_bugs")
     ap.add_argument("variants", nargs="*", metavar="variant", help=f"any of {', '.join(VARIANTS)} (default: asan tsan)")
     ns = ap.parse_args(argv)
     ns.variants = ns.variants or ["asan", "tsan"]

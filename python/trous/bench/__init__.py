@@ -1,23 +1,34 @@
-"""`python -m trous.bench`: times every trous op against its plain-PyTorch baseline.
+"""`python -m trous.bench`: times every trous op against its baselines.
 
-Families are modules of this package with ``cases(device, quick, shape=None) -> list[Case]`` and
-``targets(device) -> dict``; a new family adds its module and one line to ``FAMILIES``.
+Each op family's ``trous.<family>.bench`` module (found by name) has ``FAMILY`` (the name
+``--family`` takes, e.g. "kv"), ``cases(device, quick, shape=None) -> list[Case]`` and
+``targets(device) -> dict``. A new family adds that module and edits nothing here.
 """
-import importlib
 from typing import Dict
 
-# family name -> module (relative to this package). One line per family.
-FAMILIES: Dict[str, str] = {
-    "kv": ".kvcache",
-    "dcls": ".dcls",
-}
+from .. import _families
+
+
+def _discover() -> Dict[str, str]:
+    found = {}
+    for family in _families.names():
+        mod = _families.submodule(family, "bench")
+        if mod is not None:
+            found[getattr(mod, "FAMILY", family)] = mod.__name__
+    return found
+
+
+# bench family name -> module name, e.g. {"kv": "trous.kvcache.bench", "dcls": "trous.dcls.bench"}.
+FAMILIES: Dict[str, str] = _discover()
 
 
 def load_family(name: str):
-    """The module of a registered family."""
+    """The bench module of a family."""
+    import importlib
+
     if name not in FAMILIES:
-        raise KeyError(f"unknown benchmark family {name!r}; registered: {', '.join(sorted(FAMILIES))}")
-    return importlib.import_module(FAMILIES[name], __name__)
+        raise KeyError(f"unknown benchmark family {name!r}; found: {', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(FAMILIES[name])
 
 
 __all__ = ["FAMILIES", "load_family"]

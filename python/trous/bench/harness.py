@@ -1,6 +1,6 @@
 """Device-agnostic benchmark harness: timing, copy bandwidth, table, JSON and plot.
 
-A family module (e.g. :mod:`trous.bench.kvcache`) returns :class:`Case` objects; the harness times
+A family module (e.g. :mod:`trous.kvcache.bench`) returns :class:`Case` objects; the harness times
 each case's trous callable and its plain-PyTorch baseline on rotating, preallocated inputs and turns
 the times into rows (ms, speed-up, effective GB/s, fraction of the measured copy bandwidth).
 

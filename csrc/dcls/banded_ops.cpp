@@ -1,0 +1,200 @@
+// Banded grouped 1-D DCLS convolution ops (math in trous/dcls_banded.h): argument checks in one
+// place, then the CPU kernels (fp32 / fp64; other dtypes are converted) or the CUDA launchers (x's
+// dtype, fp32 kernel). Schemas in ops.cpp; band computation, fake kernels and autograd in python/trous/_dcls_banded.py.
+#include <torch/library.h>
+
+#include <array>
+
+#include "trous/checks_ops.h"
+#include "dcls/banded.h"
+#include "dcls/banded_cpu.h"
+#ifdef TROUS_WITH_CUDA
+#include "dcls/banded_cuda.h"
+#endif
+
+namespace trous {
+namespace dcls {
+namespace {
+
+struct Banded {
+  BandedGeom g;
+  at::ScalarType acc;  // accumulation type: double for fp64 x (CPU), float otherwise
+  at::Tensor K, band;  // K in acc, band int32; both contiguous
+};
+
+Banded prepare_banded(const char* op, const at::Tensor& x, const at::Tensor& K, const at::Tensor& band,
+                      int64_t stride, int64_t padding, int64_t groups) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [N, C_in, L], got ", x.sizes());
+  const bool cuda = x.device().is_cuda();
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16 || (xt == at::kDouble && !cuda), op,
+              ": x must be float32, float16 or bfloat16", cuda ? "" : " (or float64 on CPU)", ", got ", xt);
+  TORCH_CHECK(groups >= 1, op, ": groups must be positive, got ", groups);
+  TORCH_CHECK(stride >= 1 && stride < (1 << 20), op, ": stride must be in [1, 2^20), got ", stride);
+  TORCH_CHECK(padding >= 0 && padding < (1 << 20), op, ": padding must be in [0, 2^20), got ", padding);
+  const int64_t c_in = x.size(1), l_in = x.size(2);
+  TORCH_CHECK(c_in % groups == 0, op, ": x.size(1) = ", c_in, " must be divisible by groups = ", groups);
+  TORCH_CHECK(K.dim() == 3 && K.size(1) == c_in / groups, op, ": K must have shape [C_out, C_in / groups = ",
+              c_in / groups, ", dilated_kernel_size], got ", K.sizes());
+  TORCH_CHECK(at::isFloatingType(K.scalar_type()), op, ": K must be floating point, got ", K.scalar_type());
+  const int64_t c_out = K.size(0), dks = K.size(2);
+  TORCH_CHECK(c_out % groups == 0 && c_out >= 1, op, ": K.size(0) = ", c_out, " must be a positive multiple of groups = ",
+              groups);
+  TORCH_CHECK(dks >= 1 && dks < (1 << 20), op, ": K.size(2) (dilated_kernel_size) must be in [1, 2^20), got ", dks);
+  TORCH_CHECK(band.scalar_type() == at::kInt, op, ": band must be int32, got ", band.scalar_type());
+  TORCH_CHECK(band.dim() == 3 && band.size(0) == c_out && band.size(1) == c_in / groups && band.size(2) == 2, op,
+              ": band must have shape [", c_out, ", ", c_in / groups, ", 2] (lo, hi per row of K), got ", band.sizes());
+  check_same_device(K, x, op, "K");
+  check_same_device(band, x, op, "band");
+  TORCH_CHECK(l_in >= 1 && l_in < (1 << 30), op, ": x.size(2) must be in [1, 2^30), got ", l_in);
+  TORCH_CHECK(l_in + 2 * padding >= dks, op, ": padded input length ", l_in + 2 * padding,
+              " is smaller than the dilated kernel size ", dks);
+  // The CPU kernels address one sample's (padded) plane with 32-bit offsets.
+  TORCH_CHECK(c_in * (l_in + 2 * padding) < ((int64_t)1 << 31) &&
+                  c_out * (l_in + 2 * padding + dks) < ((int64_t)1 << 31),
+              op, ": one sample of more than 2^31 elements (C x padded length) is not supported, got C_in = ", c_in,
+              ", C_out = ", c_out, ", padded length ", l_in + 2 * padding);
+  Banded r;
+  BandedGeom& g = r.g;
+  g.N = x.size(0);
+  g.c_in = (int)c_in;
+  g.c_out = (int)c_out;
+  g.groups = (int)groups;
+  g.l_in = (int)l_in;
+  g.l_out = (int)((l_in + 2 * padding - dks) / stride + 1);
+  g.dks = (int)dks;
+  g.stride = (int)stride;
+  g.pad = (int)padding;
+  r.acc = xt == at::kDouble ? at::kDouble : at::kFloat;
+  r.K = K.to(r.acc).contiguous();
+  r.band = band.contiguous();
+  if (!cuda) {
+    // The kernels clamp bands for memory safety; on the CPU a wrong band is also reported.
+    const at::Tensor lo = r.band.select(2, 0), hi = r.band.select(2, 1);
+    TORCH_CHECK(lo.ge(0).all().item<bool>() && lo.le(hi).all().item<bool>() && hi.le(dks).all().item<bool>(), op,
+                ": band entries must satisfy 0 <= lo <= hi <= dilated_kernel_size = ", dks);
+  }
+  return r;
+}
+
+template <typename F>
+void with_acc(const Banded& r, F&& f) {
+  if (r.acc == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+at::Tensor dcls_banded_conv1d(const at::Tensor& x, const at::Tensor& K, const at::Tensor& band,
+                              const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding, int64_t groups) {
+  const char* op = "trous.dcls_banded_conv1d";
+  const Banded r = prepare_banded(op, x, K, band, stride, padding, groups);
+  const BandedGeom& g = r.g;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.c_out, op, ": bias must have shape [", g.c_out, "], got ",
+                bias->sizes());
+    check_same_device(*bias, x, op, "bias");
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ", bias->scalar_type());
+    b = bias->to(r.acc).contiguous();
+  }
+  at::Tensor out;
+  run_on_device(
+      x, op,
+      [&] {
+        const at::Tensor xa = x.to(r.acc).contiguous();
+        at::Tensor acc_out = at::empty({g.N, g.c_out, g.l_out}, xa.options());
+        with_acc(r, [&](auto t) {
+          using A = decltype(t);
+          cpu_banded_forward(xa.data_ptr<A>(), r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
+                             b.defined() ? b.data_ptr<A>() : nullptr, acc_out.data_ptr<A>(), g);
+        });
+        out = acc_out.to(x.scalar_type());
+      },
+      [&](void* stream) {
+        TROUS_CUDA_ONLY(const at::Tensor xc = x.contiguous();
+                        out = at::empty({g.N, g.c_out, g.l_out}, xc.options());
+                        launch_banded_forward(float_dtype(xc.scalar_type(), op, "x"), xc.data_ptr(),
+                                              r.K.data_ptr<float>(), r.band.data_ptr<int32_t>(),
+                                              b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), g, stream));
+      });
+  return out;
+}
+
+// (grad_x, grad_K); output_mask = [x, K]; what is not asked for is an empty [0] tensor. grad_K is
+// zero outside the bands; grad_bias is grad_out's sum (computed by the caller).
+std::tuple<at::Tensor, at::Tensor> dcls_banded_conv1d_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                               const at::Tensor& K, const at::Tensor& band,
+                                                               int64_t stride, int64_t padding, int64_t groups,
+                                                               std::array<bool, 2> output_mask) {
+  const char* op = "trous.dcls_banded_conv1d_backward";
+  const Banded r = prepare_banded(op, x, K, band, stride, padding, groups);
+  const BandedGeom& g = r.g;
+  const std::vector<int64_t> oshape{g.N, g.c_out, g.l_out};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(oshape), op, ": grad_out must have shape ", at::IntArrayRef(oshape),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (", x.scalar_type(),
+              "), got ", grad_out.scalar_type());
+  check_same_device(grad_out, x, op, "grad_out");
+  const bool want_x = output_mask[0], want_k = output_mask[1];
+  at::Tensor gx = at::empty({0}, x.options()), gK = at::empty({0}, K.options());
+  run_on_device(
+      x, op,
+      [&] {
+        const at::Tensor gy = grad_out.to(r.acc).contiguous();
+        const at::Tensor xa = want_k ? x.to(r.acc).contiguous() : at::Tensor();  // grad_K's input only
+        at::Tensor acc_gx = want_x ? at::empty({g.N, g.c_in, g.l_in}, gy.options()) : at::Tensor();
+        at::Tensor acc_gK = want_k ? at::empty(r.K.sizes(), r.K.options()) : at::Tensor();
+        with_acc(r, [&](auto t) {
+          using A = decltype(t);
+          cpu_banded_backward(gy.data_ptr<A>(), want_k ? xa.data_ptr<A>() : nullptr, r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
+                              want_x ? acc_gx.data_ptr<A>() : nullptr, want_k ? acc_gK.data_ptr<A>() : nullptr, g);
+        });
+        if (want_x) gx = acc_gx.to(x.scalar_type());
+        if (want_k) gK = acc_gK.to(K.scalar_type());
+      },
+      [&](void* stream) {
+        TROUS_CUDA_ONLY(
+            const at::Tensor go = grad_out.contiguous(); const at::Tensor xc = x.contiguous();
+            const DType dt = float_dtype(xc.scalar_type(), op, "x");
+            if (want_x) {
+              gx = at::empty(xc.sizes(), xc.options());
+              launch_banded_backward_input(dt, go.data_ptr(), r.K.data_ptr<float>(), r.band.data_ptr<int32_t>(),
+                                           gx.data_ptr(), g, stream);
+            } if (want_k) {
+              at::Tensor acc_gK = at::empty(r.K.sizes(), r.K.options());
+              launch_banded_backward_kernel(dt, go.data_ptr(), xc.data_ptr(), r.band.data_ptr<int32_t>(),
+                                            acc_gK.data_ptr<float>(), g, stream);
+              gK = acc_gK.to(K.scalar_type());
+            });
+      });
+  return {gx, gK};
+}
+
+}  // namespace
+
+// Schemas (fake kernels and autograd: python/trous/).
+TORCH_LIBRARY_FRAGMENT(trous, m) {
+  // DCLS banded grouped 1-D convolution: the direct route of Dcls1d layers
+  // that are not depthwise. x [N, C_in, L]; K [C_out, C_in / groups, dks] (the constructed kernel);
+  // band int32 [C_out, C_in / groups, 2]: only taps lo <= s < hi of each K row are visited; zero padding.
+  m.def("dcls_banded_conv1d(Tensor x, Tensor K, Tensor band, Tensor? bias, int stride, int padding, int groups) -> Tensor");
+  // (grad_x, grad_K); output_mask = [x, K]; grad_K is 0 outside the bands; not asked for: empty [0].
+  m.def("dcls_banded_conv1d_backward(Tensor grad_out, Tensor x, Tensor K, Tensor band, int stride, int padding, int groups, bool[2] output_mask) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(trous, CPU, m) {
+  m.impl("dcls_banded_conv1d", &dcls_banded_conv1d);
+  m.impl("dcls_banded_conv1d_backward", &dcls_banded_conv1d_backward);
+}
+
+#ifdef TROUS_WITH_CUDA
+TORCH_LIBRARY_IMPL(trous, CUDA, m) {
+  m.impl("dcls_banded_conv1d", &dcls_banded_conv1d);
+  m.impl("dcls_banded_conv1d_backward", &dcls_banded_conv1d_backward);
+}
+#endif
+
+}  // namespace dcls
+}  // namespace trous

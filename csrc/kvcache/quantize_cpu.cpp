@@ -1,0 +1,574 @@
+// CPU kernels of KV-cache quantization. Rows are split across threads with at::parallel_for; within
+// a row, groups of 8 channels go through AVX2 (runtime-selected, see simd.h) or a scalar twin that
+// computes the same bits from the shared math in kvcache.h.
+#include "kvcache/quantize_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "trous/simd_cpu.h"
+
+namespace trous {
+namespace kv {
+namespace {
+
+using cpu::has_avx2;
+
+// Rows per parallel task: large enough to amortise scheduling, small enough to balance two cores.
+constexpr int64_t kGrainElements = 1 << 15;
+
+int64_t grain_rows(index_t D) { return std::max<int64_t>(1, kGrainElements / std::max<index_t>(D, 1)); }
+
+// ---- packing of 8 one-byte codes (byte k of `b` = code k) into bits bytes, LSB-first.
+inline void store_packed8(uint8_t* dst, uint64_t b, int bits) {
+  if (bits == 8) {
+    memcpy(dst, &b, 8);
+  } else if (bits == 4) {
+    uint64_t t = (b | (b >> 4)) & 0x00ff00ff00ff00ffull;  // byte 2k = q[2k] | q[2k+1] << 4
+    t = (t | (t >> 8)) & 0x0000ffff0000ffffull;
+    const uint32_t w = (uint32_t)(t | (t >> 16));
+    memcpy(dst, &w, 4);
+  } else {
+    const uint64_t t = b | (b >> 6) | (b >> 12) | (b >> 18);  // byte 4k = q[4k] | ... | q[4k+3] << 6
+    const uint16_t w = (uint16_t)((t & 0xff) | ((t >> 24) & 0xff00));
+    memcpy(dst, &w, 2);
+  }
+}
+
+inline uint64_t load_packed8(const uint8_t* src, int bits) {
+  uint64_t x = 0;
+  if (bits == 8) {
+    memcpy(&x, src, 8);
+  } else if (bits == 4) {  // spread 4 bytes to 8 nibbles, one per byte
+    uint32_t w;
+    memcpy(&w, src, 4);
+    x = w;
+    x = (x | (x << 16)) & 0x0000ffff0000ffffull;
+    x = (x | (x << 8)) & 0x00ff00ff00ff00ffull;
+    x = (x | (x << 4)) & 0x0f0f0f0f0f0f0f0full;
+  } else {  // spread 2 bytes to 8 crumbs
+    uint16_t w;
+    memcpy(&w, src, 2);
+    x = w;
+    x = (x | (x << 24)) & 0x000000ff000000ffull;
+    x = (x | (x << 12)) & 0x000f000f000f000full;
+    x = (x | (x << 6)) & 0x0303030303030303ull;
+  }
+  return x;
+}
+
+struct GroupStats {
+  float mn, mx, amax;
+  bool finite;
+};
+
+GroupStats group_stats_scalar(const float* v, index_t n) {
+  GroupStats s{v[0], v[0], 0.f, true};
+  for (index_t i = 0; i < n; ++i) {
+    s.mn = fminf(s.mn, v[i]);
+    s.mx = fmaxf(s.mx, v[i]);
+    s.amax = fmaxf(s.amax, fabsf(v[i]));
+    s.finite = s.finite && std::isfinite(v[i]);
+  }
+  return s;
+}
+
+uint64_t asym_codes8_scalar(const float* v, AsymParams p, int bits) {
+  uint64_t b = 0;
+  for (int k = 0; k < 8; ++k) b |= (uint64_t)asym_code(v[k], p, bits) << (8 * k);
+  return b;
+}
+
+uint64_t sym_codes8_scalar(const float* v, float inv) {
+  uint64_t b = 0;
+  for (int k = 0; k < 8; ++k) b |= (uint64_t)(uint8_t)(int8_t)sym_code(v[k], inv) << (8 * k);
+  return b;
+}
+
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 float hmin(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
+}
+
+TROUS_AVX2 float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// Exponent all ones = NaN or Inf; checked on the bits so min/max's NaN handling does not matter.
+TROUS_AVX2 __m256i non_finite_mask(__m256 v) {
+  const __m256i exp = _mm256_set1_epi32(0x7f800000);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exp), exp);
+}
+
+TROUS_AVX2 GroupStats group_stats_avx2(const float* v, index_t n) {
+  __m256 mn = _mm256_loadu_ps(v), mx = mn, amax = _mm256_setzero_ps();
+  __m256i bad = _mm256_setzero_si256();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (index_t i = 0; i < n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    mn = _mm256_min_ps(mn, x);
+    mx = _mm256_max_ps(mx, x);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(x, abs_mask));
+    bad = _mm256_or_si256(bad, non_finite_mask(x));
+  }
+  return {hmin(mn), hmax(mx), hmax(amax), _mm256_testz_si256(bad, bad) != 0};
+}
+
+// Same steps as asym_code: one rounded subtract, one rounded multiply, clamp, then cvtps (round to
+// nearest even in the default MXCSR mode).
+TROUS_AVX2 uint64_t asym_codes8_avx2(const float* v, AsymParams p, int bits) {
+  __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v), _mm256_set1_ps(p.zero)), _mm256_set1_ps(p.inv));
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), _mm256_set1_ps((float)max_code(bits)));
+  return cpu::low_bytes(_mm256_cvtps_epi32(t));
+}
+
+TROUS_AVX2 uint64_t sym_codes8_avx2(const float* v, float inv) {
+  __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v), _mm256_set1_ps(inv));
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+  return cpu::low_bytes(_mm256_cvtps_epi32(t));
+}
+
+// q * s + z with a separate rounded multiply and add, as the reference formula.
+template <typename T>
+TROUS_AVX2 void decode8_avx2(uint64_t b, bool is_signed, float s, float z, T* out) {
+  const __m128i bytes = _mm_cvtsi64_si128((long long)b);
+  const __m256i q = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+  cpu::store8(out, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s)), _mm256_set1_ps(z)));
+}
+
+// KIVI: per-channel running min / max over tokens (elementwise, 8 channels at a time).
+TROUS_AVX2 void channel_minmax_avx2(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
+  for (index_t c = 0; c < D; c += 8) {
+    const __m256 x = _mm256_loadu_ps(v + c);
+    _mm256_storeu_ps(mn + c, _mm256_min_ps(_mm256_loadu_ps(mn + c), x));
+    _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), x));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bad + c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bad + c), _mm256_or_si256(b, non_finite_mask(x)));
+  }
+}
+
+TROUS_AVX2 void channel_codes_avx2(const float* v, const float* zero, const float* inv, int bits, index_t D,
+                                   uint8_t* dst) {
+  const __m256 max_q = _mm256_set1_ps((float)max_code(bits));
+  for (index_t c = 0; c < D; c += 8) {
+    __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(zero + c)), _mm256_loadu_ps(inv + c));
+    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), max_q);
+    store_packed8(dst + c / 8 * bits, cpu::low_bytes(_mm256_cvtps_epi32(t)), bits);
+  }
+}
+
+// float_to_fp8 of (x / s) for 8 values, in integer lanes (same steps as the scalar function).
+TROUS_AVX2 uint64_t fp8_codes8_avx2(const float* v, float s, Fp8Format f) {
+  const int mb = fp8_mant_bits(f), bias = fp8_bias(f), shift = 23 - mb;
+  const __m256 y = _mm256_div_ps(_mm256_loadu_ps(v), _mm256_set1_ps(s));
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(abs, shift), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(abs, _mm256_set1_epi32((1 << (shift - 1)) - 1)), lsb);
+  const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(rounded, shift), _mm256_set1_epi32((127 - bias) << mb));
+  const __m256 steps = _mm256_mul_ps(_mm256_castsi256_ps(abs), _mm256_set1_ps(bits_float((uint32_t)(127 + bias - 1 + mb) << 23)));
+  const __m256i subnormal = _mm256_cvtps_epi32(steps);
+  const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32((128 - bias) << 23), abs);
+  __m256i code = _mm256_blendv_epi8(normal, subnormal, is_sub);
+  code = _mm256_min_epi32(code, _mm256_set1_epi32((int)fp8_max_code(f)));
+  const __m256i is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7f), is_nan);
+  return cpu::low_bytes(_mm256_or_si256(code, sign));
+}
+
+TROUS_AVX2 void fp8_row_avx2(const float* v, float s, Fp8Format f, index_t D, uint8_t* dst) {
+  for (index_t c = 0; c < D; c += 8) {
+    const uint64_t b = fp8_codes8_avx2(v + c, s, f);
+    memcpy(dst + c, &b, 8);
+  }
+}
+#endif
+
+template <typename T>
+void decode8_scalar(uint64_t b, bool is_signed, float s, float z, T* out) {
+  for (int k = 0; k < 8; ++k) {
+    const uint8_t c = (uint8_t)(b >> (8 * k));
+    out[k] = static_cast<T>(is_signed ? (float)(int8_t)c * s : asym_decode(c, s, z));
+  }
+}
+
+void store_param_cpu(void* params, index_t i, float v, ParamType t) {
+  if (t == ParamType::kFloat16) {
+    static_cast<uint16_t*>(params)[i] = float_to_half_bits(v);
+  } else {
+    static_cast<float*>(params)[i] = v;
+  }
+}
+
+float load_param_cpu(const void* params, index_t i, ParamType t) {
+  return t == ParamType::kFloat16 ? half_bits_to_float(static_cast<const uint16_t*>(params)[i])
+                                  : static_cast<const float*>(params)[i];
+}
+
+// A row of the input as fp32: the row itself for fp32, else converted into `scratch`.
+template <typename T>
+const float* row_as_float(const T* src, index_t n, std::vector<float>& scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    cpu::to_float_row(src, scratch.data(), n);
+    return scratch.data();
+  }
+}
+
+template <typename F>
+void dispatch_cpu(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(c10::Half{}); break;
+    case DType::kBFloat16: f(c10::BFloat16{}); break;
+  }
+}
+
+// Per-row work, written once over an `Ops` policy (AVX2 or scalar). Each policy's row function
+// carries its own target attribute and this body is force-inlined into it, so the AVX2 helpers
+// inline too (a generic-target caller could not inline them).
+struct ScalarOps {
+  using Rounding = ParamRounding;
+  static void store_param(void* params, index_t i, float v, ParamType t) { store_param_cpu(params, i, v, t); }
+  static float load_param(const void* params, index_t i, ParamType t) { return load_param_cpu(params, i, t); }
+  static GroupStats stats(const float* v, index_t n) { return group_stats_scalar(v, n); }
+  static uint64_t asym8(const float* v, AsymParams p, int bits) { return asym_codes8_scalar(v, p, bits); }
+  static uint64_t sym8(const float* v, float inv) { return sym_codes8_scalar(v, inv); }
+  template <typename T>
+  static void decode8(uint64_t b, bool is_signed, float s, float z, T* out) { decode8_scalar(b, is_signed, s, z, out); }
+};
+
+#if TROUS_HAVE_AVX2_PATH
+struct Avx2Ops {
+  // fp16 parameters through F16C (one instruction instead of the portable bit manipulation).
+  struct Rounding {
+    ParamType t;
+    TROUS_AVX2 float operator()(float v) const {
+      return t == ParamType::kFloat16 ? _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT))) : v;
+    }
+  };
+  TROUS_AVX2 static void store_param(void* params, index_t i, float v, ParamType t) {
+    if (t == ParamType::kFloat16) {
+      static_cast<uint16_t*>(params)[i] = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0);
+    } else {
+      static_cast<float*>(params)[i] = v;
+    }
+  }
+  TROUS_AVX2 static float load_param(const void* params, index_t i, ParamType t) {
+    if (t == ParamType::kFloat32) return static_cast<const float*>(params)[i];
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<const uint16_t*>(params)[i])));
+  }
+  TROUS_AVX2 static GroupStats stats(const float* v, index_t n) { return group_stats_avx2(v, n); }
+  TROUS_AVX2 static uint64_t asym8(const float* v, AsymParams p, int bits) { return asym_codes8_avx2(v, p, bits); }
+  TROUS_AVX2 static uint64_t sym8(const float* v, float inv) { return sym_codes8_avx2(v, inv); }
+  template <typename T>
+  TROUS_AVX2 static void decode8(uint64_t b, bool is_signed, float s, float z, T* out) {
+    decode8_avx2(b, is_signed, s, z, out);
+  }
+};
+#endif
+
+#define TROUS_FORCE_INLINE inline __attribute__((always_inline))
+
+// One row of D channels in groups of G (G % 8 == 0): parameters, then codes 8 at a time.
+template <typename Ops>
+TROUS_FORCE_INLINE void quantize_row(const float* row, const TokenQuantArgs& a, void* params, index_t row_index,
+                                     uint8_t* dst) {
+  const index_t G = a.group, n_groups = a.in.D / G;
+  for (index_t g = 0; g < n_groups; ++g) {
+    const float* v = row + g * G;
+    const index_t gi = row_index * n_groups + g;
+    const GroupStats st = Ops::stats(v, G);
+    if (a.symmetric) {
+      const float s = sym_scale_rounded(st.amax, st.finite, typename Ops::Rounding{a.ptype});
+      const float inv = sym_inv(s);
+      Ops::store_param(params, gi, s, a.ptype);
+      for (index_t c = 0; c < G; c += 8) {
+        const uint64_t b = st.finite ? Ops::sym8(v + c, inv) : 0;
+        memcpy(dst + g * G + c, &b, 8);
+      }
+      continue;
+    }
+    const AsymParams p = asym_params_rounded(st.mn, st.mx, st.finite, a.bits, typename Ops::Rounding{a.ptype});
+    Ops::store_param(params, 2 * gi, p.scale, a.ptype);
+    Ops::store_param(params, 2 * gi + 1, p.zero, a.ptype);
+    for (index_t c = 0; c < G; c += 8) {
+      const uint64_t b = st.finite ? Ops::asym8(v + c, p, a.bits) : 0;
+      store_packed8(dst + (g * G + c) / 8 * a.bits, b, a.bits);
+    }
+  }
+}
+
+template <typename Ops, typename T>
+TROUS_FORCE_INLINE void dequantize_row(const uint8_t* src, const void* params, const TokenDequantArgs& a,
+                                       index_t row_index, T* out) {
+  const index_t G = a.group, n_groups = a.D / G;
+  for (index_t g = 0; g < n_groups; ++g) {
+    const index_t gi = row_index * n_groups + g;
+    const float s = Ops::load_param(params, a.symmetric ? gi : 2 * gi, a.ptype);
+    const float z = a.symmetric ? 0.f : Ops::load_param(params, 2 * gi + 1, a.ptype);
+    for (index_t c = g * G; c < (g + 1) * G; c += 8) {
+      Ops::decode8(load_packed8(src + c / 8 * a.bits, a.bits), a.symmetric, s, z, out + c);
+    }
+  }
+}
+
+void quantize_row_scalar(const float* row, const TokenQuantArgs& a, void* params, index_t r, uint8_t* dst) {
+  quantize_row<ScalarOps>(row, a, params, r, dst);
+}
+template <typename T>
+void dequantize_row_scalar(const uint8_t* src, const void* params, const TokenDequantArgs& a, index_t r, T* out) {
+  dequantize_row<ScalarOps>(src, params, a, r, out);
+}
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 void quantize_row_avx2(const float* row, const TokenQuantArgs& a, void* params, index_t r, uint8_t* dst) {
+  quantize_row<Avx2Ops>(row, a, params, r, dst);
+}
+template <typename T>
+TROUS_AVX2 void dequantize_row_avx2(const uint8_t* src, const void* params, const TokenDequantArgs& a, index_t r,
+                                    T* out) {
+  dequantize_row<Avx2Ops>(src, params, a, r, out);
+}
+#endif
+
+template <typename T>
+void quantize_token_impl(const T* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
+  const index_t D = a.in.D;
+  const index_t code_bytes = a.symmetric ? D : D * a.bits / 8;
+  auto* row_fn = &quantize_row_scalar;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &quantize_row_avx2;
+#endif
+  at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = row_as_float(x + row_offset(r, a.in.H, a.in.T, a.in.stride), D, scratch);
+      row_fn(row, a, params, r, codes + r * code_bytes);
+    }
+  });
+}
+
+template <typename T>
+void dequantize_token_impl(const uint8_t* codes, const void* params, T* out, const TokenDequantArgs& a) {
+  const index_t D = a.D;
+  const index_t code_bytes = a.symmetric ? D : D * a.bits / 8;
+  auto* row_fn = &dequantize_row_scalar<T>;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &dequantize_row_avx2<T>;
+#endif
+  at::parallel_for(0, a.rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row_fn(codes + r * code_bytes, params, a, r, out + r * D);
+  });
+}
+
+void channel_minmax_scalar(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
+  for (index_t c = 0; c < D; ++c) {
+    mn[c] = fminf(mn[c], v[c]);
+    mx[c] = fmaxf(mx[c], v[c]);
+    bad[c] |= !std::isfinite(v[c]);
+  }
+}
+
+void channel_codes_scalar(const float* v, const float* zero, const float* inv, int bits, index_t D, uint8_t* dst) {
+  for (index_t c = 0; c < D; c += 8) {
+    uint64_t b = 0;
+    for (int k = 0; k < 8; ++k) b |= (uint64_t)asym_code(v[c + k], AsymParams{0.f, zero[c + k], inv[c + k]}, bits) << (8 * k);
+    store_packed8(dst + c / 8 * bits, b, bits);
+  }
+}
+
+// KIVI keys: one task = one token group of one (b, h), G rows reduced channel-wise.
+template <typename T>
+void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const ChannelQuantArgs& a) {
+  const index_t D = a.in.D, G = a.group, token_groups = a.in.T / G;
+  const index_t code_bytes = D * a.bits / 8;
+  auto* minmax_fn = &channel_minmax_scalar;
+  auto* codes_fn = &channel_codes_scalar;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) {
+    minmax_fn = &channel_minmax_avx2;
+    codes_fn = &channel_codes_avx2;
+  }
+#endif
+  at::parallel_for(0, a.in.B * a.in.H * token_groups, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tile(G * D), scratch(D), mn(D), mx(D), zero(D), inv(D);
+    std::vector<uint32_t> bad(D);
+    for (int64_t task = t0; task < t1; ++task) {
+      const index_t row0 = (task / token_groups) * a.in.T + (task % token_groups) * G;
+      for (index_t t = 0; t < G; ++t) {
+        const float* row = row_as_float(x + row_offset(row0 + t, a.in.H, a.in.T, a.in.stride), D, scratch);
+        std::copy(row, row + D, tile.data() + t * D);
+      }
+      std::copy(tile.data(), tile.data() + D, mn.data());
+      std::copy(tile.data(), tile.data() + D, mx.data());
+      std::fill(bad.begin(), bad.end(), 0u);
+      for (index_t t = 0; t < G; ++t) minmax_fn(tile.data() + t * D, mn.data(), mx.data(), bad.data(), D);
+      for (index_t c = 0; c < D; ++c) {
+        const AsymParams p = asym_params(mn[c], mx[c], bad[c] == 0, a.bits, a.ptype);
+        store_param_cpu(params, (task * D + c) * 2, p.scale, a.ptype);
+        store_param_cpu(params, (task * D + c) * 2 + 1, p.zero, a.ptype);
+        zero[c] = bad[c] ? 0.f : p.zero;  // a non-finite channel encodes as 0 (inv is 0 too)
+        inv[c] = p.inv;
+      }
+      for (index_t t = 0; t < G; ++t) {
+        codes_fn(tile.data() + t * D, zero.data(), inv.data(), a.bits, D, codes + (row0 + t) * code_bytes);
+      }
+    }
+  });
+}
+
+// One decoded row: codes (8 per step) times per-channel scale plus min, as in asym_decode.
+template <typename T>
+void channel_decode_row_scalar(const uint8_t* src, const float* scale, const float* zero, int bits, index_t D, T* out) {
+  for (index_t c = 0; c < D; c += 8) {
+    const uint64_t b = load_packed8(src + c / 8 * bits, bits);
+    for (int k = 0; k < 8; ++k) out[c + k] = static_cast<T>(asym_decode((uint32_t)(b >> (8 * k)) & 0xffu, scale[c + k], zero[c + k]));
+  }
+}
+
+#if TROUS_HAVE_AVX2_PATH
+template <typename T>
+TROUS_AVX2 void channel_decode_row_avx2(const uint8_t* src, const float* scale, const float* zero, int bits, index_t D,
+                                        T* out) {
+  for (index_t c = 0; c < D; c += 8) {
+    const __m256i q = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)load_packed8(src + c / 8 * bits, bits)));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(scale + c));
+    cpu::store8(out + c, _mm256_add_ps(v, _mm256_loadu_ps(zero + c)));
+  }
+}
+#endif
+
+// One task = one token group of one (b, h): its D scales and mins are decoded once for G rows.
+template <typename T>
+void dequantize_channel_impl(const uint8_t* codes, const void* params, T* out, const ChannelDequantArgs& a) {
+  const index_t D = a.D, G = a.group;
+  const index_t code_bytes = D * a.bits / 8;
+  auto* row_fn = &channel_decode_row_scalar<T>;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &channel_decode_row_avx2<T>;
+#endif
+  at::parallel_for(0, a.rows / std::max<index_t>(G, 1), std::max<int64_t>(1, grain_rows(D) / G), [&](int64_t t0, int64_t t1) {
+    std::vector<float> scale(D), zero(D);
+    for (int64_t task = t0; task < t1; ++task) {
+      for (index_t c = 0; c < D; ++c) {
+        scale[c] = load_param_cpu(params, (task * D + c) * 2, a.ptype);
+        zero[c] = load_param_cpu(params, (task * D + c) * 2 + 1, a.ptype);
+      }
+      for (index_t r = task * G; r < (task + 1) * G; ++r) {
+        row_fn(codes + r * code_bytes, scale.data(), zero.data(), a.bits, D, out + r * D);
+      }
+    }
+  });
+}
+
+void fp8_row_scalar(const float* v, float s, Fp8Format f, index_t D, uint8_t* dst) {
+  for (index_t c = 0; c < D; ++c) dst[c] = float_to_fp8(v[c] / s, f);
+}
+
+template <typename T>
+void quantize_fp8_impl(const T* x, const float* scale, uint8_t* codes, const Fp8Args& a) {
+  const index_t D = a.in.D;
+  auto* row_fn = &fp8_row_scalar;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &fp8_row_avx2;
+#endif
+  at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float s = scale[a.per_head ? (r / a.in.T) % a.in.H : 0];
+      row_fn(row_as_float(x + row_offset(r, a.in.H, a.in.T, a.in.stride), D, scratch), s, a.format, D, codes + r * D);
+    }
+  });
+}
+
+template <typename T>
+void fp8_decode_row_scalar(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+  for (index_t c = 0; c < D; ++c) out[c] = static_cast<T>(table[src[c]] * s);
+}
+
+#if TROUS_HAVE_AVX2_PATH
+template <typename T>
+TROUS_AVX2 void fp8_decode_row_avx2(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+  for (index_t c = 0; c < D; c += 8) {
+    uint64_t b;
+    memcpy(&b, src + c, 8);
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)b));
+    cpu::store8(out + c, _mm256_mul_ps(_mm256_i32gather_ps(table, idx, 4), _mm256_set1_ps(s)));
+  }
+}
+#endif
+
+template <typename T>
+void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index_t rows, index_t H, index_t T_len,
+                         index_t D, Fp8Format format, bool per_head) {
+  // All 256 codes decoded once: the per-element work becomes a lookup (a gather) and a multiply.
+  float table[256];
+  for (int c = 0; c < 256; ++c) table[c] = fp8_to_float((uint8_t)c, format);
+  auto* row_fn = &fp8_decode_row_scalar<T>;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) row_fn = &fp8_decode_row_avx2<T>;
+#endif
+  at::parallel_for(0, rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row_fn(codes + r * D, table, scale[per_head ? (r / T_len) % H : 0], D, out + r * D);
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_quantize_token(DType dtype, const void* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
+  dispatch_cpu(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    quantize_token_impl(static_cast<const T*>(x), codes, params, a);
+  });
+}
+
+void cpu_dequantize_token(DType dtype, const uint8_t* codes, const void* params, void* out, const TokenDequantArgs& a) {
+  dispatch_cpu(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_token_impl(codes, params, static_cast<T*>(out), a);
+  });
+}
+
+void cpu_quantize_channel(DType dtype, const void* x, uint8_t* codes, void* params, const ChannelQuantArgs& a) {
+  dispatch_cpu(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    quantize_channel_impl(static_cast<const T*>(x), codes, params, a);
+  });
+}
+
+void cpu_dequantize_channel(DType dtype, const uint8_t* codes, const void* params, void* out,
+                            const ChannelDequantArgs& a) {
+  dispatch_cpu(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_channel_impl(codes, params, static_cast<T*>(out), a);
+  });
+}
+
+void cpu_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t* codes, const Fp8Args& a) {
+  dispatch_cpu(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    quantize_fp8_impl(static_cast<const T*>(x), scale, codes, a);
+  });
+}
+
+void cpu_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale, void* out, index_t rows, index_t H,
+                        index_t T, index_t D, Fp8Format format, bool per_head) {
+  dispatch_cpu(dtype, [&](auto tag) {
+    using Elem = decltype(tag);
+    dequantize_fp8_impl(codes, scale, static_cast<Elem*>(out), rows, H, T, D, format, per_head);
+  });
+}
+
+}  // namespace kv
+}  // namespace trous

@@ -1,0 +1,120 @@
+// Launchers of the KV-cache kernels: raw pointers and a stream, no torch headers.
+#include "trous/launch.cuh"
+#include "kvcache/quantize_cuda.h"
+#include "kvcache/quantize_kernels.cuh"
+
+namespace trous {
+namespace kv {
+namespace {
+
+unsigned blocks_for(index_t work) { return (unsigned)ceil_div(work, kThreads); }
+
+// 16-byte vector loads need the base pointer and every row start 16-byte aligned.
+bool rows_aligned(const void* x, const RowLayout& in, size_t elem) {
+  const auto ok = [elem](index_t stride) { return (stride * (index_t)elem) % 16 == 0; };
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && ok(in.stride.b) && ok(in.stride.h) && ok(in.stride.t);
+}
+
+template <typename T, bool VEC>
+void quantize_token_typed(const T* x, uint8_t* codes, void* params, const TokenQuantArgs& a, cudaStream_t s) {
+  const index_t lanes = a.group / kPack;
+  const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
+  switch (lanes) {
+#define TROUS_LANES_CASE(L) \
+  case L: quantize_token_lanes<T, VEC, L><<<blocks, kThreads, 0, s>>>(x, codes, params, a); return;
+    TROUS_LANES_CASE(1) TROUS_LANES_CASE(2) TROUS_LANES_CASE(4) TROUS_LANES_CASE(8) TROUS_LANES_CASE(16)
+    TROUS_LANES_CASE(32)
+#undef TROUS_LANES_CASE
+    default:
+      quantize_token_serial<T><<<blocks_for(a.in.rows() * (a.in.D / a.group)), kThreads, 0, s>>>(x, codes, params, a);
+  }
+}
+
+}  // namespace
+
+void launch_quantize_token(DType dtype, const void* x, uint8_t* codes, void* params, const TokenQuantArgs& a,
+                           void* stream) {
+  if (a.in.rows() == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xt = static_cast<const T*>(x);
+    if (rows_aligned(x, a.in, sizeof(T))) {
+      quantize_token_typed<T, true>(xt, codes, params, a, s);
+    } else {
+      quantize_token_typed<T, false>(xt, codes, params, a, s);
+    }
+  });
+  check_launch("trous kv_quantize");
+}
+
+void launch_dequantize_token(DType dtype, const uint8_t* codes, const void* params, void* out,
+                             const TokenDequantArgs& a, void* stream) {
+  if (a.rows == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_token<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
+  });
+  check_launch("trous kv_dequantize");
+}
+
+void launch_quantize_channel(DType dtype, const void* x, uint8_t* codes, void* params, const ChannelQuantArgs& a,
+                             void* stream) {
+  if (a.in.rows() == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = blocks_for(a.in.B * a.in.H * (a.in.T / a.group) * (a.in.D / kPack));
+  dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xt = static_cast<const T*>(x);
+    if (rows_aligned(x, a.in, sizeof(T))) {
+      quantize_channel<T, true><<<blocks, kThreads, 0, s>>>(xt, codes, params, a);
+    } else {
+      quantize_channel<T, false><<<blocks, kThreads, 0, s>>>(xt, codes, params, a);
+    }
+  });
+  check_launch("trous kv_quantize_channel");
+}
+
+void launch_dequantize_channel(DType dtype, const uint8_t* codes, const void* params, void* out,
+                               const ChannelDequantArgs& a, void* stream) {
+  if (a.rows == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_channel<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
+  });
+  check_launch("trous kv_dequantize_channel");
+}
+
+void launch_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t* codes, const Fp8Args& a,
+                         void* stream) {
+  if (a.in.rows() == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
+  dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xt = static_cast<const T*>(x);
+    if (rows_aligned(x, a.in, sizeof(T))) {
+      quantize_fp8<T, true><<<blocks, kThreads, 0, s>>>(xt, scale, codes, a);
+    } else {
+      quantize_fp8<T, false><<<blocks, kThreads, 0, s>>>(xt, scale, codes, a);
+    }
+  });
+  check_launch("trous kv_quantize_fp8");
+}
+
+void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale, void* out, index_t rows,
+                           index_t H, index_t T, index_t D, Fp8Format format, bool per_head, void* stream) {
+  if (rows == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  dispatch_float_types(dtype, [&](auto tag) {
+    using Elem = decltype(tag);
+    dequantize_fp8<Elem><<<blocks_for(rows * (D / kPack)), kThreads, 0, s>>>(
+        codes, scale, static_cast<Elem*>(out), rows, H, T, D, format, per_head);
+  });
+  check_launch("trous kv_dequantize_fp8");
+}
+
+}  // namespace kv
+}  // namespace trous

@@ -1,0 +1,132 @@
+"""``python -m trous.smoke`` cases of the KV-cache quantization ops (small and edge shapes)."""
+import torch
+
+from ..smoke import close
+from . import reference as ref
+
+
+def _kv_input(shape, dtype, device, seed, layout="contiguous", special=False):
+    """x of `shape`: contiguous, "transposed" (H and T swapped in memory) or "unaligned" (rows padded
+    by 4 elements, so row starts are not 16-byte aligned and the kernels take their scalar path)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, H, T, D = shape
+    if layout == "unaligned":
+        base = torch.randn(B, H, T, D + 4, generator=g)
+        x = base.to(device=device, dtype=dtype)[..., :D]
+    elif layout == "transposed":
+        x = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    else:
+        x = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+    if special and x.numel() >= 3 * D:
+        flat = x  # edge groups: one constant row, one NaN, one +Inf
+        flat[0, 0, 0, :] = 0.5
+        if T > 1:
+            flat[0, 0, 1, 3] = float("nan")
+        if T > 2:
+            flat[0, 0, 2, 5] = float("inf")
+    return x
+
+
+def _codes_agree(r, label, got, want, bits, symmetric):
+    if symmetric or bits == 8:
+        g, w = got.to(torch.int32).cpu(), want.to(torch.int32).cpu()
+    else:
+        g, w = ref.unpack_lsb_first(got.cpu(), bits), ref.unpack_lsb_first(want.cpu(), bits)
+    diff = (g - w).abs()
+    bad = int((diff > 1).sum())
+    near = int((diff == 1).sum())
+    r.check(label + " codes", bad == 0 and near <= max(1, g.numel() // 1000),
+            f"{bad} codes off by more than 1, {near} off by 1 of {g.numel()}")
+
+
+def run(r, quick: bool):
+    """Every KV kernel path (lane counts, the serial fallback, unaligned and transposed inputs, NaN /
+    Inf groups, empty tensors) on every dtype, against the reference's codes and values."""
+    dev = r.device
+    dtypes = [torch.float16, torch.float32, torch.bfloat16]
+    # (shape, group sizes): every per-token kernel path (G/8 lanes in 1..32, the serial fallback
+    # for other G), rows not a multiple of the block, a single row, and empty tensors.
+    token_shapes = [
+        ((1, 1, 1, 8), [8]),
+        ((2, 3, 37, 64), [16, 32, 64]),
+        ((1, 2, 19, 256), [256, 128] if quick else [8, 32, 128, 256]),
+        ((1, 2, 33, 80), [80, 40]),  # G/8 = 10, 5: serial kernel
+        ((1, 1, 0, 128), [32]),
+    ]
+    if not quick:
+        token_shapes += [((3, 1, 300, 128), [32, 128]), ((1, 4, 17, 96), [32, 96, 24])]
+    k = 0
+    for shape, groups in token_shapes:
+        for G in groups:
+            for bits in ([8, 4, 2] if not quick or G in (8, 256, 80, 32) else [4]):
+                for symmetric in ([False, True] if bits == 8 else [False]):
+                    dtype = dtypes[k % 3]
+                    layout = ["contiguous", "unaligned", "transposed"][(k // 3) % 3]
+                    pdt = [torch.float16, torch.float32][k % 2]
+                    k += 1
+                    label = f"kv_quantize {shape} G={G} bits={bits} sym={symmetric} {dtype} {layout} {pdt}"
+
+                    def run(shape=shape, G=G, bits=bits, symmetric=symmetric, dtype=dtype, layout=layout, pdt=pdt,
+                            label=label):
+                        x = _kv_input(shape, dtype, dev, k, layout, special=True)
+                        codes, params = r.call("trous::kv_quantize", x, bits, G, symmetric, pdt)
+                        out = r.call("trous::kv_dequantize", codes, params, bits, G, symmetric, dtype)
+                        if r.compare:
+                            rc, rp = ref.quantize_per_token(x, bits, G, symmetric, pdt)
+                            _codes_agree(r, label, codes, rc, bits, symmetric)
+                            r.check(label + " params", close(params, rp, 1e-3, 1e-6), "parameters differ")
+                            want = ref.dequantize_per_token(codes, params, bits, G, symmetric, torch.float32)
+                            r.check(label + " dequant", close(out, want, 1e-2, 1e-3), "dequantized values differ")
+
+                    r.case(label, run)
+
+    channel = [((1, 2, 64, 64), 32, [2, 4, 8]), ((2, 1, 24, 128), 8, [2]), ((1, 1, 0, 64), 32, [4])]
+    if not quick:
+        channel += [((1, 3, 96, 80), 32, [2, 4]), ((2, 2, 256, 128), 32, [2, 4, 8])]
+    for shape, G, bit_list in channel:
+        for bits in bit_list:
+            dtype = dtypes[k % 3]
+            layout = ["contiguous", "unaligned", "transposed"][(k // 3) % 3]
+            pdt = [torch.float16, torch.float32][k % 2]
+            k += 1
+            label = f"kv_quantize_channel {shape} G={G} bits={bits} {dtype} {layout} {pdt}"
+
+            def run(shape=shape, G=G, bits=bits, dtype=dtype, layout=layout, pdt=pdt, label=label):
+                x = _kv_input(shape, dtype, dev, k, layout, special=True)
+                codes, params = r.call("trous::kv_quantize_channel", x, bits, G, pdt)
+                out = r.call("trous::kv_dequantize_channel", codes, params, bits, G, dtype)
+                if r.compare:
+                    rc, rp = ref.quantize_per_channel(x, bits, G, pdt)
+                    _codes_agree(r, label, codes, rc, bits, False)
+                    r.check(label + " params", close(params, rp, 1e-3, 1e-6), "parameters differ")
+                    want = ref.dequantize_per_channel(codes, params, bits, G, torch.float32)
+                    r.check(label + " dequant", close(out, want, 1e-2, 1e-3), "dequantized values differ")
+
+            r.case(label, run)
+
+    fp8 = [((1, 4, 19, 64), "e4m3", False), ((2, 3, 5, 128), "e4m3", True), ((1, 2, 33, 8), "e5m2", True),
+           ((1, 1, 0, 64), "e4m3", False)]
+    if not quick:
+        fp8 += [((2, 8, 100, 128), "e5m2", False), ((1, 8, 64, 96), "e4m3", True)]
+    for shape, fmt, per_head in fp8:
+        for dtype in (dtypes if not quick else [dtypes[k % 3]]):
+            layout = ["contiguous", "unaligned", "transposed"][k % 3]
+            k += 1
+            label = f"kv_quantize_fp8 {shape} {fmt} per_head={per_head} {dtype} {layout}"
+
+            def run(shape=shape, fmt=fmt, per_head=per_head, dtype=dtype, layout=layout, label=label):
+                x = _kv_input(shape, dtype, dev, k, layout, special=True)
+                if per_head:
+                    scale = torch.rand(shape[1], device=dev, dtype=torch.float32) * 0.01 + 0.002
+                else:
+                    scale = torch.tensor(0.004, device=dev, dtype=torch.float32)
+                codes = r.call("trous::kv_quantize_fp8", x, scale, fmt)
+                out = r.call("trous::kv_dequantize_fp8", codes, scale, fmt, dtype)
+                if r.compare:
+                    want = ref.quantize_fp8(x, scale, fmt)
+                    same = codes.cpu() == want.cpu()
+                    r.check(label + " codes", bool(same.all()), f"{int((~same).sum())} of {same.numel()} differ")
+                    back = ref.dequantize_fp8(codes, scale, fmt, torch.float32)
+                    r.check(label + " dequant", close(out, back, 1e-2, 1e-6), "dequantized values differ")
+
+            r.case(label, run)

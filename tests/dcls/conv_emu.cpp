@@ -1,0 +1,373 @@
+// Runs the direct depthwise DCLS convolution kernels of csrc/include/trous/dcls_conv_kernels.cuh
+// through the CUDA emulation (cuda_emu.h) on small grids and edge shapes, and compares with a scalar
+// fp64 host reference written here from shared/spec/dcls.md (deliberately NOT using dcls_conv.h's
+// math: its own profiles, axis map and dense kernel; parameter gradients by central differences of
+// the reference loss sum(grad_out * out)). The launch policy mirrors csrc/cuda/dcls_conv.cu except
+// that the grad-taps split count is chosen here (1 and 3 splits are both exercised).
+// Usage: dcls_conv_emu [filter]; exit status 0 iff every case passes.
+#include "cuda_emu.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "dcls/conv_kernels.cuh"
+
+using namespace trous;
+using namespace trous::dcls;
+using trous_emu::launch_smem;
+
+namespace {
+
+// ---------------------------------------------------------------- reference (fp64, from the spec)
+struct Case {
+  std::string name;
+  Version version;
+  int N, C, kc;
+  std::vector<int> sp, dks, stride, pad;  // spatial, first spatial axis first
+  double p_spread;                        // P ~ U(+-(dks // 2 + p_spread))
+  double sig;                             // SIG base value (gauss / max)
+  int splits;                             // grad-taps splits
+  int dtype;                              // 0 fp32, 1 fp16, 2 bf16
+};
+
+const char* vname(Version v) {
+  return v == Version::kV0 ? "v0" : v == Version::kV1 ? "v1" : v == Version::kMax ? "max" : "gauss";
+}
+
+// P row of each spatial axis, per the quirks list of the spec.
+std::vector<int> ref_prow(int nd, Version v) {
+  const bool v0 = v == Version::kV0;
+  if (nd == 1) return {0};
+  if (nd == 2) return v0 ? std::vector<int>{0, 1} : std::vector<int>{1, 0};
+  return v0 ? std::vector<int>{0, 2, 1} : std::vector<int>{2, 1, 0};
+}
+
+double ref_profile(Version v, int i, double mu, double sig) {
+  if (v == Version::kV0) {
+    const double fl = std::floor(mu), r = mu - fl;
+    return i == (int)fl ? 1 - r : (i == (int)fl + 1 ? r : 0.0);
+  }
+  if (v == Version::kV1) return std::max(0.0, 1 - std::fabs(i - mu));
+  if (v == Version::kMax) return std::max(0.0, std::fabs(sig) + 1 - std::fabs(i - mu));
+  const double u = (i - mu) / (std::fabs(sig) + 0.27);
+  return std::exp(-0.5 * u * u);
+}
+
+struct RefParams {
+  std::vector<double> w, P, SIG;  // [C, kc], [nd, C, kc], [nd, C, kc]
+};
+
+// Dense window of channel c, spatial layout [dks0][dks1][dks2] (first spatial axis first).
+std::vector<double> ref_dense(const Case& cs, const RefParams& rp, int c) {
+  const int nd = (int)cs.dks.size();
+  const auto prow = ref_prow(nd, cs.version);
+  int W = 1;
+  for (int d : cs.dks) W *= d;
+  std::vector<double> K(W, 0.0);
+  for (int k = 0; k < cs.kc; ++k) {
+    std::vector<std::vector<double>> f(nd);
+    double S = 1;
+    for (int s = 0; s < nd; ++s) {
+      const int r = prow[s];
+      const double mu = rp.P[((size_t)r * cs.C + c) * cs.kc + k] + cs.dks[r] / 2;
+      const double sg = rp.SIG.empty() ? 0 : rp.SIG[((size_t)r * cs.C + c) * cs.kc + k];
+      double sum = 0;
+      for (int i = 0; i < cs.dks[s]; ++i) {
+        f[s].push_back(ref_profile(cs.version, i, mu, sg));
+        sum += f[s].back();
+      }
+      S *= sum;
+    }
+    const double norm = cs.version == Version::kV0 ? 1.0 : S + 1e-7;
+    for (int i = 0; i < W; ++i) {
+      double prod = 1;
+      int rem = i;
+      for (int s = nd - 1; s >= 0; --s) {
+        prod *= f[s][rem % cs.dks[s]];
+        rem /= cs.dks[s];
+      }
+      K[i] += rp.w[(size_t)c * cs.kc + k] * prod / norm;
+    }
+  }
+  return K;
+}
+
+struct Geo {
+  int nd;
+  std::vector<int> in, out;
+  long in_plane, out_plane;
+};
+
+Geo geo_of(const Case& cs) {
+  Geo g;
+  g.nd = (int)cs.sp.size();
+  g.in = cs.sp;
+  g.in_plane = g.out_plane = 1;
+  for (int s = 0; s < g.nd; ++s) {
+    g.out.push_back((cs.sp[s] + 2 * cs.pad[s] - cs.dks[s]) / cs.stride[s] + 1);
+    g.in_plane *= g.in[s];
+    g.out_plane *= g.out.back();
+  }
+  return g;
+}
+
+// Visits every (output index, input index, window index) triple of a plane with the input inside.
+template <typename F>
+void for_pairs(const Case& cs, const Geo& g, F&& f) {
+  const int nd = g.nd;
+  int Wn = 1;
+  for (int d : cs.dks) Wn *= d;
+  for (long o = 0; o < g.out_plane; ++o) {
+    std::vector<int> oc(nd);
+    long rem = o;
+    for (int s = nd - 1; s >= 0; --s) {
+      oc[s] = (int)(rem % g.out[s]);
+      rem /= g.out[s];
+    }
+    for (int t = 0; t < Wn; ++t) {
+      long in_idx = 0;
+      bool inside = true;
+      int trem = t;
+      std::vector<int> tc(nd);
+      for (int s = nd - 1; s >= 0; --s) {
+        tc[s] = trem % cs.dks[s];
+        trem /= cs.dks[s];
+      }
+      for (int s = 0; s < nd; ++s) {
+        const int i = oc[s] * cs.stride[s] - cs.pad[s] + tc[s];
+        inside = inside && i >= 0 && i < g.in[s];
+        in_idx = in_idx * g.in[s] + i;
+      }
+      if (inside) f(o, in_idx, t);
+    }
+  }
+}
+
+// sum over (n, o) of gout * conv(x, K) for channel c.
+double ref_loss_channel(const Case& cs, const Geo& g, const std::vector<double>& K, const std::vector<double>& x,
+                        const std::vector<double>& gout, int c) {
+  double L = 0;
+  for (int n = 0; n < cs.N; ++n) {
+    const double* xp = x.data() + ((size_t)n * cs.C + c) * g.in_plane;
+    const double* gp = gout.data() + ((size_t)n * cs.C + c) * g.out_plane;
+    for_pairs(cs, g, [&](long o, long i, int t) { L += gp[o] * K[t] * xp[i]; });
+  }
+  return L;
+}
+
+// ---------------------------------------------------------------- device side (emulated)
+template <typename T> T to_t(float v);
+template <> float to_t<float>(float v) { return v; }
+template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
+template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+double from_t(float v) { return v; }
+double from_t(__half v) { return __half2float(v); }
+double from_t(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+ConvGeom device_geom(const Case& cs) {
+  ConvGeom g{};
+  const int nd = (int)cs.sp.size();
+  g.N = cs.N;
+  g.C = cs.C;
+  g.kc = cs.kc;
+  g.ndim = nd;
+  g.version = cs.version;
+  set_axis_map(g, nd, cs.dks.data());
+  const int lead = kAxes - nd;
+  for (int j = 0; j < kAxes; ++j) {
+    if (j < lead) {
+      g.in[j] = g.out[j] = g.stride[j] = 1;
+      g.pad[j] = 0;
+    } else {
+      const int s = j - lead;
+      g.in[j] = cs.sp[s];
+      g.stride[j] = cs.stride[s];
+      g.pad[j] = cs.pad[s];
+      g.out[j] = (cs.sp[s] + 2 * cs.pad[s] - cs.dks[s]) / cs.stride[s] + 1;
+    }
+  }
+  return g;
+}
+
+int g_passed = 0, g_failed = 0;
+
+void report(const std::string& what, double err, double scale, double tol) {
+  const bool ok = err <= tol * std::max(scale, 1e-3) && std::isfinite(err);
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL %s: max err %.3e, scale %.3e (tol %.1e)\n", what.c_str(), err, scale, tol);
+  }
+}
+
+template <typename T>
+void run_case(const Case& cs) {
+  std::mt19937 rng(1234 + cs.N * 7 + cs.kc);
+  std::uniform_real_distribution<double> U(-1, 1);
+  const int nd = (int)cs.sp.size();
+  const Geo g = geo_of(cs);
+  const ConvGeom dg = device_geom(cs);
+  const size_t xn = (size_t)cs.N * cs.C * g.in_plane, on = (size_t)cs.N * cs.C * g.out_plane;
+  std::vector<T> xd(xn), god(on), out(on), gx(xn);
+  std::vector<double> x(xn), gout(on);
+  for (size_t i = 0; i < xn; ++i) {
+    xd[i] = to_t<T>((float)U(rng));
+    x[i] = from_t(xd[i]);
+  }
+  for (size_t i = 0; i < on; ++i) {
+    god[i] = to_t<T>((float)U(rng));
+    gout[i] = from_t(god[i]);
+  }
+  const size_t pn = (size_t)nd * cs.C * cs.kc;
+  const bool has_sig = cs.version == Version::kMax || cs.version == Version::kGauss;
+  std::vector<float> w(cs.C * cs.kc), P(pn), SIG(has_sig ? pn : 0), bias(cs.C);
+  for (auto& v : w) v = (float)U(rng);
+  for (int r = 0; r < nd; ++r) {
+    for (int i = 0; i < cs.C * cs.kc; ++i) P[(size_t)r * cs.C * cs.kc + i] = (float)(U(rng) * (cs.dks[r] / 2 + cs.p_spread));
+  }
+  for (auto& v : SIG) v = (float)(cs.sig * (1 + 0.5 * U(rng)) * (U(rng) < 0 ? -1 : 1));
+  for (auto& v : bias) v = (float)U(rng);
+  RefParams rp;
+  rp.w.assign(w.begin(), w.end());
+  rp.P.assign(P.begin(), P.end());
+  rp.SIG.assign(SIG.begin(), SIG.end());
+  const Params<float> dp{w.data(), P.data(), has_sig ? SIG.data() : nullptr, bias.data()};
+
+  // forward
+  const size_t smem = (size_t)tap_smem_words(dg) * 4;
+  const unsigned fblocks = (unsigned)ceil_div(dg.N * dg.out_plane(), (index_t)kThreads * kOutPerThread);
+  launch_smem(dcls_forward_kernel<T>, dim3(fblocks, (unsigned)cs.C), dim3(kThreads), smem, xd.data(), out.data(), dg,
+              dp);
+  std::vector<std::vector<double>> K(cs.C);
+  for (int c = 0; c < cs.C; ++c) K[c] = ref_dense(cs, rp, c);
+  {
+    std::vector<double> ref(on, 0.0);
+    for (int n = 0; n < cs.N; ++n) {
+      for (int c = 0; c < cs.C; ++c) {
+        const double* xp = x.data() + ((size_t)n * cs.C + c) * g.in_plane;
+        double* op = ref.data() + ((size_t)n * cs.C + c) * g.out_plane;
+        for (long o = 0; o < g.out_plane; ++o) op[o] = bias[c];
+        for_pairs(cs, g, [&](long o, long i, int t) { op[o] += K[c][t] * xp[i]; });
+      }
+    }
+    double err = 0, scale = 0;
+    for (size_t i = 0; i < on; ++i) {
+      err = std::max(err, std::fabs(from_t(out[i]) - ref[i]));
+      scale = std::max(scale, std::fabs(ref[i]));
+    }
+    report(cs.name + " forward", err, scale, sizeof(T) == 4 ? 2e-5 : 1e-2);
+  }
+
+  // grad input
+  const unsigned iblocks = (unsigned)ceil_div(dg.N * dg.in_plane(), (index_t)kThreads * kOutPerThread);
+  launch_smem(dcls_grad_input_kernel<T>, dim3(iblocks, (unsigned)cs.C), dim3(kThreads), smem, god.data(), gx.data(),
+              dg, dp);
+  {
+    std::vector<double> ref(xn, 0.0);
+    for (int n = 0; n < cs.N; ++n) {
+      for (int c = 0; c < cs.C; ++c) {
+        double* xp = ref.data() + ((size_t)n * cs.C + c) * g.in_plane;
+        const double* gp = gout.data() + ((size_t)n * cs.C + c) * g.out_plane;
+        for_pairs(cs, g, [&](long o, long i, int t) { xp[i] += K[c][t] * gp[o]; });
+      }
+    }
+    double err = 0, scale = 0;
+    for (size_t i = 0; i < xn; ++i) {
+      err = std::max(err, std::fabs(from_t(gx[i]) - ref[i]));
+      scale = std::max(scale, std::fabs(ref[i]));
+    }
+    report(cs.name + " grad_input", err, scale, sizeof(T) == 4 ? 2e-5 : 1e-2);
+  }
+
+  // parameter gradients: taps partials (cs.splits) then the per-channel kernel
+  std::vector<float> ws((size_t)cs.splits * cs.C * dg.window(), NAN);  // non-support entries stay NaN
+  std::vector<float> gw(cs.C * cs.kc, NAN), gP(pn, NAN), gS(has_sig ? pn : 0, NAN);
+  const size_t tsmem = smem + (size_t)kGradTapsExtraWords * 4;
+  launch_smem(dcls_grad_taps_kernel<T>, dim3((unsigned)cs.splits, (unsigned)cs.C), dim3(kThreads), tsmem, god.data(),
+              xd.data(), ws.data(), dg, dp);
+  const size_t psmem = (size_t)params_smem_words(dg) * 4;
+  launch_smem(dcls_grad_params_kernel, dim3((unsigned)cs.C), dim3(kThreads), psmem, (const float*)ws.data(),
+              cs.splits, dg, dp, ParamGrads<float>{gw.data(), gP.data(), has_sig ? gS.data() : nullptr});
+  {
+    // Central differences of the fp64 reference loss, per parameter.
+    const double h = 1e-6;
+    double err_w = 0, sc_w = 0, err_p = 0, sc_p = 0, err_s = 0, sc_s = 0;
+    for (int c = 0; c < cs.C; ++c) {
+      for (int k = 0; k < cs.kc; ++k) {
+        auto fd = [&](std::vector<double>& vec, size_t idx) {
+          const double keep = vec[idx];
+          vec[idx] = keep + h;
+          const double lp = ref_loss_channel(cs, g, ref_dense(cs, rp, c), x, gout, c);
+          vec[idx] = keep - h;
+          const double lm = ref_loss_channel(cs, g, ref_dense(cs, rp, c), x, gout, c);
+          vec[idx] = keep;
+          return (lp - lm) / (2 * h);
+        };
+        const size_t ck = (size_t)c * cs.kc + k;
+        const double rw = fd(rp.w, ck);
+        err_w = std::max(err_w, std::fabs(gw[ck] - rw));
+        sc_w = std::max(sc_w, std::fabs(rw));
+        for (int r = 0; r < nd; ++r) {
+          const size_t idx = (size_t)r * cs.C * cs.kc + ck;
+          const double rpv = fd(rp.P, idx);
+          err_p = std::max(err_p, std::fabs(gP[idx] - rpv));
+          sc_p = std::max(sc_p, std::fabs(rpv));
+          if (has_sig) {
+            const double rs = fd(rp.SIG, idx);
+            err_s = std::max(err_s, std::fabs(gS[idx] - rs));
+            sc_s = std::max(sc_s, std::fabs(rs));
+          }
+        }
+      }
+    }
+    const double tol = sizeof(T) == 4 ? 1e-4 : 2e-2;
+    report(cs.name + " grad_weight", err_w, sc_w, tol);
+    report(cs.name + " grad_P", err_p, sc_p, tol);
+    if (has_sig) report(cs.name + " grad_SIG", err_s, sc_s, tol);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string only = argc > 1 ? argv[1] : "";
+  std::vector<Case> cases;
+  const Version all[] = {Version::kV0, Version::kV1, Version::kMax, Version::kGauss};
+  for (Version v : all) {
+    const std::string vn = vname(v);
+    // name, version, N, C, kc, spatial, dks, stride, pad, p_spread, sig, splits, dtype
+    cases.push_back({vn + " 1d", v, 2, 3, 4, {37}, {9}, {1}, {4}, 0.8, 0.4, 1, 0});
+    cases.push_back({vn + " 2d", v, 2, 2, 5, {9, 11}, {5, 7}, {1, 1}, {2, 3}, 0.8, 0.3, 3, 0});
+    cases.push_back({vn + " 2d stride2", v, 1, 2, 3, {10, 9}, {3, 5}, {2, 2}, {1, 2}, 0.6, 0.3, 2, 0});
+    cases.push_back({vn + " 3d", v, 1, 2, 3, {5, 6, 7}, {3, 5, 3}, {1, 2, 1}, {1, 2, 1}, 0.6, 0.3, 2, 0});
+  }
+  // Window of 289 > 256 threads (chunked compaction), partial last block, 2 splits.
+  cases.push_back({"gauss 17x17", Version::kGauss, 1, 2, 6, {20, 19}, {17, 17}, {1, 1}, {8, 8}, 0.5, 0.23, 2, 0});
+  // kc > 256 threads (elements looped per thread), a single channel.
+  cases.push_back({"v1 kc300", Version::kV1, 1, 1, 300, {15}, {7}, {1}, {3}, 0.5, 0, 1, 0});
+  // P far outside the window: no taps at all (v0 / gauss; v1 renormalises nothing either).
+  cases.push_back({"v0 empty", Version::kV0, 1, 2, 2, {8}, {5}, {1}, {2}, 40, 0, 1, 0});
+  // Large sigma (SNN delays): the whole window is support.
+  cases.push_back({"gauss large sigma", Version::kGauss, 2, 2, 2, {30}, {25}, {1}, {24}, 0.3, 8.0, 2, 0});
+  // More than kThreads * kTapsPerThread = 1024 taps: two grad-taps passes (large sigma, 33x35 window).
+  cases.push_back({"gauss 1155 taps", Version::kGauss, 1, 1, 2, {36, 34}, {33, 35}, {1, 1}, {16, 17}, 0.3, 20.0, 2, 0});
+  // Between kThreads / 2 and kThreads taps: one group, a single pass (7x7 dense support of 49 * ...).
+  cases.push_back({"gauss 15x15 dense", Version::kGauss, 1, 1, 3, {12, 13}, {15, 15}, {1, 1}, {7, 7}, 0.3, 6.0, 3, 0});
+  cases.push_back({"v1 fp16", Version::kV1, 2, 2, 4, {8, 9}, {5, 5}, {1, 1}, {2, 2}, 0.6, 0, 1, 1});
+  cases.push_back({"gauss bf16", Version::kGauss, 2, 2, 4, {8, 9}, {5, 5}, {2, 1}, {2, 2}, 0.6, 0.3, 1, 2});
+  for (const Case& cs : cases) {
+    if (!only.empty() && cs.name.find(only) == std::string::npos) continue;
+    if (cs.dtype == 0) run_case<float>(cs);
+    if (cs.dtype == 1) run_case<__half>(cs);
+    if (cs.dtype == 2) run_case<__nv_bfloat16>(cs);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("dcls_conv_emu: %d passed, %d failed (%.1f s)\n", g_passed, g_failed, secs);
+  return g_failed == 0 ? 0 : 1;
+}
