@@ -20,7 +20,7 @@ void launch_banded_forward(DType dtype, const void* x, const float* K, const int
   const index_t total = g.N * g.c_out * g.l_out;
   if (total <= 0) return;  // a zero-block grid is an invalid launch
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     banded::forward_kernel<T><<<blocks_for(total), banded::kThreads, 0, s>>>(
         static_cast<const T*>(x), K, band, bias, static_cast<T*>(out), g);
@@ -33,7 +33,7 @@ void launch_banded_backward_input(DType dtype, const void* grad_out, const float
   const index_t total = g.N * g.c_in * g.l_in;
   if (total <= 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     banded::backward_input_kernel<T><<<blocks_for(total), banded::kThreads, 0, s>>>(
         static_cast<const T*>(grad_out), K, band, static_cast<T*>(grad_x), g);
@@ -48,7 +48,7 @@ void launch_banded_backward_kernel(DType dtype, const void* grad_out, const void
   if (rows <= 0 || g.dks <= 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = (unsigned)(rows < (index_t)banded::kMaxBlocks ? rows : (index_t)banded::kMaxBlocks);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     banded::backward_kernel_kernel<T><<<blocks, banded::kThreads, 0, s>>>(
         static_cast<const T*>(grad_out), static_cast<const T*>(x), band, grad_K, g);

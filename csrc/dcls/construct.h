@@ -19,9 +19,6 @@ namespace construct {
 
 enum class Version : int { kV0 = 0, kV1 = 1, kMax = 2, kGauss = 3 };
 
-// Element type of weight, P, SIG and the kernel (one for all four).
-enum class Scalar : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
 constexpr int kAxes = 3;
 
 // v[i] for i in 0..2 written as selects: a dynamic index into a kernel-parameter array would make

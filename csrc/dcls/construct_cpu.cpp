@@ -26,10 +26,6 @@ namespace dcls {
 namespace construct {
 namespace {
 
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 // Multiply-adds per parallel task: enough to amortise scheduling, few enough to balance two cores.
 constexpr int64_t kGrainWork = 1 << 15;
 
@@ -309,32 +305,22 @@ void backward_impl(const T* gK, const T* w, const T* P, const T* SIG, T* gw, T* 
   });
 }
 
-template <typename F>
-void dispatch_cpu(Scalar dtype, F&& f) {
-  switch (dtype) {
-    case Scalar::kFloat32: f(float{}); break;
-    case Scalar::kFloat64: f(double{}); break;
-    case Scalar::kFloat16: f(c10::Half{}); break;
-    case Scalar::kBFloat16: f(c10::BFloat16{}); break;
-  }
-}
-
 }  // namespace
 
-void cpu_construct_forward(Scalar dtype, const void* weight, const void* P, const void* SIG, void* K,
+void cpu_construct_forward(DType dtype, const void* weight, const void* P, const void* SIG, void* K,
                            const ConstructArgs& a) {
   if (a.channels == 0 || a.window() == 0) return;
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
     using T = decltype(tag);
     forward_impl<T, acc_t<T>>(static_cast<const T*>(weight), static_cast<const T*>(P), static_cast<const T*>(SIG),
                               static_cast<T*>(K), a);
   });
 }
 
-void cpu_construct_backward(Scalar dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
+void cpu_construct_backward(DType dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
                             void* grad_weight, void* grad_P, void* grad_SIG, const ConstructArgs& a) {
   if (a.channels == 0 || a.kc == 0) return;
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
     using T = decltype(tag);
     backward_impl<T, acc_t<T>>(static_cast<const T*>(grad_K), static_cast<const T*>(weight), static_cast<const T*>(P),
                                static_cast<const T*>(SIG), static_cast<T*>(grad_weight), static_cast<T*>(grad_P),

@@ -10,11 +10,11 @@ namespace dcls {
 namespace construct {
 
 // K = the dense kernel; SIG may be null for v0 / v1.
-void cpu_construct_forward(Scalar dtype, const void* weight, const void* P, const void* SIG, void* K,
+void cpu_construct_forward(DType dtype, const void* weight, const void* P, const void* SIG, void* K,
                            const ConstructArgs& a);
 
 // grad_weight [C, kc], grad_P [ndim, C, kc] and, when SIG is not null, grad_SIG [ndim, C, kc], in one pass.
-void cpu_construct_backward(Scalar dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
+void cpu_construct_backward(DType dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
                             void* grad_weight, void* grad_P, void* grad_SIG, const ConstructArgs& a);
 
 }  // namespace construct

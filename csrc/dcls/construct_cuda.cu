@@ -16,26 +16,15 @@ void check_plan(const Plan& p, const ConstructArgs& a, const char* what) {
                                 std::to_string(a.window()) + " taps) in 65535 tiles");
 }
 
-// Half types accumulate in fp32, double in double.
-template <typename F>
-void dispatch(Scalar dtype, F&& f) {
-  switch (dtype) {
-    case Scalar::kFloat32: f(float{}, float{}); break;
-    case Scalar::kFloat16: f(__half{}, float{}); break;
-    case Scalar::kBFloat16: f(__nv_bfloat16{}, float{}); break;
-    case Scalar::kFloat64: f(double{}, double{}); break;
-  }
-}
-
 }  // namespace
 
-void launch_construct_forward(Scalar dtype, const void* weight, const void* P, const void* SIG, void* K,
+void launch_construct_forward(DType dtype, const void* weight, const void* P, const void* SIG, void* K,
                               const ConstructArgs& a, void* stream) {
   if (a.channels == 0 || a.window() == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch(dtype, [&](auto t_tag, auto a_tag) {
-    using T = decltype(t_tag);
-    using A = decltype(a_tag);
+  dispatch_dtype<CudaTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
     const Plan plan = make_plan(a, kThreads, sizeof(A), true);
     check_plan(plan, a, "trous dcls_construct_kernel");
     const dim3 grid((unsigned)plan.blocks, (unsigned)plan.tiles);
@@ -45,13 +34,13 @@ void launch_construct_forward(Scalar dtype, const void* weight, const void* P, c
   check_launch("trous dcls_construct_kernel");
 }
 
-void launch_construct_backward(Scalar dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
+void launch_construct_backward(DType dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
                                void* grad_weight, void* grad_P, void* grad_SIG, const ConstructArgs& a, void* stream) {
   if (a.channels == 0 || a.kc == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch(dtype, [&](auto t_tag, auto a_tag) {
-    using T = decltype(t_tag);
-    using A = decltype(a_tag);
+  dispatch_dtype<CudaTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
     const Plan plan = make_plan(a, kThreads, sizeof(A), false);
     check_plan(plan, a, "trous dcls_construct_kernel_backward");
     construct_backward<T, A><<<(unsigned)plan.blocks, kThreads, plan.smem, s>>>(

@@ -10,10 +10,10 @@ namespace trous {
 namespace dcls {
 namespace construct {
 
-void launch_construct_forward(Scalar dtype, const void* weight, const void* P, const void* SIG, void* K,
+void launch_construct_forward(DType dtype, const void* weight, const void* P, const void* SIG, void* K,
                               const ConstructArgs& a, void* stream);
 
-void launch_construct_backward(Scalar dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
+void launch_construct_backward(DType dtype, const void* grad_K, const void* weight, const void* P, const void* SIG,
                                void* grad_weight, void* grad_P, void* grad_SIG, const ConstructArgs& a, void* stream);
 
 }  // namespace construct

@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include "trous/common.h"
+#include "trous/convert.cuh"
 #include "dcls/construct.h"
 
 namespace trous {
@@ -67,16 +68,6 @@ inline Plan make_plan(const ConstructArgs& a, int threads, size_t elem_bytes, bo
   p.smem = (size_t)(cpb * kch * per) * elem_bytes;
   return p;
 }
-
-template <typename A> TROUS_DEVICE inline A to_acc(float v) { return (A)v; }
-template <typename A> TROUS_DEVICE inline A to_acc(double v) { return (A)v; }
-template <typename A> TROUS_DEVICE inline A to_acc(__half v) { return (A)__half2float(v); }
-template <typename A> TROUS_DEVICE inline A to_acc(__nv_bfloat16 v) { return (A)__bfloat162float(v); }
-template <typename T> TROUS_DEVICE inline T from_acc(float v);
-template <> TROUS_DEVICE inline float from_acc<float>(float v) { return v; }
-template <> TROUS_DEVICE inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> TROUS_DEVICE inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename T> TROUS_DEVICE inline T from_acc(double v) { return (T)v; }
 
 // Profile row of element k of channel c along window axis ax, and its sum. Optional derivative rows.
 template <typename T, typename A>

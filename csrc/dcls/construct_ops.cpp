@@ -26,16 +26,6 @@ Version parse_version(c10::string_view s, const char* op) {
   TORCH_CHECK(false, op, ": version must be one of \"v0\", \"v1\", \"max\", \"gauss\", got \"", std::string(s), "\"");
 }
 
-Scalar scalar_of(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Scalar::kFloat32;
-    case at::kDouble: return Scalar::kFloat64;
-    case at::kHalf: return Scalar::kFloat16;
-    case at::kBFloat16: return Scalar::kBFloat16;
-    default: TORCH_CHECK(false, op, ": weight must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
-
 void check_like(const at::Tensor& t, const at::Tensor& weight, at::IntArrayRef shape, const char* op, const char* name,
                 const char* shape_text) {
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_text, " = ", shape, ", got ", t.sizes());
@@ -47,7 +37,7 @@ void check_like(const at::Tensor& t, const at::Tensor& weight, at::IntArrayRef s
 struct Inputs {
   at::Tensor weight, P, SIG;  // contiguous; SIG undefined when not given
   ConstructArgs args;
-  Scalar dtype;
+  DType dtype;
   std::vector<int64_t> kernel_shape;  // [O, I / groups, *dilated_kernel_size]
 };
 
@@ -64,7 +54,7 @@ Inputs check_inputs(const char* op, const at::Tensor& weight, const at::Tensor& 
   }
   TORCH_CHECK(weight.dim() == 3, op, ": weight must have shape [out_channels, in_channels / groups, kernel_count], got ",
               weight.sizes());
-  const Scalar dt = scalar_of(weight, op);
+  const DType dt = float_dtype(weight.scalar_type(), op, "weight", /*with_float64=*/true);
   const int64_t O = weight.size(0), I = weight.size(1), kc = weight.size(2);
   TORCH_CHECK(kc <= INT32_MAX, op, ": kernel_count must be < 2^31, got ", kc);
   const std::vector<int64_t> p_shape{ndim, O, I, kc};

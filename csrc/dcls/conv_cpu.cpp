@@ -608,16 +608,6 @@ void backward_impl(const T* gout, const T* x, T* gx, const ConvGeom& g, const Pa
   });
 }
 
-template <typename F>
-void dispatch_cpu(CpuDType dtype, F&& f) {
-  switch (dtype) {
-    case CpuDType::kFloat32: f(float{}, float{}); break;
-    case CpuDType::kFloat64: f(double{}, double{}); break;
-    case CpuDType::kFloat16: f(c10::Half{}, float{}); break;
-    case CpuDType::kBFloat16: f(c10::BFloat16{}, float{}); break;
-  }
-}
-
 template <typename Acc>
 Params<Acc> typed(const RawParams& p) {
   return Params<Acc>{static_cast<const Acc*>(p.w), static_cast<const Acc*>(p.P), static_cast<const Acc*>(p.SIG),
@@ -626,20 +616,20 @@ Params<Acc> typed(const RawParams& p) {
 
 }  // namespace
 
-void cpu_forward(CpuDType dtype, const void* x, void* out, const ConvGeom& g, const RawParams& p) {
+void cpu_forward(DType dtype, const void* x, void* out, const ConvGeom& g, const RawParams& p) {
   if (g.N * g.C == 0) return;
-  dispatch_cpu(dtype, [&](auto t, auto a) {
-    using T = decltype(t);
-    using Acc = decltype(a);
+  dispatch_dtype<cpu::CpuTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = acc_t<T>;
     forward_impl<T, Acc>(static_cast<const T*>(x), static_cast<T*>(out), g, typed<Acc>(p));
   });
 }
 
-void cpu_backward(CpuDType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g,
+void cpu_backward(DType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g,
                   const RawParams& p, const RawGrads& gr) {
-  dispatch_cpu(dtype, [&](auto t, auto a) {
-    using T = decltype(t);
-    using Acc = decltype(a);
+  dispatch_dtype<cpu::CpuTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = acc_t<T>;
     const ParamGrads<Acc> pg{static_cast<Acc*>(gr.gw), static_cast<Acc*>(gr.gP), static_cast<Acc*>(gr.gSIG)};
     if (g.N * g.C == 0) {  // empty batch: parameter gradients are 0
       if (pg.gw) {
@@ -654,9 +644,9 @@ void cpu_backward(CpuDType dtype, const void* grad_out, const void* x, void* gra
   });
 }
 
-void cpu_tap_counts(CpuDType dtype, const ConvGeom& g, const RawParams& p, int32_t* counts) {
-  dispatch_cpu(dtype, [&](auto, auto a) {
-    using Acc = decltype(a);
+void cpu_tap_counts(DType dtype, const ConvGeom& g, const RawParams& p, int32_t* counts) {
+  dispatch_dtype<cpu::CpuTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
+    using Acc = acc_t<decltype(tag)>;
     const ChannelTaps<Acc> taps = build_taps<Acc>(g, typed<Acc>(p));
     for (index_t c = 0; c < g.C; ++c) counts[c] = taps.count[c];
   });

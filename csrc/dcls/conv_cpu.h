@@ -9,8 +9,6 @@
 namespace trous {
 namespace dcls {
 
-enum class CpuDType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-
 // Parameter pointers whose element type is the accumulation type of the call.
 struct RawParams {
   const void* w;
@@ -25,14 +23,14 @@ struct RawGrads {
   void* gSIG;  // null for v0 / v1
 };
 
-void cpu_forward(CpuDType dtype, const void* x, void* out, const ConvGeom& g, const RawParams& p);
+void cpu_forward(DType dtype, const void* x, void* out, const ConvGeom& g, const RawParams& p);
 
 // grad_x null: no input gradient; gr.gw null: no parameter gradients.
-void cpu_backward(CpuDType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g,
+void cpu_backward(DType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g,
                   const RawParams& p, const RawGrads& gr);
 
 // Number of taps (support size of the dense window) of every channel, for cost models and tests.
-void cpu_tap_counts(CpuDType dtype, const ConvGeom& g, const RawParams& p, int32_t* counts);
+void cpu_tap_counts(DType dtype, const ConvGeom& g, const RawParams& p, int32_t* counts);
 
 }  // namespace dcls
 }  // namespace trous

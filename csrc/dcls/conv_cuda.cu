@@ -80,7 +80,7 @@ void launch_forward(DType dtype, const void* x, void* out, const ConvGeom& g, co
   if (g.N * g.C == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const size_t smem = taps_bytes(g);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     allow_smem(dcls_forward_kernel<T>, smem);
     for_slices(g, [&](const ConvGeom& gs, index_t n0, int) {
@@ -104,7 +104,7 @@ void launch_backward(DType dtype, const void* grad_out, const void* x, void* gra
     }
     return;
   }
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* go = static_cast<const T*>(grad_out);
     if (grad_x) {

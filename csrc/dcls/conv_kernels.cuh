@@ -20,6 +20,7 @@
 #include <cuda_fp16.h>
 
 #include "trous/common.h"
+#include "trous/convert.cuh"
 #include "dcls/conv.h"
 
 namespace trous {
@@ -30,13 +31,6 @@ constexpr int kOutPerThread = 4;  // forward / grad-input outputs per thread
 constexpr int kTapsPerThread = 4; // grad-taps accumulators per thread (taps per pass: 4 * 256)
 constexpr int kStage = 256;       // grad-taps: outputs staged in shared memory per step
 constexpr int kPackBits = 10;     // tap coordinates packed as tz | ty << 10 | tx << 20 (dks < 1024)
-
-TROUS_DEVICE inline float load_f(const float* p) { return *p; }
-TROUS_DEVICE inline float load_f(const __half* p) { return __half2float(*p); }
-TROUS_DEVICE inline float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-TROUS_DEVICE inline void store_f(float* p, float v) { *p = v; }
-TROUS_DEVICE inline void store_f(__half* p, float v) { *p = __float2half_rn(v); }
-TROUS_DEVICE inline void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Shared-memory carve-up of the per-channel tap build (all 4-byte words).
 struct TapSmem {
@@ -199,17 +193,17 @@ dcls_forward_kernel(const T* __restrict__ x, T* __restrict__ out, ConvGeom g, Pa
                           ix0 + g.dks[2] <= g.in[2];
     if (interior) {
       const T* base = xp + ((index_t)iz0 * g.in[1] + iy0) * g.in[2] + ix0;
-      for (int t = 0; t < nt; ++t) acc += s.tap_coef[t] * load_f(base + s.tap_lin[t]);
+      for (int t = 0; t < nt; ++t) acc += s.tap_coef[t] * to_float(base[s.tap_lin[t]]);
     } else {
       for (int t = 0; t < nt; ++t) {
         const int pk = s.tap_pack[t];
         const int iz = iz0 + tap_z(pk), iy = iy0 + tap_y(pk), ix = ix0 + tap_x(pk);
         if ((unsigned)iz < (unsigned)g.in[0] && (unsigned)iy < (unsigned)g.in[1] && (unsigned)ix < (unsigned)g.in[2]) {
-          acc += s.tap_coef[t] * load_f(xp + ((index_t)iz * g.in[1] + iy) * g.in[2] + ix);
+          acc += s.tap_coef[t] * to_float(xp[((index_t)iz * g.in[1] + iy) * g.in[2] + ix]);
         }
       }
     }
-    store_f(out + ((index_t)n * g.C + c) * out_plane + o, acc + bias);
+    out[((index_t)n * g.C + c) * out_plane + o] = from_float<T>(acc + bias);
   }
 }
 
@@ -241,7 +235,7 @@ dcls_grad_input_kernel(const T* __restrict__ gout, T* __restrict__ gx, ConvGeom 
                           qy < g.out[1] && qx - (g.dks[2] - 1) >= 0 && qx < g.out[2];
     if (interior) {
       const T* base = gp + ((index_t)qz * g.out[1] + qy) * g.out[2] + qx;
-      for (int t = 0; t < nt; ++t) acc += s.tap_coef[t] * load_f(base - s.tap_lin[t]);
+      for (int t = 0; t < nt; ++t) acc += s.tap_coef[t] * to_float(*(base - s.tap_lin[t]));
     } else {
       for (int t = 0; t < nt; ++t) {
         const int pk = s.tap_pack[t];
@@ -250,11 +244,11 @@ dcls_grad_input_kernel(const T* __restrict__ gout, T* __restrict__ gx, ConvGeom 
         if (rz % g.stride[0] || ry % g.stride[1] || rx % g.stride[2]) continue;
         const int oz = rz / g.stride[0], oy = ry / g.stride[1], ox = rx / g.stride[2];
         if (oz < g.out[0] && oy < g.out[1] && ox < g.out[2]) {
-          acc += s.tap_coef[t] * load_f(gp + ((index_t)oz * g.out[1] + oy) * g.out[2] + ox);
+          acc += s.tap_coef[t] * to_float(gp[((index_t)oz * g.out[1] + oy) * g.out[2] + ox]);
         }
       }
     }
-    store_f(gx + ((index_t)n * g.C + c) * in_plane + o, acc);
+    gx[((index_t)n * g.C + c) * in_plane + o] = from_float<T>(acc);
   }
 }
 
@@ -316,7 +310,7 @@ dcls_grad_taps_kernel(const T* __restrict__ gout, const T* __restrict__ x, float
           const int ox = o % g.out[2];
           const int oy = (o / g.out[2]) % g.out[1];
           const int oz = o / (g.out[2] * g.out[1]);
-          g_s[j] = load_f(gout + ((index_t)n * g.C + c) * out_plane + o);
+          g_s[j] = to_float(gout[((index_t)n * g.C + c) * out_plane + o]);
           rec[4 * j] = n;
           rec[4 * j + 1] = oz * g.stride[0] - g.pad[0];
           rec[4 * j + 2] = oy * g.stride[1] - g.pad[1];
@@ -334,7 +328,7 @@ dcls_grad_taps_kernel(const T* __restrict__ gout, const T* __restrict__ x, float
           if (pk[r] < 0) continue;
           const int iz = iz0 + tap_z(pk[r]), iy = iy0 + tap_y(pk[r]), ix = ix0 + tap_x(pk[r]);
           if ((unsigned)iz < (unsigned)g.in[0] && (unsigned)iy < (unsigned)g.in[1] && (unsigned)ix < (unsigned)g.in[2]) {
-            acc[r] += gv * load_f(xp + ((index_t)iz * g.in[1] + iy) * g.in[2] + ix);
+            acc[r] += gv * to_float(xp[((index_t)iz * g.in[1] + iy) * g.in[2] + ix]);
           }
         }
       }

@@ -140,14 +140,6 @@ RawParams raw_params(const Prepared& r) {
                    r.bias.defined() ? r.bias.data_ptr() : nullptr};
 }
 
-CpuDType cpu_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return CpuDType::kFloat64;
-    case at::kHalf: return CpuDType::kFloat16;
-    case at::kBFloat16: return CpuDType::kBFloat16;
-    default: return CpuDType::kFloat32;
-  }
-}
 
 #ifdef TROUS_WITH_CUDA
 Params<float> cuda_params(const Prepared& r) {
@@ -177,7 +169,7 @@ at::Tensor dcls_conv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor out = at::empty(out_shape(r), r.x.options());
   const ConvGeom& g = r.g;
   run_on_device(
-      r.x, op, [&] { cpu_forward(cpu_dtype(r.x.scalar_type()), r.x.data_ptr(), out.data_ptr(), g, raw_params(r)); },
+      r.x, op, [&] { cpu_forward(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), r.x.data_ptr(), out.data_ptr(), g, raw_params(r)); },
       [&](void* stream) {
         TROUS_CUDA_ONLY(check_cuda_geometry(g, op);
                         launch_forward(float_dtype(r.x.scalar_type(), op, "x"), r.x.data_ptr(), out.data_ptr(), g,
@@ -218,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcls_conv_backward(
     run_on_device(
         r.x, op,
         [&] {
-          cpu_backward(cpu_dtype(r.x.scalar_type()), go.data_ptr(), r.x.data_ptr(), want_x ? gx.data_ptr() : nullptr,
+          cpu_backward(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), go.data_ptr(), r.x.data_ptr(), want_x ? gx.data_ptr() : nullptr,
                        g, raw_params(r), rg);
         },
         [&](void* stream) {
@@ -252,7 +244,7 @@ at::Tensor dcls_conv_tap_counts(const at::Tensor& weight, const at::Tensor& P, c
   const Prepared r = prepare(op, x, weight, P, SIG, std::nullopt, dilated_kernel_size, version, {1}, {0});
   TORCH_CHECK(weight.device().is_cpu(), op, ": CPU tensors only");
   at::Tensor counts = at::empty({r.g.C}, weight.options().dtype(at::kInt));
-  cpu_tap_counts(cpu_dtype(r.x.scalar_type()), r.g, raw_params(r), counts.data_ptr<int32_t>());
+  cpu_tap_counts(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), r.g, raw_params(r), counts.data_ptr<int32_t>());
   return counts;
 }
 

@@ -224,15 +224,6 @@ const float* row_as_float(const T* src, index_t n, std::vector<float>& scratch) 
   }
 }
 
-template <typename F>
-void dispatch_cpu(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat16: f(c10::Half{}); break;
-    case DType::kBFloat16: f(c10::BFloat16{}); break;
-  }
-}
-
 // Per-row work, written once over an `Ops` policy (AVX2 or scalar). Each policy's row function
 // carries its own target attribute and this body is force-inlined into it, so the AVX2 helpers
 // inline too (a generic-target caller could not inline them).
@@ -527,21 +518,21 @@ void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index
 }  // namespace
 
 void cpu_quantize_token(DType dtype, const void* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     quantize_token_impl(static_cast<const T*>(x), codes, params, a);
   });
 }
 
 void cpu_dequantize_token(DType dtype, const uint8_t* codes, const void* params, void* out, const TokenDequantArgs& a) {
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_token_impl(codes, params, static_cast<T*>(out), a);
   });
 }
 
 void cpu_quantize_channel(DType dtype, const void* x, uint8_t* codes, void* params, const ChannelQuantArgs& a) {
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     quantize_channel_impl(static_cast<const T*>(x), codes, params, a);
   });
@@ -549,14 +540,14 @@ void cpu_quantize_channel(DType dtype, const void* x, uint8_t* codes, void* para
 
 void cpu_dequantize_channel(DType dtype, const uint8_t* codes, const void* params, void* out,
                             const ChannelDequantArgs& a) {
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_channel_impl(codes, params, static_cast<T*>(out), a);
   });
 }
 
 void cpu_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t* codes, const Fp8Args& a) {
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     quantize_fp8_impl(static_cast<const T*>(x), scale, codes, a);
   });
@@ -564,7 +555,7 @@ void cpu_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t* c
 
 void cpu_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale, void* out, index_t rows, index_t H,
                         index_t T, index_t D, Fp8Format format, bool per_head) {
-  dispatch_cpu(dtype, [&](auto tag) {
+  dispatch_dtype<cpu::CpuTypes>(dtype, [&](auto tag) {
     using Elem = decltype(tag);
     dequantize_fp8_impl(codes, scale, static_cast<Elem*>(out), rows, H, T, D, format, per_head);
   });

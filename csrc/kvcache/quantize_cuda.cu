@@ -36,7 +36,7 @@ void launch_quantize_token(DType dtype, const void* x, uint8_t* codes, void* par
                            void* stream) {
   if (a.in.rows() == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
@@ -52,7 +52,7 @@ void launch_dequantize_token(DType dtype, const uint8_t* codes, const void* para
                              const TokenDequantArgs& a, void* stream) {
   if (a.rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_token<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
   });
@@ -64,7 +64,7 @@ void launch_quantize_channel(DType dtype, const void* x, uint8_t* codes, void* p
   if (a.in.rows() == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = blocks_for(a.in.B * a.in.H * (a.in.T / a.group) * (a.in.D / kPack));
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
@@ -80,7 +80,7 @@ void launch_dequantize_channel(DType dtype, const uint8_t* codes, const void* pa
                                const ChannelDequantArgs& a, void* stream) {
   if (a.rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_channel<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
   });
@@ -92,7 +92,7 @@ void launch_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t
   if (a.in.rows() == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
@@ -108,7 +108,7 @@ void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale
                            index_t H, index_t T, index_t D, Fp8Format format, bool per_head, void* stream) {
   if (rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  dispatch_float_types(dtype, [&](auto tag) {
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using Elem = decltype(tag);
     dequantize_fp8<Elem><<<blocks_for(rows * (D / kPack)), kThreads, 0, s>>>(
         codes, scale, static_cast<Elem*>(out), rows, H, T, D, format, per_head);

@@ -15,13 +15,19 @@
 
 namespace trous {
 
-inline DType float_dtype(at::ScalarType t, const char* op, const char* name) {
+// The kernels' DType of a tensor's dtype; anything else is refused naming the argument.
+inline DType float_dtype(at::ScalarType t, const char* op, const char* name, bool with_float64 = false) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t);
+    case at::kDouble:
+      if (with_float64) return DType::kFloat64;
+      break;
+    default: break;
   }
+  TORCH_CHECK(false, op, ": ", name, " must be float32, ", with_float64 ? "float64, " : "", "float16 or bfloat16, got ",
+              t);
 }
 
 // Runs `cpu()` for CPU tensors or `cuda(stream)` (a cudaStream_t as void*) for CUDA tensors, on the

@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "trous/dtype.h"
+
 #if defined(__CUDACC__) || defined(TROUS_CUDA_EMULATION)
 #define TROUS_HOST_DEVICE __host__ __device__
 #define TROUS_DEVICE __device__
@@ -25,9 +27,6 @@ namespace trous {
 using index_t = int64_t;
 
 TROUS_INLINE index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
-
-// Element types the kernels accept (floating inputs / outputs).
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Strides (in elements) of a 4-D tensor [B, H, T, D] whose last dimension is contiguous.
 struct RowStrides {

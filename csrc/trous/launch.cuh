@@ -1,4 +1,4 @@
-// Helpers shared by the torch-free CUDA launchers: error checks and the float-type dispatch.
+// Helpers shared by the torch-free CUDA launchers: error checks and the element-type dispatch.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,14 +18,10 @@ inline void cuda_check(cudaError_t err, const char* what) {
 
 inline void check_launch(const char* what) { cuda_check(cudaGetLastError(), what); }
 
-// Calls f(T{}) with the CUDA element type of dtype (float, __half or __nv_bfloat16).
-template <typename F>
-void dispatch_float_types(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-  }
-}
+// The CUDA element types of DType::kFloat16 / kBFloat16, for dispatch_dtype (trous/dtype.h).
+struct CudaTypes {
+  using f16 = __half;
+  using bf16 = __nv_bfloat16;
+};
 
 }  // namespace trous

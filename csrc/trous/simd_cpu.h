@@ -29,6 +29,12 @@
 namespace trous {
 namespace cpu {
 
+// The CPU element types of DType::kFloat16 / kBFloat16, for dispatch_dtype (trous/dtype.h).
+struct CpuTypes {
+  using f16 = c10::Half;
+  using bf16 = c10::BFloat16;
+};
+
 inline bool has_avx2() {
 #if TROUS_HAVE_AVX2_PATH
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
