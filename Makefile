@@ -17,7 +17,7 @@ all: build
 $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
-	$(PIP) install --quiet --disable-pip-version-check numpy pytest ninja pybind11 setuptools wheel matplotlib
+	$(PIP) install --quiet --disable-pip-version-check numpy pytest ninja pybind11 setuptools wheel matplotlib tqdm
 	# The dcls package is the drop-in peer; tests skip with a message if it cannot be installed.
 	-$(PIP) install --quiet --disable-pip-version-check --no-deps dcls==0.1.1
 	touch $@

@@ -6,9 +6,10 @@ the times into rows (ms, speed-up, effective GB/s, fraction of the measured copy
 
 Timing:
   * CPU: ``time.perf_counter`` around each call.
-  * CUDA: a pair of CUDA events around each call; before each call the stream is kept busy with
-    ``torch.cuda._sleep`` for longer than the host needs to enqueue the call, so the interval between
-    the events is GPU time only (no launch gaps), as if the op were part of a longer stream.
+  * CUDA: a pair of CUDA events around each call; before each call the stream is kept busy
+    (:class:`GpuBusy`: calibrated ``torch.mm`` launches on small, L2-resident operands) for longer
+    than the host needs to enqueue the call, so the interval between the events is GPU time only
+    (no launch gaps), as if the op were part of a longer stream.
   * warm-up calls first, then the median of ``repeats`` calls. The
     number of repeats adapts to a time budget per case, within [min_repeats, max_repeats].
   * rotating inputs: several preallocated input sets, together at least twice the last-level cache
@@ -27,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -222,28 +223,79 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class _SleepCalibration:
-    cycles_per_ms: Optional[float] = None
+class GpuBusy:
+    """Keeps the current CUDA stream busy for a requested time with public ops, so that the host can
+    enqueue the next call before the GPU reaches it.
+
+    The work is ``torch.mm`` of a [m, k] by [k, m] fp32 pair, preallocated: long on the GPU (about
+    2 m^2 k flops), small on the host (one launch) and light on memory (at the default k the
+    operands, 8 MiB each, stay in L2 between launches; the m x m output is 256 KiB).
+    :meth:`calibrate` measures one launch's GPU time with CUDA events and its host time with
+    ``time.perf_counter``; :meth:`__call__` enqueues enough launches for the stream to hold the
+    requested milliseconds of work after the host is done enqueueing them. ``device`` is "cuda"
+    except in tests.
+    """
+
+    def __init__(self, device: str = "cuda", m: int = 256, k: int = 8192, max_k: int = 1 << 16,
+                 launches: int = 8):
+        self.device, self.m, self.k, self.max_k, self.launches = device, m, k, max_k, launches
+        self.gpu_ms = self.host_ms = 0.0
+        self._alloc()
+
+    def _alloc(self) -> None:
+        self.a = torch.empty(self.m, self.k, device=self.device).uniform_(-0.5, 0.5)
+        self.b = torch.empty(self.k, self.m, device=self.device).uniform_(-0.5, 0.5)
+        self.out = torch.empty(self.m, self.m, device=self.device)
+
+    def _launch(self) -> None:
+        torch.mm(self.a, self.b, out=self.out)
+
+    def calibrate(self) -> "GpuBusy":
+        """GPU and host milliseconds of one launch; doubles ``k`` (up to ``max_k``) while a launch
+        is not at least twice as long on the GPU as on the host (the queue would hardly grow)."""
+        while True:
+            self._launch()  # first call: cuBLAS handle and workspace
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            t0 = time.perf_counter()
+            for _ in range(self.launches):
+                self._launch()
+            host = (time.perf_counter() - t0) * 1e3 / self.launches
+            end.record()
+            torch.cuda.synchronize()
+            self.gpu_ms = max(start.elapsed_time(end) / self.launches, 1e-4)
+            self.host_ms = host
+            if self.gpu_ms >= 2 * self.host_ms or self.k >= self.max_k:
+                return self
+            self.k *= 2
+            self._alloc()
+
+    def launches_for(self, ms: float) -> int:
+        """Launches after which the stream still holds ``ms`` of work once the host is done."""
+        gain = max(self.gpu_ms - self.host_ms, 0.25 * self.gpu_ms)  # queued work each launch adds
+        return max(1, math.ceil(ms / gain))
+
+    def __call__(self, ms: float) -> None:
+        for _ in range(self.launches_for(ms)):
+            self._launch()
 
 
-def _calibrate_sleep() -> float:
-    if _SleepCalibration.cycles_per_ms is None:
-        cycles = 1_000_000
-        torch.cuda._sleep(cycles)  # first call: module load
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        torch.cuda.synchronize()
-        _SleepCalibration.cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
-    return _SleepCalibration.cycles_per_ms
+_BUSY: Dict[str, GpuBusy] = {}
 
 
-def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple], device: str, cfg: TimingConfig) -> List[float]:
-    """Milliseconds of each timed call of ``fn`` over the rotating ``inputs``."""
+def _gpu_busy(device: str) -> GpuBusy:
+    """The :class:`GpuBusy` of ``device``, kept for the run, calibrated afresh (a few launches) for
+    each timed callable: a family may change matmul settings such as TF32 between cases."""
+    if device not in _BUSY:
+        _BUSY[device] = GpuBusy(device)
+    return _BUSY[device].calibrate()
+
+
+def _repeats(fn: Callable[..., Any], inputs: Sequence[tuple], device: str, cfg: TimingConfig) -> Tuple[int, int]:
+    """Warm-up calls (loads code, fills allocator caches; the inputs were written, so already paged
+    in), then how many calls fit the time budget. Returns (warm-up calls made, repeats)."""
     n = len(inputs)
-    # Warm-up (loads code, fills allocator caches; the inputs were written, so already paged in).
     host_ms = []
     warm = max(cfg.warmup, 1)
     for i in range(warm):
@@ -253,36 +305,54 @@ def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple], device: str, cfg
         synchronize(device)
         host_ms.append((time.perf_counter() - t0) * 1e3)
     est_ms = max(min(host_ms), 1e-4)
-    repeats = int(min(cfg.max_repeats, max(cfg.min_repeats, math.ceil(cfg.budget_s * 1e3 / est_ms))))
+    return warm, int(min(cfg.max_repeats, max(cfg.min_repeats, math.ceil(cfg.budget_s * 1e3 / est_ms))))
 
+
+def _time_cpu(fn: Callable[..., Any], inputs: Sequence[tuple], warm: int, repeats: int) -> List[float]:
+    """``time.perf_counter`` around each call."""
+    n = len(inputs)
     times: List[float] = []
-    if device == "cuda":
-        # Measure how long the host takes to enqueue one call, then keep the GPU busy that long (x2)
-        # before each call so that the events see back-to-back GPU work.
+    for r in range(repeats):
+        args = inputs[(warm + r) % n]  # continue the rotation: never the set used just before
         t0 = time.perf_counter()
-        for i in range(3):
-            fn(*inputs[i % n])
-        enqueue_ms = (time.perf_counter() - t0) * 1e3 / 3
-        torch.cuda.synchronize()
-        sleep_cycles = int(_calibrate_sleep() * min(2 * enqueue_ms + 0.05, 50.0))
-        events = []
-        for r in range(repeats):
-            args = inputs[(warm + r) % n]  # continue the rotation: never the set used just before
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(sleep_cycles)
-            start.record()
-            fn(*args)
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for r in range(repeats):
-            args = inputs[(warm + r) % n]
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append((time.perf_counter() - t0) * 1e3)
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def _time_cuda(fn: Callable[..., Any], inputs: Sequence[tuple], warm: int, repeats: int,
+               device: str = "cuda") -> List[float]:
+    """A pair of CUDA events around each call, the stream kept busy (:class:`GpuBusy`) before each
+    call for twice as long as the host takes to enqueue one, so that the events see back-to-back
+    GPU work: GPU time without launch gaps, as if the op were part of a longer stream."""
+    n = len(inputs)
+    t0 = time.perf_counter()
+    for i in range(3):
+        fn(*inputs[i % n])
+    enqueue_ms = (time.perf_counter() - t0) * 1e3 / 3
+    torch.cuda.synchronize()
+    busy = _gpu_busy(device)
+    busy_ms = min(2 * enqueue_ms + 0.05, 50.0)
+    events = []
+    for r in range(repeats):
+        args = inputs[(warm + r) % n]  # continue the rotation: never the set used just before
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        busy(busy_ms)
+        start.record()
+        fn(*args)
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple], device: str, cfg: TimingConfig) -> List[float]:
+    """Milliseconds of each timed call of ``fn`` over the rotating ``inputs`` (CPU: wall time of
+    each call; CUDA: GPU time of each call, see :func:`_time_cuda`)."""
+    warm, repeats = _repeats(fn, inputs, device, cfg)
+    if device == "cuda":
+        return _time_cuda(fn, inputs, warm, repeats)
+    return _time_cpu(fn, inputs, warm, repeats)
 
 
 def n_input_sets(input_bytes: int, device: str, cfg: TimingConfig) -> int:
@@ -369,52 +439,35 @@ def finish_row(row: Dict[str, Any], copy_gbps: float) -> Dict[str, Any]:
 
 
 class Progress:
-    """A progress bar on stderr: tqdm when installed, else plain text (a redrawn line on a
-    terminal, one line per step otherwise so that logs stay readable)."""
+    """A tqdm progress bar on stderr, one step per case, the step's label after the bar; shown only
+    when ``enabled`` and stderr is a terminal (no carriage-return redraws in logs). When enabled,
+    :meth:`close` writes one summary line (cases and seconds) either way."""
 
     def __init__(self, total: int, desc: str = "bench", enabled: bool = True):
+        from tqdm import tqdm
+
         self.total, self.n, self.desc, self.enabled = total, 0, desc, enabled
         self.t0 = time.perf_counter()
-        self._tqdm = None
-        if enabled:
-            try:
-                from tqdm import tqdm  # optional
-
-                self._tqdm = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-            except ImportError:
-                pass
-        self._tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True,
+                        mininterval=0, miniters=1,  # redraw at every step: the label is the news
+                        disable=not (enabled and sys.stderr.isatty()))
 
     def update(self, label: str) -> None:
         """Call before starting the next step, with that step's label."""
-        if not self.enabled:
-            return
-        if self._tqdm is not None:
-            self._tqdm.set_postfix_str(label, refresh=False)
-            if self.n:
-                self._tqdm.update(1)
+        self.bar.set_postfix_str(label, refresh=False)
+        if self.n:
+            self.bar.update(1)
         else:
-            width = 24
-            done = int(width * self.n / max(self.total, 1))
-            bar = "#" * done + "." * (width - done)
-            line = f"[{bar}] {self.n + 1}/{self.total} {time.perf_counter() - self.t0:6.1f}s {label}"
-            if self._tty:
-                sys.stderr.write("\r\033[K" + line[:160])
-            else:
-                sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+            self.bar.refresh()
         self.n += 1
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        if self._tqdm is not None:
-            self._tqdm.update(1)
-            self._tqdm.close()
-        elif self._tty:
-            sys.stderr.write("\r\033[K")
-        sys.stderr.write(f"{self.desc}: {self.n} cases in {time.perf_counter() - self.t0:.1f} s\n")
-        sys.stderr.flush()
+        if self.n:
+            self.bar.update(1)
+        self.bar.close()
+        if self.enabled:
+            sys.stderr.write(f"{self.desc}: {self.n} cases in {time.perf_counter() - self.t0:.1f} s\n")
+            sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------------------

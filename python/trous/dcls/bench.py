@@ -221,7 +221,7 @@ def _snn_cases(version: str, sig: Optional[float], device: str, quick: bool) -> 
 
     x0 = make_x(0)[0]
     saved = _saved_bytes(lambda: ours(x0))
-    route = "banded" if ours._direct(x0, ours.weight, ours.P, ours.SIG, ours.padding) is not None else "construct"
+    route = ours.route(x0)
     common = dict(family=FAMILY, shape=shape, dtype="fp32", bytes_moved=4 * x_bytes, input_bytes=x_bytes)
     extra = {"band_width_mean": round(width, 2), "window": d, "route": route,
              "saved_vs_input_trous": round(saved / x_bytes, 3)}

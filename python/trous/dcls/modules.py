@@ -313,6 +313,17 @@ class _DclsNd(Module):
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight, self.bias, self.P, self.SIG)
 
+    def route(self, input: Tensor) -> str:
+        """The route ``forward(input)`` takes with the current parameters and ``strategy``:
+        "direct" (trous.dcls.conv's direct depthwise convolution), "banded" (trous.dcls.banded, a
+        Dcls1d that is not depthwise) or "construct" (dense kernel, then F.convNd). Makes the same
+        choice as forward, the cost model of "auto" included, without convolving; raises as forward
+        does when strategy="direct" cannot run these inputs."""
+        x, padding = self._pad(input)
+        if self._direct(x, self.weight, self.P, self.SIG, padding) is None:
+            return "construct"
+        return "banded" if type(self) is Dcls1d and not self._is_depthwise() else "direct"
+
 
 _ARGS_DOC = """
     Args:
