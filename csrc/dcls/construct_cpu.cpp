@@ -61,26 +61,27 @@ inline float exp_nonpositive(float x) {
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
-// Gauss profile of one element along one axis (values and, if dmu, derivatives), all n taps.
+// params.h's gauss taps of one element along one axis (values and, if dmu, derivatives), all n
+// taps, with the exponential written so that the loop vectorises.
 template <typename A>
-inline void gauss_row_impl(A mu, A sigma, int n, A* g, A* dmu, A* dsig) {
+inline void gauss_row_impl(A mu, A inv_sigma, int n, A* g, A* dmu, A* dsig) {
   for (int t = 0; t < n; ++t) {
-    const A z = (A(t) - mu) / sigma;
+    const A z = (A(t) - mu) * inv_sigma;
     g[t] = exp_nonpositive(A(-0.5) * z * z);
   }
   if (dmu) {
     for (int t = 0; t < n; ++t) {
-      const A z = (A(t) - mu) / sigma;
-      dmu[t] = g[t] * z / sigma;
-      dsig[t] = dmu[t] * z;
+      const Tap<A> tp = gauss_tap(g[t], (A(t) - mu) * inv_sigma, inv_sigma);
+      dmu[t] = tp.dmu;
+      dsig[t] = tp.dsig;
     }
   }
 }
-TROUS_CPU_CLONES void gauss_row(float mu, float sigma, int n, float* g, float* dmu, float* dsig) {
-  gauss_row_impl(mu, sigma, n, g, dmu, dsig);
+TROUS_CPU_CLONES void gauss_row(float mu, float inv_sigma, int n, float* g, float* dmu, float* dsig) {
+  gauss_row_impl(mu, inv_sigma, n, g, dmu, dsig);
 }
-TROUS_CPU_CLONES void gauss_row(double mu, double sigma, int n, double* g, double* dmu, double* dsig) {
-  gauss_row_impl(mu, sigma, n, g, dmu, dsig);
+TROUS_CPU_CLONES void gauss_row(double mu, double inv_sigma, int n, double* g, double* dmu, double* dsig) {
+  gauss_row_impl(mu, inv_sigma, n, g, dmu, dsig);
 }
 
 #pragma GCC pop_options
@@ -126,10 +127,10 @@ void compute_profiles(const ConstructArgs& a, const T* w, const T* P, const T* S
       int lo, hi;
       tap_range(a.version, ap.mu, ap.sigma, a.size[ax], lo, hi);
       if (a.version == Version::kGauss) {  // dense: the vectorised row
-        gauss_row(ap.mu, ap.sigma, a.size[ax], g, dmu, dsig);
+        gauss_row(ap.mu, ap.inv_sigma, a.size[ax], g, dmu, dsig);
       } else {
         for (int t = lo; t < hi; ++t) {
-          const Tap<A> tp = tap(a.version, t, ap.mu, ap.sigma);
+          const Tap<A> tp = tap(a.version, t, ap.mu, ap.sigma, ap.inv_sigma);
           g[t] = tp.g;
           if (derivs) dmu[t] = tp.dmu, dsig[t] = tp.dsig;
         }

@@ -84,7 +84,7 @@ TROUS_DEVICE inline A fill_profile(const ConstructArgs& a, const T* __restrict__
       axis_params(a.version, to_acc<A>(P[off]), SIG ? to_acc<A>(SIG[off]) : A(0), a.off(j));
   A s = A(0);
   for (int t = 0; t < a.n(ax); ++t) {
-    const Tap<A> tp = tap(a.version, t, ap.mu, ap.sigma);
+    const Tap<A> tp = tap(a.version, t, ap.mu, ap.sigma, ap.inv_sigma);
     g[t] = tp.g;
     if (dmu) dmu[t] = tp.dmu, dsig[t] = tp.dsig;
     s += tp.g;

@@ -8,6 +8,7 @@
 
 #include "trous/checks_ops.h"
 #include "dcls/construct.h"
+#include "dcls/params_ops.h"
 #include "dcls/construct_cpu.h"
 #ifdef TROUS_WITH_CUDA
 #include "dcls/construct_cuda.h"
@@ -17,14 +18,6 @@ namespace trous {
 namespace dcls {
 namespace construct {
 namespace {
-
-Version parse_version(c10::string_view s, const char* op) {
-  if (s == "v0") return Version::kV0;
-  if (s == "v1") return Version::kV1;
-  if (s == "max") return Version::kMax;
-  if (s == "gauss") return Version::kGauss;
-  TORCH_CHECK(false, op, ": version must be one of \"v0\", \"v1\", \"max\", \"gauss\", got \"", std::string(s), "\"");
-}
 
 void check_like(const at::Tensor& t, const at::Tensor& weight, at::IntArrayRef shape, const char* op, const char* name,
                 const char* shape_text) {

@@ -1,13 +1,10 @@
-// Direct depthwise DCLS convolution: per-element math shared by the CPU kernels (cpu/dcls_conv.cpp)
-// and the CUDA kernels (dcls_conv_kernels.cuh). Torch-free. Semantics: ../shared/spec/dcls.md.
+// Direct depthwise DCLS convolution: per-element math shared by the CPU kernels (conv_cpu.cpp) and
+// the CUDA kernels (conv_kernels.cuh). Torch-free. Semantics: ../shared/spec/dcls.md.
 //
 // One kernel element k of channel c has a weight w, one position P[r] per P row r and (gauss/max) one
 // SIG[r]. Every version is separable: the element's dense footprint is coef * f_z(a) f_y(b) f_x(e),
-// one 1-D profile per spatial axis, where (mu = P[r] + dks[r] // 2 for the P row r of that axis)
-//   v0    f(i) = 1 - frac(mu) at i = floor(mu), frac(mu) at floor(mu) + 1       coef = w
-//   v1    f(i) = relu(1 - |i - mu|)                                              coef = w / (S + 1e-7)
-//   max   f(i) = relu(sigma - |i - mu|), sigma = |SIG| + 1                       coef = w / (S + 1e-7)
-//   gauss f(i) = exp(-0.5 ((i - mu) / sigma)^2), sigma = |SIG| + 0.27            coef = w / (S + 1e-7)
+// one 1-D profile per spatial axis (params.h's taps, mu = P[r] + dks[r] // 2 for the P row r of that
+// axis), coef = w for v0 and w / (S + 1e-7) otherwise,
 // with S the product over axes of each profile's sum over the whole window (the reference's
 // X.sum(window), mass outside the window is renormalised away). The dense kernel of the channel is
 // the sum of the element footprints; it only ever exists as a per-channel window in scratch.
@@ -24,6 +21,7 @@
 #include <cmath>
 
 #include "trous/common.h"
+#include "dcls/params.h"
 
 // Full unrolling of the 3-axis loops on the device (keeps per-axis arrays in registers).
 #if defined(__CUDACC__)
@@ -34,10 +32,6 @@
 
 namespace trous {
 namespace dcls {
-
-enum class Version : int { kV0 = 0, kV1 = 1, kMax = 2, kGauss = 3 };
-
-constexpr int kAxes = 3;
 
 // Shape and options of one depthwise DCLS convolution, spatial arrays in (D, H, W) order.
 struct ConvGeom {
@@ -59,8 +53,8 @@ struct ConvGeom {
   TROUS_HOST_DEVICE bool normalised() const { return version != Version::kV0; }
 };
 
-// Axis conventions of the dcls package (spec "Quirks"). `spatial_dks` is the user's
-// dilated_kernel_size (first spatial axis first). Fills dks / prow / offset of the 3 internal axes.
+// Fills dks / prow / offset of the 3 internal axes from the user's dilated_kernel_size `spatial_dks`
+// (first spatial axis first) with params.h's axis quirks.
 inline void set_axis_map(ConvGeom& g, int ndim, const int* spatial_dks) {
   const int lead = kAxes - ndim;
   for (int j = 0; j < kAxes; ++j) {
@@ -68,51 +62,17 @@ inline void set_axis_map(ConvGeom& g, int ndim, const int* spatial_dks) {
     g.prow[j] = -1;
     g.offset[j] = 0;
   }
-  // prow_of_spatial[s]: the P row driving spatial axis s (0 = first spatial axis).
-  int prow_of_spatial[3] = {0, 0, 0};
-  if (ndim == 1) {
-    prow_of_spatial[0] = 0;
-  } else if (ndim == 2) {
-    // v1/max/gauss: P[0] -> W, P[1] -> H.  v0: P[0] -> H, P[1] -> W.
-    const bool v0 = g.version == Version::kV0;
-    prow_of_spatial[0] = v0 ? 0 : 1;
-    prow_of_spatial[1] = v0 ? 1 : 0;
-  } else {
-    // v1/max/gauss: P0 -> W, P1 -> H, P2 -> D.  v0: P0 -> D, P1 -> W, P2 -> H.
-    const bool v0 = g.version == Version::kV0;
-    prow_of_spatial[0] = v0 ? 0 : 2;
-    prow_of_spatial[1] = v0 ? 2 : 1;
-    prow_of_spatial[2] = v0 ? 1 : 0;
-  }
   for (int s = 0; s < ndim; ++s) {
-    const int r = prow_of_spatial[s];
+    const int r = p_row_of_spatial_axis(ndim, g.version, s);
     g.prow[lead + s] = r;
     g.offset[lead + s] = spatial_dks[r] / 2;  // the reference adds lim[r] // 2 to P[r]
   }
 }
 
-template <typename Acc> TROUS_INLINE Acc acc_exp(Acc v);
-template <> TROUS_INLINE float acc_exp<float>(float v) { return expf(v); }
-template <> TROUS_INLINE double acc_exp<double>(double v) { return exp(v); }
-
 // Arguments below which exp rounds to +0 (fp32: e^-105 < half the smallest subnormal; fp64: e^-746).
 template <typename Acc> TROUS_INLINE Acc exp_underflow();
 template <> TROUS_INLINE float exp_underflow<float>() { return -105.f; }
 template <> TROUS_INLINE double exp_underflow<double>() { return -746.0; }
-
-template <typename Acc> TROUS_INLINE Acc acc_floor(Acc v);
-template <> TROUS_INLINE float acc_floor<float>(float v) { return floorf(v); }
-template <> TROUS_INLINE double acc_floor<double>(double v) { return floor(v); }
-
-// Division: exact on the host; on the GPU the fast reciprocal-multiply (2 ulp), since IEEE fp32
-// division calls a slow-path subroutine whose register save spills (the build forbids local memory).
-template <typename Acc> TROUS_INLINE Acc acc_div(Acc a, Acc b) { return a / b; }
-#if defined(__CUDA_ARCH__)
-template <> TROUS_INLINE float acc_div<float>(float a, float b) { return __fdividef(a, b); }
-#endif
-
-template <typename Acc> TROUS_INLINE Acc acc_abs(Acc v) { return v < Acc(0) ? -v : v; }
-template <typename Acc> TROUS_INLINE Acc acc_sign(Acc v) { return v > Acc(0) ? Acc(1) : (v < Acc(0) ? Acc(-1) : Acc(0)); }
 
 // Relative threshold of the gauss support (times the profile's maximum), per axis of extent d.
 template <typename Acc> TROUS_INLINE Acc gauss_tau(int d);
@@ -164,25 +124,20 @@ TROUS_INLINE AxisSummary<Acc> axis_profile(Version v, bool learned, int d, Acc p
     s.lo = s.hi = 0;
     if (!(fl >= Acc(-1) && fl <= (Acc)(d - 1))) return s;  // both taps outside
     const int i0 = (int)fl;
-    const Acc r = mu - fl;
-    if (i0 >= 0) {
-      f[i0] = Acc(1) - r;
-      if (dmu) dmu[i0] = Acc(-1);
-      if (dsig) dsig[i0] = Acc(0);
-    }
-    if (i0 + 1 < d) {
-      f[i0 + 1] = r;
-      if (dmu) dmu[i0 + 1] = Acc(1);
-      if (dsig) dsig[i0 + 1] = Acc(0);
-    }
     s.lo = i0 < 0 ? 0 : i0;
     s.hi = i0 + 2 > d ? d : i0 + 2;
+    for (int i = s.lo; i < s.hi; ++i) {  // the two bilinear taps, also where one weight is 0
+      const Tap<Acc> tp = tap(v, i, mu, Acc(1), Acc(1));
+      f[i] = tp.g;
+      if (dmu) dmu[i] = tp.dmu;
+      if (dsig) dsig[i] = Acc(0);
+    }
     return s;
   }
   const Acc sgn_sig = acc_sign(sig);
   Acc fmax = Acc(0);
   if (v == Version::kGauss) {
-    const Acc sigma = acc_abs(sig) + Acc(0.27);
+    const Acc sigma = sigma_of(v, sig);
     // One reciprocal per element and axis (u within an ulp of torch's (i - mu) / sigma).
     const Acc inv = acc_div(Acc(1), sigma);
     // Exponents below `skip` are 0 without calling exp: under the largest exponent of the window
@@ -196,16 +151,16 @@ TROUS_INLINE AxisSummary<Acc> axis_profile(Version v, bool learned, int d, Acc p
     for (int i = 0; i < d; ++i) {
       const Acc u = ((Acc)i - mu) * inv;
       const Acc e = Acc(-0.5) * (u * u);
-      const Acc fi = e > skip ? acc_exp(e) : Acc(0);
-      f[i] = fi;
-      fmax = fi > fmax ? fi : fmax;
-      s.sum_f += fi;
+      const Tap<Acc> tp = gauss_tap(e > skip ? acc_exp(e) : Acc(0), u, inv);
+      f[i] = tp.g;
+      fmax = tp.g > fmax ? tp.g : fmax;
+      s.sum_f += tp.g;
       if (dmu) {
-        dmu[i] = fi * u * inv;
+        dmu[i] = tp.dmu;
         s.sum_dmu += dmu[i];
       }
       if (dsig) {
-        dsig[i] = fi * (u * u) * inv * sgn_sig;
+        dsig[i] = tp.dsig * sgn_sig;
         s.sum_dsig += dsig[i];
       }
     }
@@ -224,7 +179,7 @@ TROUS_INLINE AxisSummary<Acc> axis_profile(Version v, bool learned, int d, Acc p
   // v1 (sigma 1) and max (sigma |SIG| + 1): triangle of half-width sigma, zero outside
   // (mu - sigma, mu + sigma): only that range is visited (the sums over the window are the same).
   const bool is_max = v == Version::kMax;
-  const Acc sigma = is_max ? acc_abs(sig) + Acc(1) : Acc(1);
+  const Acc sigma = sigma_of(v, sig);
   s.lo = s.hi = 0;
   const Acc from = mu - sigma, to = mu + sigma;
   if (!(to >= Acc(0) && from <= (Acc)(d - 1))) return s;  // the triangle misses the window
@@ -232,22 +187,19 @@ TROUS_INLINE AxisSummary<Acc> axis_profile(Version v, bool learned, int d, Acc p
   const int i1 = to < (Acc)(d - 1) ? (int)acc_floor(to) + 1 : d - 1;  // inclusive
   int lo = d, hi = 0;
   for (int i = i0; i <= i1; ++i) {
-    const Acc x = (Acc)i - mu;
-    Acc fi = sigma - acc_abs(x);
-    fi = fi > Acc(0) ? fi : Acc(0);
-    f[i] = fi;
-    s.sum_f += fi;
-    const bool on = fi > Acc(0);
-    if (on) {
+    const Tap<Acc> tp = tap(v, i, mu, sigma, Acc(1));
+    f[i] = tp.g;
+    s.sum_f += tp.g;
+    if (tp.g > Acc(0)) {
       lo = i < lo ? i : lo;
       hi = i + 1;
     }
     if (dmu) {
-      dmu[i] = on ? acc_sign(x) : Acc(0);
+      dmu[i] = tp.dmu;
       s.sum_dmu += dmu[i];
     }
     if (dsig) {
-      dsig[i] = on && is_max ? sgn_sig : Acc(0);
+      dsig[i] = is_max ? tp.dsig * sgn_sig : Acc(0);
       s.sum_dsig += dsig[i];
     }
   }

@@ -8,6 +8,7 @@
 
 #include "trous/checks_ops.h"
 #include "dcls/conv.h"
+#include "dcls/params_ops.h"
 #include "dcls/conv_cpu.h"
 #ifdef TROUS_WITH_CUDA
 #include "dcls/conv_cuda.h"
@@ -16,16 +17,6 @@
 namespace trous {
 namespace dcls {
 namespace {
-
-Version parse_version(c10::string_view v, const char* op) {
-  if (v == "v0") return Version::kV0;
-  if (v == "v1") return Version::kV1;
-  if (v == "max") return Version::kMax;
-  if (v == "gauss") return Version::kGauss;
-  TORCH_CHECK(false, op, ": version must be one of \"v0\", \"v1\", \"max\", \"gauss\", got \"", std::string(v), "\"");
-}
-
-bool has_sig(Version v) { return v == Version::kMax || v == Version::kGauss; }
 
 std::vector<int64_t> per_axis(at::IntArrayRef v, int64_t ndim, const char* op, const char* name) {
   TORCH_CHECK(v.size() == 1 || (int64_t)v.size() == ndim, op, ": ", name, " must have 1 or ", ndim,
@@ -69,7 +60,7 @@ Prepared prepare(const char* op, const at::Tensor& x_in, const at::Tensor& weigh
   TORCH_CHECK(P.sizes() == at::IntArrayRef(pshape), op, ": P must have shape ", at::IntArrayRef(pshape),
               " ([ndim, C, 1, kernel_count]), got ", P.sizes());
   g.ndim = (int)ndim;
-  const bool need_sig = has_sig(g.version);
+  const bool need_sig = has_sigma(g.version);
   if (need_sig) {
     TORCH_CHECK(SIG.has_value() && SIG->defined(), op, ": version \"", std::string(version),
                 "\" needs SIG (shape ", at::IntArrayRef(pshape), ")");
@@ -196,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcls_conv_backward(
   check_same_device(grad_out, r.x, op, "grad_out");
   const at::Tensor go = grad_out.contiguous();
   const bool want_x = output_mask[0], want_p = output_mask[1];
-  const bool sig = has_sig(g.version);
+  const bool sig = has_sigma(g.version);
   at::Tensor gx = want_x ? at::empty(r.x.sizes(), r.x.options()) : at::empty({0}, r.x.options());
   at::Tensor gw, gP, gS;
   if (want_p) {

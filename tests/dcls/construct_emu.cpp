@@ -1,7 +1,7 @@
 // Runs both kernels of csrc/include/trous/dcls_kernels.cuh (DCLS kernel construction, forward and
 // backward) through the CUDA emulation (cuda_emu.h) on small grids and edge shapes, and compares
 // them with a dense scalar host reference in double written here from the formulas of
-// shared/spec/dcls.md (deliberately not using dcls.h's tap helpers: only ConstructArgs / make_args,
+// shared/spec/dcls.md (deliberately not using params.h's tap helpers: only ConstructArgs / make_args,
 // the launch plan and the kernels come from the project).
 //
 // Shapes cover 1-D / 2-D / 3-D windows, all four versions, kc 1 and kc 0, channels that are not a
@@ -23,6 +23,7 @@
 #include "dcls/construct_kernels.cuh"
 
 using namespace trous;
+using namespace trous::dcls;
 using namespace trous::dcls::construct;
 using trous_emu::launch_smem;
 
@@ -68,8 +69,6 @@ template <> double tolerance<__half>() { return 4e-3; }
 template <> double tolerance<__nv_bfloat16>() { return 3e-2; }
 
 // ---------------------------------------------------------------- dense reference (spec formulas)
-const char* kVersionNames[] = {"v0", "v1", "max", "gauss"};
-
 struct Profile {  // one axis of one element: values and derivatives over the axis' taps
   std::vector<double> g, dmu, dsig;
   double sum = 0, dsum_mu = 0, dsum_sig = 0;
