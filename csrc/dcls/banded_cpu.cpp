@@ -447,6 +447,14 @@ void backward_impl(const Acc* gy, const Acc* x, const Acc* K, const int32_t* ban
 
 }  // namespace
 
+bool cpu_banded_uses_batch_lanes(index_t batch, int stride, DType x_dtype) {
+  BandedGeom g{};
+  g.N = batch;
+  g.stride = stride;
+  // fp16 / bf16 inputs run in fp32 (the op layer converts), fp64 in fp64.
+  return x_dtype == DType::kFloat64 ? lanes_for<double>(g, stride) : lanes_for<float>(g, stride);
+}
+
 void cpu_banded_forward(const float* x, const float* K, const int32_t* band, const float* bias, float* out,
                         const BandedGeom& g) {
   forward_impl(x, K, band, bias, out, g);

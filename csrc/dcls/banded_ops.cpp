@@ -182,6 +182,13 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   m.def("dcls_banded_conv1d(Tensor x, Tensor K, Tensor band, Tensor? bias, int stride, int padding, int groups) -> Tensor");
   // (grad_x, grad_K); output_mask = [x, K]; grad_K is 0 outside the bands; not asked for: empty [0].
   m.def("dcls_banded_conv1d_backward(Tensor grad_out, Tensor x, Tensor K, Tensor band, int stride, int padding, int groups, bool[2] output_mask) -> (Tensor, Tensor)");
+  // CPU heuristic, for the cost model: whether the forward of this batch, stride and x dtype runs the
+  // batch-lane kernels (the kernels' own decision: batch threshold and AVX-512).
+  m.def("dcls_banded_uses_batch_lanes(int batch, int stride, ScalarType dtype) -> bool", [](int64_t batch, int64_t stride,
+                                                                                         at::ScalarType dtype) {
+    return cpu_banded_uses_batch_lanes(batch, (int)stride, float_dtype(dtype, "trous.dcls_banded_uses_batch_lanes",
+                                                                       "dtype", /*with_float64=*/true));
+  });
 }
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {

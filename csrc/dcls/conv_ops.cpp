@@ -239,6 +239,27 @@ at::Tensor dcls_conv_tap_counts(const at::Tensor& weight, const at::Tensor& P, c
   return counts;
 }
 
+bool dcls_conv_cuda_supported(int64_t device, int64_t channels, int64_t kernel_count, at::IntArrayRef dks) {
+#ifdef TROUS_WITH_CUDA
+  if (device < 0 || device >= (int64_t)c10::cuda::device_count()) return false;  // no such device
+  if (channels < 1 || kernel_count < 1 || dks.empty() || dks.size() > (size_t)kAxes) return false;
+  ConvGeom g{};
+  g.C = channels;
+  g.kc = (int)kernel_count;
+  g.ndim = (int)dks.size();
+  for (int j = 0; j < kAxes; ++j) {
+    const int s = j - (kAxes - g.ndim);
+    g.dks[j] = s < 0 ? 1 : (int)dks[s];
+    if (g.dks[j] < 1) return false;
+  }
+  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+  return cuda_geometry_supported(g);
+#else
+  (void)device, (void)channels, (void)kernel_count, (void)dks;
+  return false;
+#endif
+}
+
 }  // namespace
 
 // Schemas (fake kernels and autograd: python/trous/).
@@ -253,6 +274,10 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   m.def("dcls_conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version, int[] stride, int[] padding, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // CPU only: taps (support size of the dense window) per channel, int32 [C].
   m.def("dcls_conv_tap_counts(Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> Tensor");
+  // CUDA limit, for the routing: whether CUDA device `device` runs a layer of this many channels,
+  // kernel_count and window (shared memory per block, tap packing, grid); false in CPU-only builds.
+  m.def("dcls_conv_cuda_supported(int device, int channels, int kernel_count, int[] dilated_kernel_size) -> bool",
+        &dcls_conv_cuda_supported);
 }
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {

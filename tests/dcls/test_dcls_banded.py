@@ -107,7 +107,7 @@ LANES_CONFIGS = [
 ]
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+@pytest.mark.skipif(not db.uses_batch_lanes(torch.empty(16, 1, 1), 1),
                     reason="the batch-lane kernels need AVX-512")
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("cfg", LANES_CONFIGS, ids=[c[0] for c in LANES_CONFIGS])
@@ -426,3 +426,15 @@ def test_cuda_opcheck_snn_shape():
     torch.library.opcheck(torch.ops.trous.dcls_banded_conv1d.default, (*cuda, 1, 0, 1))
     torch.testing.assert_close(torch.ops.trous.dcls_banded_conv1d(*cuda, 1, 0, 1).cpu(),
                                torch.ops.trous.dcls_banded_conv1d(x, K, band, b, 1, 0, 1), rtol=2e-5, atol=2e-5)
+
+
+def test_batch_lane_decision_is_the_kernels():
+    """The cost model asks the kernels' own decision: never below the batch threshold, for fp64 or for
+    stride 2; at batch 16, fp32 and stride 1 exactly when the CPU has AVX-512 (the kernels' CPUID)."""
+    x16 = torch.empty(16, 3, 5)
+    assert not db.uses_batch_lanes(torch.empty(2, 3, 5), 1)
+    assert not db.uses_batch_lanes(x16.double(), 1)
+    assert not db.uses_batch_lanes(x16, 2)
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert db.uses_batch_lanes(x16, 1) == avx512
+    assert db.uses_batch_lanes(x16.bfloat16(), 1) == avx512

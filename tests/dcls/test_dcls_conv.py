@@ -387,3 +387,13 @@ def test_cuda_opcheck_and_large_window():
     close(out.cpu(), cpu_out, 2e-5)
     for a, b in zip(grads, cpu_grads):
         close(a.cpu(), b, 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_limits_come_from_the_kernels():
+    """dcls_direct_supported reads the CUDA kernels' own limits: a ConvNeXt layer fits, a window
+    whose tap build needs more shared memory than any GPU has does not, nor do 70000 channels."""
+    dev = torch.cuda.current_device()
+    assert dc._cuda_supported(dev, 96, 34, (17, 17))
+    assert not dc._cuda_supported(dev, 96, 34, (1000, 1000))
+    assert not dc._cuda_supported(dev, 70000, 34, (17, 17))

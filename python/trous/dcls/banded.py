@@ -114,13 +114,12 @@ def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG
 # repacking per row (full window 247 ms, gauss SIG 0.23 at 6.8 taps 73 ms, v1 at 2 taps 31 ms).
 _CPU_BANDED_MAC_COST = 2.3
 _CPU_LANES_MAC_COST, _CPU_LANES_EXTRA_TAPS = 1.0, 1.0
-_LANES_MIN_BATCH = 10  # kLanesMinBatch in csrc/cpu/dcls_banded_lanes.cpp
 
 
-def _lanes_apply(x: torch.Tensor, stride: int) -> bool:
-    """Whether the CPU op takes its batch-lane kernels (fp64 keeps the per-sample ones)."""
-    return (x.dtype != torch.float64 and x.shape[0] >= _LANES_MIN_BATCH and stride == 1
-            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+def uses_batch_lanes(x: torch.Tensor, stride: int) -> bool:
+    """Whether the CPU forward of x takes the batch-lane kernels: the kernels' own decision (batch
+    threshold, AVX-512 found by their CPUID test, fp64 keeps the per-sample kernels), asked of C++."""
+    return bool(_ops.dcls_banded_uses_batch_lanes(x.shape[0], int(stride), x.dtype))
 
 
 def banded_is_faster(x: torch.Tensor, band: torch.Tensor, dilated_kernel_size: int, stride: int = 1) -> bool:
@@ -130,7 +129,7 @@ def banded_is_faster(x: torch.Tensor, band: torch.Tensor, dilated_kernel_size: i
     if x.device.type != "cpu":
         return False
     width = (band[..., 1] - band[..., 0]).float().mean().item()
-    if _lanes_apply(x, stride):
+    if uses_batch_lanes(x, stride):
         return (width + _CPU_LANES_EXTRA_TAPS) * _CPU_LANES_MAC_COST < int(dilated_kernel_size)
     return width * _CPU_BANDED_MAC_COST < int(dilated_kernel_size)
 

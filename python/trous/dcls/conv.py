@@ -80,16 +80,11 @@ def dcls_tap_counts(weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.T
 
 # ---- support and cost model
 
-_STAGE = 256  # dcls_conv_kernels.cuh kStage
-_THREADS = 256
-
-
-def _cuda_smem_bytes(kc: int, dks: Sequence[int]) -> int:
-    window = math.prod(dks)
-    dsum = sum(dks) + (3 - len(dks))
-    taps = kc * (dsum + 7) + window * 5 + 33 + _STAGE * 5 + _THREADS
-    params = window + 6 * kc + 3 * min(kc, _THREADS) * dsum
-    return 4 * max(taps, params)
+@torch.compiler.assume_constant_result
+def _cuda_supported(device: int, channels: int, kc: int, dks: Tuple[int, ...]) -> bool:
+    """The CUDA kernels' own limits (shared memory per block on that device, tap packing, grid),
+    asked of C++; a constant for torch.compile."""
+    return bool(_ops.dcls_conv_cuda_supported(device, channels, kc, list(dks)))
 
 
 def dcls_direct_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
@@ -121,10 +116,8 @@ def dcls_direct_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor
         if not inputs_supported(x, tensors, "dcls_conv"):
             return False
         if x.device.type == "cuda":
-            if c > 65535:
-                return False
-            optin = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-            return _cuda_smem_bytes(kc, dks) <= optin
+            return _cuda_supported(x.device.index if x.device.index is not None else torch.cuda.current_device(),
+                                   int(c), int(kc), tuple(int(d) for d in dks))
         return True
     except Exception:
         return False

@@ -10,6 +10,21 @@ def run(r, quick: bool):
     smoke_construct(r, quick)
     smoke_conv(r, quick)
     smoke_banded(r, quick)
+    smoke_limits(r)
+
+
+def smoke_limits(r):
+    """The limit and heuristic ops the routing reads: plain values, on every device."""
+    def run():
+        lanes = r.call("trous::dcls_banded_uses_batch_lanes", 16, 1, torch.float32)
+        r.check("dcls_banded_uses_batch_lanes 16", isinstance(lanes, bool), f"got {lanes!r}")
+        r.check("dcls_banded_uses_batch_lanes 2", r.call("trous::dcls_banded_uses_batch_lanes", 2, 1, torch.float32)
+                is False, "batch 2 must not use the lanes")
+        dev = torch.cuda.current_device() if r.device == "cuda" else -1
+        fits = r.call("trous::dcls_conv_cuda_supported", dev, 96, 34, [17, 17])
+        r.check("dcls_conv_cuda_supported", fits is (r.device == "cuda"), f"got {fits!r} on {r.device}")
+
+    r.case("dcls limits", run)
 
 
 def smoke_construct(r, quick: bool):
