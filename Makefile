@@ -1,6 +1,7 @@
 SHELL := /bin/bash
 # make test  : set up .venv (torch 2.14.1 from local disk, test deps), build, run the whole suite.
 # make bench : same set-up and build, then `python -m trous.bench`.
+# make lint  : ruff and clang-format checks (run by .ci/run before the tests).
 # Both are re-runnable: the venv and the ninja build directory are reused.
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ TORCH_VERSION ?= 2.14.1
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test bench wheel info clean
+.PHONY: all venv build test bench wheel info lint format clean
 
 all: build
 
@@ -18,6 +19,8 @@ $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
 	$(PIP) install --quiet --disable-pip-version-check numpy pytest ninja pybind11 setuptools wheel matplotlib tqdm
+	# Linters of `make lint`, pinned so that every machine formats alike.
+	$(PIP) install --quiet --disable-pip-version-check ruff==0.17.6 clang-format==23.1.5
 	# The dcls package is the drop-in peer; tests skip with a message if it cannot be installed.
 	-$(PIP) install --quiet --disable-pip-version-check --no-deps dcls==0.1.1
 	touch $@
@@ -32,6 +35,16 @@ build: venv
 
 test: build
 	$(PY) -m pytest tests -q
+
+# ruff (pyproject.toml) and clang-format (.clang-format) over every tracked source; `make format` applies them.
+CXX_SOURCES = $(shell git ls-files 'csrc/*' 'tests/*.h' 'tests/*.cpp' 2>/dev/null)
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 bench: build
 	$(PY) -m trous.bench

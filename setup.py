@@ -10,9 +10,8 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
-
 import torch
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -36,9 +35,11 @@ def _want_cuda():
     home = _cuda_home()
     have = torch.version.cuda is not None and home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
     if mode == "1" and not have:
-        sys.exit(f"TROUS_CUDA=1 but no CUDA build is possible (torch.version.cuda={torch.version.cuda}, CUDA_HOME={home})")
+        sys.exit(f"TROUS_CUDA=1 but no CUDA build is possible (torch.version.cuda={torch.version.cuda}, "
+                 f"CUDA_HOME={home})")
     if mode == "0" or not have:
-        why = "TROUS_CUDA=0" if mode == "0" else ("torch is a CPU build" if torch.version.cuda is None else "nvcc not found")
+        cpu_torch = torch.version.cuda is None
+        why = "TROUS_CUDA=0" if mode == "0" else ("torch is a CPU build" if cpu_torch else "nvcc not found")
         print(f"trous: building CPU kernels only ({why})")
         return False
     os.environ["CUDA_HOME"] = home

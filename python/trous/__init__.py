@@ -8,8 +8,11 @@ import importlib as _importlib
 
 import torch  # noqa: F401  (the extension links against the already-loaded torch)
 
-from . import _C  # noqa: F401  (registers the ops)
-from . import _families, ops
+from . import (
+    _C,  # noqa: F401  (registers the ops)
+    _families,
+    ops,
+)
 
 __version__ = "0.1.0"
 

@@ -129,7 +129,8 @@ def format_info(info: Dict[str, Any]) -> str:
         f"  CUDA archs compiled    {build.get('archs') or 'none'}",
         f"  CUDA kernels in binary {binary.get('cuda_kernels') if binary else '?'}",
         f"  CUDA available now     {info['cuda_available']}"
-        + "".join(f"\n    cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')})" for d in info["devices"]),
+        + "".join(f"\n    cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')})"
+                  for d in info["devices"]),
     ]
     if not build:
         lines.append("  (no _build_info.json next to the package: built by something other than setup.py?)")

@@ -3,18 +3,21 @@ layers that are not depthwise): forward and every gradient against (1) the spec 
 trous.dcls.reference (fp64 autograd through the dense kernel + F.conv1d) and (2) the dcls 0.1.1
 package itself (skipped if it is not installed); fp64 gradcheck, opcheck, the band, the module's
 strategy choice, and argument errors."""
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import trous
+from helpers import (
+    assert_cuda_low_precision,
+    assert_matches_on_device,
+    close,
+    dcls_package_modules,
+    output_and_grads,
+    seeded,
+)
 from trous.dcls import banded as db
 from trous.dcls import reference as ref
-
-from helpers import (assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules,
-                      output_and_grads, seeded)
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
@@ -384,7 +387,8 @@ def _good():
     (lambda a: a[2].__setitem__((0, 0, 0), -1), r"band entries must satisfy"),
     (lambda a: a.__setitem__(4, 0), r"stride must be in \[1, 2\^20\), got 0"),
     (lambda a: a.__setitem__(5, -1), r"padding must be in \[0, 2\^20\), got -1"),
-    (lambda a: a.__setitem__(0, torch.randn(2, 4, 3)), r"padded input length 3 is smaller than the dilated kernel size 5"),
+    (lambda a: a.__setitem__(0, torch.randn(2, 4, 3)),
+     r"padded input length 3 is smaller than the dilated kernel size 5"),
     (lambda a: a.__setitem__(3, torch.randn(5)), r"bias must have shape \[6\], got \[5\]"),
 ])
 def test_bad_arguments(mutate, match):

@@ -4,7 +4,6 @@ Ground truth: trous.dcls.reference (written from the spec, fp64 autograd) for th
 `dcls` 0.1.1 package itself for the modules (skipped with a message when it cannot be imported).
 """
 import logging
-import math
 
 import pytest
 import torch
@@ -228,7 +227,8 @@ def test_bad_inputs_raise_clear_errors():
         op(w, P, None, [5, 0], "v1")
     with pytest.raises(RuntimeError, match=r"weight must be float32, float64, float16 or bfloat16, got Int"):
         op(w.int(), P, None, [5, 5], "v1")
-    with pytest.raises(RuntimeError, match=r"weight must have shape \[out_channels, in_channels / groups, kernel_count\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"weight must have shape \[out_channels, in_channels / groups, kernel_count\]"):
         op(w[0], P, None, [5, 5], "v1")
     with pytest.raises(RuntimeError, match=r"grad_K must have shape .* = \[2, 3, 5, 5\], got \[2, 3, 5, 4\]"):
         op_bwd(torch.randn(2, 3, 5, 4), w, P, SIG, [5, 5], "gauss")
@@ -280,8 +280,10 @@ def _input(shape, dtype=torch.float64, seed=3):
 
 LAYER_CASES = [
     # (class, constructor kwargs, input shape)
-    ("Dcls2d", dict(in_channels=6, out_channels=6, kernel_count=5, dilated_kernel_size=7, padding=3, groups=6), (2, 6, 9, 8)),
-    ("Dcls2d", dict(in_channels=4, out_channels=6, kernel_count=3, dilated_kernel_size=(5, 7), padding=(2, 3)), (2, 4, 8, 9)),
+    ("Dcls2d", dict(in_channels=6, out_channels=6, kernel_count=5, dilated_kernel_size=7, padding=3, groups=6),
+     (2, 6, 9, 8)),
+    ("Dcls2d", dict(in_channels=4, out_channels=6, kernel_count=3, dilated_kernel_size=(5, 7), padding=(2, 3)),
+     (2, 4, 8, 9)),
     ("Dcls2d", dict(in_channels=8, out_channels=8, kernel_count=4, dilated_kernel_size=(4, 6), padding=2, groups=4,
                     stride=2), (1, 8, 9, 11)),
     ("Dcls2d", dict(in_channels=5, out_channels=5, kernel_count=2, dilated_kernel_size=5, padding=2, groups=5,

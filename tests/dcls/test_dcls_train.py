@@ -94,7 +94,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed")
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo needed")
 def test_ddp_gradients_equal_single_process():
     model = make_model()
     x, y = make_data()
@@ -106,4 +107,4 @@ def test_ddp_gradients_equal_single_process():
     assert set(got[0]) == set(want)
     for name, g in want.items():
         torch.testing.assert_close(got[0][name], got[1][name], rtol=0, atol=0)  # replicas agree exactly
-        torch.testing.assert_close(got[0][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[0][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import trous
 from trous import kvcache as kv
 from trous.kvcache import reference as ref
 

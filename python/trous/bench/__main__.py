@@ -12,8 +12,7 @@ import time
 
 import torch
 
-from . import FAMILIES, load_family
-from . import harness
+from . import FAMILIES, harness, load_family
 
 EXIT_TARGETS_MISSED = 3
 
@@ -22,7 +21,7 @@ def _shape(text):
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 1,8,8192,128, got {text!r}")
+        raise argparse.ArgumentTypeError(f"shape must look like 1,8,8192,128, got {text!r}") from None
     return shape
 
 
@@ -80,7 +79,8 @@ def main(argv=None):
 
     malloc = "default"
     if args.reuse_memory and device == "cpu":
-        malloc = "reuse (mallopt M_MMAP_THRESHOLD 1 GiB)" if harness.reuse_freed_memory() else "default (mallopt failed)"
+        reused = harness.reuse_freed_memory()
+        malloc = "reuse (mallopt M_MMAP_THRESHOLD 1 GiB)" if reused else "default (mallopt failed)"
     load_before = os.getloadavg()[0]
     if device == "cpu" and load_before > 0.5 * (os.cpu_count() or 1):
         print(f"trous.bench: warning: load average {load_before:.1f} on {os.cpu_count()} cores before the run; "

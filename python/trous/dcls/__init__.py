@@ -6,8 +6,20 @@ autograd and cost models; ``versions`` the version names; ``reference`` the slow
 from the spec; ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
 from . import banded, construct, conv  # noqa: F401  (fake kernels and autograd of the ops)
-from .modules import (STRATEGIES, VERSIONS, ConstructKernel1d, ConstructKernel2d, ConstructKernel3_1d,
-                      ConstructKernel3d, Dcls1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3d, construct_kernel)
+from .modules import (
+                      STRATEGIES,
+                      VERSIONS,
+                      ConstructKernel1d,
+                      ConstructKernel2d,
+                      ConstructKernel3_1d,
+                      ConstructKernel3d,
+                      Dcls1d,
+                      Dcls2d,
+                      Dcls2dK1d,
+                      Dcls3_1d,
+                      Dcls3d,
+                      construct_kernel,
+)
 
 __all__ = ["construct_kernel", "ConstructKernel1d", "ConstructKernel2d", "ConstructKernel3d", "ConstructKernel3_1d",
            "Dcls1d", "Dcls2d", "Dcls3d", "Dcls3_1d", "Dcls2dK1d", "VERSIONS", "STRATEGIES"]

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..ops import inputs_supported
-from .versions import SIG_VERSIONS, VERSIONS
+from .versions import SIG_VERSIONS
 
 __all__ = ["dcls_banded_conv1d", "dcls_band1d", "banded_supported", "banded_is_faster"]
 

@@ -1,4 +1,5 @@
-"""DCLS cases (ops read "direct <pass> vs <baseline>"): trous' direct depthwise DCLS convolution (``trous.dcls.conv``) against the dcls
+"""DCLS cases (ops read "direct <pass> vs <baseline>"): trous' direct depthwise DCLS convolution
+(``trous.dcls.conv``) against the dcls
 0.1.1 package (eager and under torch.compile), trous' own "construct the dense kernel, then the best
 dense depthwise convolution" route, and plain depthwise convolutions of 7x7 and of the dilated size
 (channels_last: oneDNN's fast layout on CPU), all measured in the same run.

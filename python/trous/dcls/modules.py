@@ -27,8 +27,11 @@ from torch import Tensor
 from torch.nn import Module, Parameter, init
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple, _single, _triple
 
-from . import banded, conv
-from . import construct  # noqa: F401  (fake kernels and autograd of the construction ops)
+from . import (
+    banded,
+    construct,  # noqa: F401  (fake kernels and autograd of the construction ops)
+    conv,
+)
 from .versions import VERSIONS, check_version
 
 __all__ = [
@@ -143,7 +146,8 @@ class _DclsNd(Module):
         if out_channels % groups != 0:
             raise ValueError("out_channels must be divisible by groups")
         if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {set(_PADDING_MODES)}, but got padding_mode='{padding_mode}'")
+            raise ValueError(f"padding_mode must be one of {set(_PADDING_MODES)}, "
+                             f"but got padding_mode='{padding_mode}'")
         if transposed:
             raise NotImplementedError("transposed DCLS layers are not supported (neither does dcls 0.1.1 define one)")
         check_version(version)

@@ -41,15 +41,17 @@ def smoke_construct(r, quick: bool):
                     nd, O, I, kc = len(dks), 5, 3, 4
                     w = torch.randn(O, I, kc, generator=g, dtype=torch.float64)
                     P = (torch.rand(nd, O, I, kc, generator=g, dtype=torch.float64) * 2 - 1) * (max(dks) // 2)
-                    SIG = 0.2 + torch.rand(P.shape, generator=g, dtype=torch.float64) if version in ("max", "gauss") else None
+                    sig = version in ("max", "gauss")
+                    SIG = 0.2 + torch.rand(P.shape, generator=g, dtype=torch.float64) if sig else None
                     dev = [t.to(r.device, dtype) if t is not None else None for t in (w, P, SIG)]
                     K = r.call("trous::dcls_construct_kernel", *dev, list(dks), version)
                     gK = torch.randn(K.shape, generator=g, dtype=torch.float64)
-                    grads = r.call("trous::dcls_construct_kernel_backward", gK.to(r.device, dtype), *dev, list(dks), version)
+                    grads = r.call("trous::dcls_construct_kernel_backward", gK.to(r.device, dtype), *dev, list(dks),
+                                   version)
                     if not r.compare:
                         return
                     leaves = [t.clone().requires_grad_() for t in (w, P) + ((SIG,) if SIG is not None else ())]
-                    want = ref.construct_kernel(leaves[0], leaves[1], leaves[2] if SIG is not None else None, dks, version)
+                    want = ref.construct_kernel(leaves[0], leaves[1], leaves[2] if sig else None, dks, version)
                     wgrads = torch.autograd.grad(want, leaves, gK)
                     tol = 2e-5 if dtype == torch.float32 else 3e-2
                     r.check(label + " K", close(K, want.detach(), tol, tol), "kernel differs")
@@ -60,7 +62,8 @@ def smoke_construct(r, quick: bool):
 
 
 def smoke_conv(r, quick: bool):
-    """The direct depthwise DCLS convolution: forward and backward (both masks), every version, 1/2/3-D, strides, fp32 and (CUDA, not
+    """The direct depthwise DCLS convolution: forward and backward (both masks), every version,
+    1/2/3-D, strides, fp32 and (CUDA, not
     quick) fp16 / bf16, against the fp64 CPU reference's autograd."""
     dev = r.device
     shapes = [((2, 3, 23), (9,), [2], [4]), ((2, 3, 11, 13), (5, 7), [1, 2], [2, 3]),

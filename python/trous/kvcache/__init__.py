@@ -3,8 +3,15 @@
 ``quantize`` holds the functions (and the ops' fake kernels), ``reference`` the slow reference
 written from the spec, ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
-from .quantize import (FP8_MAX, QuantizedKV, dequantize, fp8_scale, quantize_fp8, quantize_per_channel,
-                       quantize_per_token)
+from .quantize import (
+                       FP8_MAX,
+                       QuantizedKV,
+                       dequantize,
+                       fp8_scale,
+                       quantize_fp8,
+                       quantize_per_channel,
+                       quantize_per_token,
+)
 
 __all__ = ["QuantizedKV", "quantize_per_token", "quantize_per_channel", "quantize_fp8", "dequantize", "fp8_scale",
            "FP8_MAX"]

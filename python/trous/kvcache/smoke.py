@@ -67,8 +67,8 @@ def run(r, quick: bool):
                     label = f"kv_quantize {shape} G={G} bits={bits} sym={symmetric} {dtype} {layout} {pdt}"
 
                     def run(shape=shape, G=G, bits=bits, symmetric=symmetric, dtype=dtype, layout=layout, pdt=pdt,
-                            label=label):
-                        x = _kv_input(shape, dtype, dev, k, layout, special=True)
+                            label=label, seed=k):
+                        x = _kv_input(shape, dtype, dev, seed, layout, special=True)
                         codes, params = r.call("trous::kv_quantize", x, bits, G, symmetric, pdt)
                         out = r.call("trous::kv_dequantize", codes, params, bits, G, symmetric, dtype)
                         if r.compare:
@@ -91,8 +91,8 @@ def run(r, quick: bool):
             k += 1
             label = f"kv_quantize_channel {shape} G={G} bits={bits} {dtype} {layout} {pdt}"
 
-            def run(shape=shape, G=G, bits=bits, dtype=dtype, layout=layout, pdt=pdt, label=label):
-                x = _kv_input(shape, dtype, dev, k, layout, special=True)
+            def run(shape=shape, G=G, bits=bits, dtype=dtype, layout=layout, pdt=pdt, label=label, seed=k):
+                x = _kv_input(shape, dtype, dev, seed, layout, special=True)
                 codes, params = r.call("trous::kv_quantize_channel", x, bits, G, pdt)
                 out = r.call("trous::kv_dequantize_channel", codes, params, bits, G, dtype)
                 if r.compare:
@@ -114,8 +114,8 @@ def run(r, quick: bool):
             k += 1
             label = f"kv_quantize_fp8 {shape} {fmt} per_head={per_head} {dtype} {layout}"
 
-            def run(shape=shape, fmt=fmt, per_head=per_head, dtype=dtype, layout=layout, label=label):
-                x = _kv_input(shape, dtype, dev, k, layout, special=True)
+            def run(shape=shape, fmt=fmt, per_head=per_head, dtype=dtype, layout=layout, label=label, seed=k):
+                x = _kv_input(shape, dtype, dev, seed, layout, special=True)
                 if per_head:
                     scale = torch.rand(shape[1], device=dev, dtype=torch.float32) * 0.01 + 0.002
                 else:
