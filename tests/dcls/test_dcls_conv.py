@@ -2,18 +2,21 @@
 (1) the spec reference trous.dcls.reference (fp64 autograd through a dense kernel) and
 (2) the dcls 0.1.1 package itself (ConstructKernel + F.convNd; skipped if it is not installed),
 fp64 gradcheck, opcheck on every sample, sparsity of the tap sets, and argument errors."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import trous
+from helpers import (
+    assert_cuda_low_precision,
+    assert_matches_on_device,
+    close,
+    dcls_package_modules,
+    output_and_grads,
+    seeded,
+)
 from trous.dcls import conv as dc
 from trous.dcls import reference as ref
-
-from helpers import (assert_cuda_low_precision, assert_matches_on_device, close, dcls_package_modules,
-                      output_and_grads, seeded)
 
 VERSIONS = ["v0", "v1", "max", "gauss"]
 
