@@ -1,5 +1,4 @@
 """Helpers shared by the tests of every family: seeded generators, tolerances, device checks."""
-import pytest
 import torch
 
 
@@ -47,12 +46,3 @@ def assert_cuda_low_precision(tensors, run_impl, run_ref, dtype):
     close(out.cpu(), rout, tol)
     for a, b in zip(grads, rgrads):
         close(a.cpu(), b, 2 * tol)
-
-
-def dcls_package_modules():
-    """The dcls 0.1.1 package's DCLS.construct.modules, or a pytest skip saying how to install it."""
-    try:
-        from DCLS.construct import modules
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"the dcls package (pip install --no-deps dcls==0.1.1) is not importable: {e}")
-    return modules

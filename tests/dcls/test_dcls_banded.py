@@ -8,18 +8,16 @@ import pytest
 import torch
 
 import trous
+from dcls_helpers import VERSIONS, dcls_package_modules
 from helpers import (
     assert_cuda_low_precision,
     assert_matches_on_device,
     close,
-    dcls_package_modules,
     output_and_grads,
     seeded,
 )
 from trous.dcls import banded as db
 from trous.dcls import reference as ref
-
-VERSIONS = ["v0", "v1", "max", "gauss"]
 
 # (id, N, C_in, C_out, L, kc, dks, stride, padding, groups)
 CONFIGS = [

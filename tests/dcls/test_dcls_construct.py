@@ -10,18 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import trous
+from dcls_helpers import VERSIONS, dcls_pkg, needs_dcls
 from trous import dcls as tdcls
 from trous.dcls import reference as ref
 
-try:
-    from DCLS.construct import modules as dcls_pkg
-    _NO_DCLS = None
-except Exception as e:  # ImportError, or an incompatible torch
-    dcls_pkg = None
-    _NO_DCLS = f"the dcls package is not importable ({e!r}); install it with pip install --no-deps dcls==0.1.1"
-needs_dcls = pytest.mark.skipif(dcls_pkg is None, reason=_NO_DCLS or "")
-
-VERSIONS = ["v0", "v1", "max", "gauss"]
 op = torch.ops.trous.dcls_construct_kernel
 op_bwd = torch.ops.trous.dcls_construct_kernel_backward
 

@@ -4,6 +4,7 @@ import torch
 from ..smoke import close
 from . import banded as db
 from . import reference as ref
+from .versions import VERSIONS
 
 
 def run(r, quick: bool):
@@ -32,7 +33,7 @@ def smoke_construct(r, quick: bool):
     the fp64 reference's autograd."""
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if r.device == "cuda" and not quick else [])
     for dks in ((7,), (5, 9), (3, 5, 7)):
-        for version in ("v0", "v1", "max", "gauss"):
+        for version in VERSIONS:
             for dtype in dtypes:
                 label = f"dcls_construct_kernel {version} {dks} {dtype}"
 
@@ -70,7 +71,7 @@ def smoke_conv(r, quick: bool):
               ((1, 2, 5, 6, 7), (3, 5, 3), [1, 2, 1], [1, 2, 1])]
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if dev == "cuda" and not quick else [])
     for shape, dks, stride, pad in shapes:
-        for version in ("v0", "v1", "max", "gauss"):
+        for version in VERSIONS:
             for dtype in dtypes:
                 label = f"dcls_conv {version} {tuple(shape)} {dtype}"
 
@@ -116,7 +117,7 @@ def smoke_banded(r, quick: bool):
     shapes = [(2, 5, 4, 37, 1, 25, 1, 0, 1), (1, 4, 6, 19, 3, 7, 3, 2, 2)]
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if dev == "cuda" and not quick else [])
     for N, ci, co, L, kc, d, st, pd, groups in shapes:
-        for version in ("v0", "v1", "max", "gauss"):
+        for version in VERSIONS:
             for dtype in dtypes:
                 label = f"dcls_banded_conv1d {version} {(N, ci, co, L)} g{groups} s{st} {dtype}"
 
