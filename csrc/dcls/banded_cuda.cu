@@ -22,7 +22,7 @@ void launch_banded_forward(DType dtype, const void* x, const float* K, const int
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    banded::forward_kernel<T><<<blocks_for(total), banded::kThreads, 0, s>>>(
+    TROUS_LAUNCH(blocks_for(total), banded::kThreads, 0, s, banded::forward_kernel<T>)(
         static_cast<const T*>(x), K, band, bias, static_cast<T*>(out), g);
   });
   check_launch("trous dcls_banded forward");
@@ -35,7 +35,7 @@ void launch_banded_backward_input(DType dtype, const void* grad_out, const float
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    banded::backward_input_kernel<T><<<blocks_for(total), banded::kThreads, 0, s>>>(
+    TROUS_LAUNCH(blocks_for(total), banded::kThreads, 0, s, banded::backward_input_kernel<T>)(
         static_cast<const T*>(grad_out), K, band, static_cast<T*>(grad_x), g);
   });
   check_launch("trous dcls_banded backward (input)");
@@ -50,7 +50,7 @@ void launch_banded_backward_kernel(DType dtype, const void* grad_out, const void
   const unsigned blocks = (unsigned)(rows < (index_t)banded::kMaxBlocks ? rows : (index_t)banded::kMaxBlocks);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    banded::backward_kernel_kernel<T><<<blocks, banded::kThreads, 0, s>>>(
+    TROUS_LAUNCH(blocks, banded::kThreads, 0, s, banded::backward_kernel_kernel<T>)(
         static_cast<const T*>(grad_out), static_cast<const T*>(x), band, grad_K, g);
   });
   check_launch("trous dcls_banded backward (kernel)");

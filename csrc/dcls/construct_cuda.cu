@@ -28,7 +28,7 @@ void launch_construct_forward(DType dtype, const void* weight, const void* P, co
     const Plan plan = make_plan(a, kThreads, sizeof(A), true);
     check_plan(plan, a, "trous dcls_construct_kernel");
     const dim3 grid((unsigned)plan.blocks, (unsigned)plan.tiles);
-    construct_forward<T, A><<<grid, kThreads, plan.smem, s>>>(
+    TROUS_LAUNCH(grid, kThreads, plan.smem, s, construct_forward<T, A>)(
         static_cast<const T*>(weight), static_cast<const T*>(P), static_cast<const T*>(SIG), static_cast<T*>(K), a, plan);
   });
   check_launch("trous dcls_construct_kernel");
@@ -43,7 +43,7 @@ void launch_construct_backward(DType dtype, const void* grad_K, const void* weig
     using A = acc_t<T>;
     const Plan plan = make_plan(a, kThreads, sizeof(A), false);
     check_plan(plan, a, "trous dcls_construct_kernel_backward");
-    construct_backward<T, A><<<(unsigned)plan.blocks, kThreads, plan.smem, s>>>(
+    TROUS_LAUNCH((unsigned)plan.blocks, kThreads, plan.smem, s, construct_backward<T, A>)(
         static_cast<const T*>(grad_K), static_cast<const T*>(weight), static_cast<const T*>(P),
         static_cast<const T*>(SIG), static_cast<T*>(grad_weight), static_cast<T*>(grad_P), static_cast<T*>(grad_SIG),
         a, plan);

@@ -85,8 +85,8 @@ void launch_forward(DType dtype, const void* x, void* out, const ConvGeom& g, co
     allow_smem(dcls_forward_kernel<T>, smem);
     for_slices(g, [&](const ConvGeom& gs, index_t n0, int) {
       const dim3 grid(blocks_for(gs.N * gs.out_plane()), (unsigned)g.C);
-      dcls_forward_kernel<T><<<grid, kThreads, smem, s>>>(static_cast<const T*>(x) + n0 * g.C * g.in_plane(),
-                                                          static_cast<T*>(out) + n0 * g.C * g.out_plane(), gs, p);
+      TROUS_LAUNCH(grid, kThreads, smem, s, dcls_forward_kernel<T>)(
+          static_cast<const T*>(x) + n0 * g.C * g.in_plane(), static_cast<T*>(out) + n0 * g.C * g.out_plane(), gs, p);
     });
   });
   check_launch("trous dcls_conv forward");
@@ -112,8 +112,8 @@ void launch_backward(DType dtype, const void* grad_out, const void* x, void* gra
       allow_smem(dcls_grad_input_kernel<T>, smem);
       for_slices(g, [&](const ConvGeom& gs, index_t n0, int) {
         const dim3 grid(blocks_for(gs.N * gs.in_plane()), (unsigned)g.C);
-        dcls_grad_input_kernel<T><<<grid, kThreads, smem, s>>>(go + n0 * g.C * g.out_plane(),
-                                                               static_cast<T*>(grad_x) + n0 * g.C * g.in_plane(), gs, p);
+        TROUS_LAUNCH(grid, kThreads, smem, s, dcls_grad_input_kernel<T>)(
+            go + n0 * g.C * g.out_plane(), static_cast<T*>(grad_x) + n0 * g.C * g.in_plane(), gs, p);
       });
       check_launch("trous dcls_conv backward (input)");
     }
@@ -122,14 +122,15 @@ void launch_backward(DType dtype, const void* grad_out, const void* x, void* gra
       const size_t smem = grad_taps_bytes(g);
       allow_smem(dcls_grad_taps_kernel<T>, smem);
       for_slices(g, [&](const ConvGeom& gs, index_t n0, int i) {
-        dcls_grad_taps_kernel<T><<<dim3((unsigned)splits, (unsigned)g.C), kThreads, smem, s>>>(
+        TROUS_LAUNCH(dim3((unsigned)splits, (unsigned)g.C), kThreads, smem, s, dcls_grad_taps_kernel<T>)(
             go + n0 * g.C * g.out_plane(), static_cast<const T*>(x) + n0 * g.C * g.in_plane(),
             workspace + (size_t)i * splits * g.C * g.window(), gs, p);
       });
       check_launch("trous dcls_conv backward (taps)");
       const size_t psmem = params_bytes(g);
       allow_smem(dcls_grad_params_kernel, psmem);
-      dcls_grad_params_kernel<<<(unsigned)g.C, kThreads, psmem, s>>>(workspace, splits * num_slices(g), g, p, gr);
+      TROUS_LAUNCH((unsigned)g.C, kThreads, psmem, s, dcls_grad_params_kernel)(
+          workspace, splits * num_slices(g), g, p, gr);
       check_launch("trous dcls_conv backward (params)");
     }
   });

@@ -21,12 +21,13 @@ void quantize_token_typed(const T* x, uint8_t* codes, void* params, const TokenQ
   const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
   switch (lanes) {
 #define TROUS_LANES_CASE(L) \
-  case L: quantize_token_lanes<T, VEC, L><<<blocks, kThreads, 0, s>>>(x, codes, params, a); return;
+  case L: TROUS_LAUNCH(blocks, kThreads, 0, s, quantize_token_lanes<T, VEC, L>)(x, codes, params, a); return;
     TROUS_LANES_CASE(1) TROUS_LANES_CASE(2) TROUS_LANES_CASE(4) TROUS_LANES_CASE(8) TROUS_LANES_CASE(16)
     TROUS_LANES_CASE(32)
 #undef TROUS_LANES_CASE
     default:
-      quantize_token_serial<T><<<blocks_for(a.in.rows() * (a.in.D / a.group)), kThreads, 0, s>>>(x, codes, params, a);
+      TROUS_LAUNCH(blocks_for(a.in.rows() * (a.in.D / a.group)), kThreads, 0, s, quantize_token_serial<T>)(
+          x, codes, params, a);
   }
 }
 
@@ -54,7 +55,8 @@ void launch_dequantize_token(DType dtype, const uint8_t* codes, const void* para
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_token<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
+    TROUS_LAUNCH(blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s, dequantize_token<T>)(
+        codes, params, static_cast<T*>(out), a);
   });
   check_launch("trous kv_dequantize");
 }
@@ -68,9 +70,9 @@ void launch_quantize_channel(DType dtype, const void* x, uint8_t* codes, void* p
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
-      quantize_channel<T, true><<<blocks, kThreads, 0, s>>>(xt, codes, params, a);
+      TROUS_LAUNCH(blocks, kThreads, 0, s, quantize_channel<T, true>)(xt, codes, params, a);
     } else {
-      quantize_channel<T, false><<<blocks, kThreads, 0, s>>>(xt, codes, params, a);
+      TROUS_LAUNCH(blocks, kThreads, 0, s, quantize_channel<T, false>)(xt, codes, params, a);
     }
   });
   check_launch("trous kv_quantize_channel");
@@ -82,7 +84,8 @@ void launch_dequantize_channel(DType dtype, const uint8_t* codes, const void* pa
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_channel<T><<<blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s>>>(codes, params, static_cast<T*>(out), a);
+    TROUS_LAUNCH(blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s, dequantize_channel<T>)(
+        codes, params, static_cast<T*>(out), a);
   });
   check_launch("trous kv_dequantize_channel");
 }
@@ -96,9 +99,9 @@ void launch_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (rows_aligned(x, a.in, sizeof(T))) {
-      quantize_fp8<T, true><<<blocks, kThreads, 0, s>>>(xt, scale, codes, a);
+      TROUS_LAUNCH(blocks, kThreads, 0, s, quantize_fp8<T, true>)(xt, scale, codes, a);
     } else {
-      quantize_fp8<T, false><<<blocks, kThreads, 0, s>>>(xt, scale, codes, a);
+      TROUS_LAUNCH(blocks, kThreads, 0, s, quantize_fp8<T, false>)(xt, scale, codes, a);
     }
   });
   check_launch("trous kv_quantize_fp8");
@@ -110,7 +113,7 @@ void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    dequantize_fp8<Elem><<<blocks_for(rows * (D / kPack)), kThreads, 0, s>>>(
+    TROUS_LAUNCH(blocks_for(rows * (D / kPack)), kThreads, 0, s, dequantize_fp8<Elem>)(
         codes, scale, static_cast<Elem*>(out), rows, H, T, D, format, per_head);
   });
   check_launch("trous kv_dequantize_fp8");

@@ -1,4 +1,5 @@
-// Helpers shared by the torch-free CUDA launchers: error checks and the element-type dispatch.
+// Helpers shared by the torch-free CUDA launchers: the launch macro, error checks and the element-type
+// dispatch.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,6 +9,18 @@
 #include <string>
 
 #include "trous/common.h"
+
+// Every kernel launch of a launcher: TROUS_LAUNCH(grid, block, smem, stream, kernel)(args...) is
+// kernel<<<grid, block, smem, stream>>>(args...). The kernel comes last so that a template-id with
+// commas (quantize_token_lanes<T, VEC, L>) needs no parentheses. The CUDA emulation of the tests
+// (tests/emu/cuda_emu.h, included first) defines its own version, so that the launchers run
+// unchanged on the CPU; the CUDA runtime calls they make have host stand-ins there.
+#ifndef TROUS_LAUNCH
+#ifdef TROUS_CUDA_EMULATION
+#error "TROUS_CUDA_EMULATION without TROUS_LAUNCH: include tests/emu/cuda_emu.h before the launchers"
+#endif
+#define TROUS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
+#endif
 
 namespace trous {
 

@@ -1,12 +1,15 @@
-// Runs the banded grouped 1-D DCLS convolution kernels of csrc/include/trous/dcls_banded_kernels.cuh
+// Runs the banded grouped 1-D DCLS convolution kernels of csrc/dcls/banded_kernels.cuh
 // through the CUDA emulation (cuda_emu.h) on small grids and edge shapes, and compares with a scalar
 // fp64 host reference written here from the formulas of dcls_banded.h (deliberately NOT using its
 // band_of: the clamp is restated, and grad_x is computed by scatter where the kernel gathers).
 // Inputs are rounded to the element type first, so the reference sees exactly what the kernel reads;
 // tolerances: fp32 accumulation 1e-5 of the sum of |terms|, plus the output rounding of fp16 / bf16.
 // Outputs start as NaN: every element must be written (grad_K exactly 0 outside the bands).
-// The launch policy mirrors csrc/cuda/dcls_banded.cu; some cases cap the grid much lower to run the
-// grid-stride loops. Usage: dcls_banded_emu [filter]; exit status 0 iff every case passes.
+// The kernels are launched by the real launchers of csrc/dcls/banded_cuda.cu, compiled here unchanged
+// against the emulation, on host buffers; each case prints the grids they chose. Only the "capped
+// grid" cases launch the kernels directly, on a grid of 1 or 2 blocks: the launchers cap their grids
+// at banded::kMaxBlocks = 65535 blocks, far beyond emulation sizes, and the kernels' grid-stride
+// loops must cover the rest. Usage: dcls_banded_emu [filter]; exit status 0 iff every case passes.
 #include "cuda_emu.h"
 #include "emu_check.h"
 
@@ -16,39 +19,49 @@
 #include <string>
 #include <vector>
 
-#include "dcls/banded_kernels.cuh"
+#include "dcls/banded_cuda.cu"
 
 using namespace trous;
 using namespace trous::dcls;
-using trous_emu::launch;
 
 namespace {
 
-// ---------------------------------------------------------------- launch policy (dcls_banded.cu)
-unsigned capped(index_t blocks, unsigned cap) { return (unsigned)(blocks < (index_t)cap ? blocks : (index_t)cap); }
+// ---------------------------------------------------------------- launches
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <> constexpr DType dtype_of<__half>() { return DType::kFloat16; }
+template <> constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
 
+// Prints the kernels launched since the last call with their grids ("[kernel x blocks] ") and
+// forgets them; returns how many there were.
+size_t print_launches() {
+  const size_t n = trous_emu::launches().size();
+  for (const trous_emu::LaunchRecord& r : trous_emu::launches()) std::printf("[%s x %u] ", r.kernel.c_str(), r.grid.x);
+  trous_emu::launches().clear();
+  return n;
+}
+
+// cap 0: the launcher; otherwise the kernel alone on a grid of `cap` blocks (see the top).
 template <typename T>
 void run_forward(const T* x, const float* K, const int32_t* band, const float* bias, T* out, const BandedGeom& g,
                  unsigned cap) {
-  const index_t total = g.N * g.c_out * g.l_out;
-  if (total <= 0) return;
-  launch(banded::forward_kernel<T>, capped(ceil_div(total, banded::kThreads), cap), banded::kThreads, x, K, band,
-         bias, out, g);
+  if (!cap) return launch_banded_forward(dtype_of<T>(), x, K, band, bias, out, g, nullptr);
+  std::printf("[forward_kernel alone x %u] ", cap);
+  trous_emu::launch(banded::forward_kernel<T>, cap, banded::kThreads, x, K, band, bias, out, g);
 }
 
 template <typename T>
 void run_backward_input(const T* gout, const float* K, const int32_t* band, T* gx, const BandedGeom& g, unsigned cap) {
-  const index_t total = g.N * g.c_in * g.l_in;
-  if (total <= 0) return;
-  launch(banded::backward_input_kernel<T>, capped(ceil_div(total, banded::kThreads), cap), banded::kThreads, gout, K,
-         band, gx, g);
+  if (!cap) return launch_banded_backward_input(dtype_of<T>(), gout, K, band, gx, g, nullptr);
+  std::printf("[backward_input_kernel alone x %u] ", cap);
+  trous_emu::launch(banded::backward_input_kernel<T>, cap, banded::kThreads, gout, K, band, gx, g);
 }
 
 template <typename T>
 void run_backward_kernel(const T* gout, const T* x, const int32_t* band, float* gK, const BandedGeom& g, unsigned cap) {
-  const index_t rows = (index_t)g.c_out * g.in_per_group();
-  if (rows <= 0 || g.dks <= 0) return;
-  launch(banded::backward_kernel_kernel<T>, capped(rows, cap), banded::kThreads, gout, x, band, gK, g);
+  if (!cap) return launch_banded_backward_kernel(dtype_of<T>(), gout, x, band, gK, g, nullptr);
+  std::printf("[backward_kernel_kernel alone x %u] ", cap);
+  trous_emu::launch(banded::backward_kernel_kernel<T>, cap, banded::kThreads, gout, x, band, gK, g);
 }
 
 // ---------------------------------------------------------------- cases
@@ -59,7 +72,7 @@ struct Case {
   int N, c_in, c_out, groups, l_in, dks, stride, pad;
   Bands bands;
   bool bias;
-  unsigned cap;  // grid cap (banded::kMaxBlocks as in the launcher, or smaller)
+  unsigned cap;  // 0: the launchers; else the kernels alone on `cap` blocks
 };
 
 template <typename T> T to_t(double v);
@@ -158,6 +171,7 @@ void run_case(const Case& cs) {
     Check chk(base + " forward");
     std::vector<T> out(on, to_t<T>(NAN));
     run_forward<T>(xd.data(), Kf.data(), band.data(), bias_p, out.data(), g, cs.cap);
+    if (print_launches() != 0 && on == 0) chk.fail("a kernel was launched for an empty output");
     for (int n = 0; n < cs.N; ++n)
       for (int o = 0; o < cs.c_out; ++o)
         for (int t = 0; t < L; ++t) {
@@ -182,6 +196,7 @@ void run_case(const Case& cs) {
     Check chk(base + " backward_input");
     std::vector<T> gx(xn, to_t<T>(NAN));
     run_backward_input<T>(god.data(), Kf.data(), band.data(), gx.data(), g, cs.cap);
+    if (print_launches() != 0 && xn == 0) chk.fail("a kernel was launched for an empty grad_x");
     std::vector<double> ref(xn, 0.0), abssum(xn, 0.0);
     for (int n = 0; n < cs.N; ++n)
       for (int o = 0; o < cs.c_out; ++o)
@@ -206,6 +221,7 @@ void run_case(const Case& cs) {
     Check chk(base + " backward_kernel");
     std::vector<float> gK(kn, NAN);
     run_backward_kernel<T>(god.data(), xd.data(), band.data(), gK.data(), g, cs.cap);
+    print_launches();
     for (int o = 0; o < cs.c_out; ++o)
       for (int i = 0; i < I; ++i)
         for (int s = 0; s < cs.dks; ++s) {
@@ -237,7 +253,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress survives a sanitizer abort
   const std::string only = argc > 1 ? argv[1] : "";
   const auto t0 = std::chrono::steady_clock::now();
-  const unsigned M = banded::kMaxBlocks;
+  const unsigned M = 0;  // the launchers
   // dtypes: bit 0 fp32, bit 1 fp16, bit 2 bf16.
   struct Entry {
     Case cs;

@@ -1,12 +1,16 @@
-// Runs both kernels of csrc/include/trous/dcls_kernels.cuh (DCLS kernel construction, forward and
+// Runs both kernels of csrc/dcls/construct_kernels.cuh (DCLS kernel construction, forward and
 // backward) through the CUDA emulation (cuda_emu.h) on small grids and edge shapes, and compares
 // them with a dense scalar host reference in double written here from the formulas of
-// shared/spec/dcls.md (deliberately not using params.h's tap helpers: only ConstructArgs / make_args,
-// the launch plan and the kernels come from the project).
+// shared/spec/dcls.md (deliberately not using params.h's tap helpers: only ConstructArgs / make_args
+// and the launchers, with their plan and kernels, come from the project).
 //
-// Shapes cover 1-D / 2-D / 3-D windows, all four versions, kc 1 and kc 0, channels that are not a
-// multiple of the channels per block, windows split over several blocks (gridDim.y > 1), several
-// shared-memory chunks of elements (a lowered budget) and block sizes of 32, 64 and 96 threads.
+// The kernels are launched by the real launchers of csrc/dcls/construct_cuda.cu, compiled here
+// unchanged against the emulation, on host buffers; each case prints the plan they chose (blocks x
+// tiles, channels per block, elements per shared-memory chunk), and a last check asserts that the
+// cases reached each shape of plan. Shapes cover 1-D / 2-D / 3-D windows, all four versions, kc 1 and
+// kc 0, channels that are not a multiple of the channels per block, windows split over several
+// blocks (gridDim.y > 1: more than kMaxPerThread * kThreads taps) and several shared-memory chunks of
+// elements (kc large enough to overflow the 48 KiB budget).
 // Positions and widths lie on a 1/16 grid so that every dtype holds them exactly and fp32 sees the
 // non-differentiable points (|t - mu| = 0 or 1) exactly where the reference does.
 // Exit status 0 iff every case passes.
@@ -20,33 +24,33 @@
 #include <string>
 #include <vector>
 
-#include "dcls/construct_kernels.cuh"
+#include "dcls/construct_cuda.cu"
 
 using namespace trous;
 using namespace trous::dcls;
 using namespace trous::dcls::construct;
-using trous_emu::launch_smem;
 
 namespace {
 
-// ---------------------------------------------------------------- launch policy (dcls.cu)
-template <typename T, typename A>
-void launch_forward(const T* w, const T* P, const T* SIG, T* K, const ConstructArgs& a, int threads, size_t budget) {
-  if (a.channels == 0 || a.window() == 0) return;
-  const Plan plan = make_plan(a, threads, sizeof(A), true, budget);
-  if (!plan.ok) trous_emu::fail("bad plan", "forward plan not ok");
-  launch_smem(construct_forward<T, A>, dim3((unsigned)plan.blocks, (unsigned)plan.tiles), dim3(threads), plan.smem, w,
-              P, SIG, K, a, plan);
-}
+// ---------------------------------------------------------------- launches
+// What the plans of the cases covered (checked at the end of a full run).
+bool g_tiles = false, g_fwd_chunks = false, g_bwd_chunks = false, g_partial_block = false;
 
-template <typename T, typename A>
-void launch_backward(const T* gK, const T* w, const T* P, const T* SIG, T* gw, T* gP, T* gSIG, const ConstructArgs& a,
-                     int threads, size_t budget) {
-  if (a.channels == 0 || a.kc == 0) return;
-  const Plan plan = make_plan(a, threads, sizeof(A), false, budget);
-  if (!plan.ok) trous_emu::fail("bad plan", "backward plan not ok");
-  launch_smem(construct_backward<T, A>, dim3((unsigned)plan.blocks), dim3(threads), plan.smem, gK, w, P, SIG, gw, gP,
-              gSIG, a, plan);
+// Prints the launches since the last call with their plans and forgets them; returns how many.
+size_t print_launches(const ConstructArgs& a) {
+  const size_t n = trous_emu::launches().size();
+  for (const trous_emu::LaunchRecord& r : trous_emu::launches()) {
+    const Plan* p = r.arg<Plan>();
+    const bool fwd = r.kernel.rfind("construct_forward", 0) == 0;
+    std::printf("[%s: %u x %u blocks, %d ch, %d el/chunk] ", r.kernel.c_str(), r.grid.x, r.grid.y, p ? p->cpb : -1,
+                p ? p->kch : -1);
+    if (!p) continue;
+    g_tiles = g_tiles || r.grid.y > 1;
+    (fwd ? g_fwd_chunks : g_bwd_chunks) = (fwd ? g_fwd_chunks : g_bwd_chunks) || p->kch < a.kc;
+    g_partial_block = g_partial_block || (p->cpb > 1 && a.channels % p->cpb != 0);
+  }
+  trous_emu::launches().clear();
+  return n;
 }
 
 // ---------------------------------------------------------------- element types
@@ -61,7 +65,12 @@ template <> const char* tname<float>() { return "f32"; }
 template <> const char* tname<double>() { return "f64"; }
 template <> const char* tname<__half>() { return "f16"; }
 template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
-// Relative tolerance (to the largest reference value) of results stored in T, computed in A.
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <> constexpr DType dtype_of<double>() { return DType::kFloat64; }
+template <> constexpr DType dtype_of<__half>() { return DType::kFloat16; }
+template <> constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+// Relative tolerance (to the largest reference value) of results stored in T (accumulated in acc_t<T>).
 template <typename T> double tolerance();
 template <> double tolerance<float>() { return 2e-5; }
 template <> double tolerance<double>() { return 1e-11; }
@@ -171,9 +180,11 @@ void compare(Check& chk, const char* what, const std::vector<T>& got, const std:
   const double tol = tolerance<T>() * scale;
   for (size_t i = 0; i < want.size(); ++i) {
     const double g = to_d(got[i]);
-    if (!(std::fabs(g - want[i]) <= tol))
-      chk.fail(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(g) + ", want " +
-               std::to_string(want[i]) + " (tol " + std::to_string(tol) + ")");
+    if (!(std::fabs(g - want[i]) <= tol)) {
+      char msg[160];
+      std::snprintf(msg, sizeof msg, "%s[%zu] = %.9g, want %.9g (tol %.3g)", what, i, g, want[i], tol);
+      chk.fail(msg);
+    }
   }
 }
 
@@ -181,11 +192,10 @@ struct Case {
   index_t C;
   int kc;
   std::vector<int64_t> dks;
-  int threads;
-  size_t budget;  // shared-memory budget of the plan (small: several chunks)
+  bool all_dtypes;  // every dtype (else fp32, and every dtype for every third case)
 };
 
-template <typename T, typename A>
+template <typename T>
 void run_case(const Case& cs, Version version) {
   const ConstructArgs a = make_args(cs.C, cs.kc, (int)cs.dks.size(), cs.dks.data(), version);
   const bool sig = version == Version::kMax || version == Version::kGauss;
@@ -205,20 +215,18 @@ void run_case(const Case& cs, Version version) {
 
   std::string dks;
   for (auto d : cs.dks) dks += (dks.empty() ? "" : "x") + std::to_string(d);
-  const Plan fp = make_plan(a, cs.threads, sizeof(A), true, cs.budget);
-  const Plan bp = make_plan(a, cs.threads, sizeof(A), false, cs.budget);
   char name[320];
-  std::snprintf(name, sizeof name,
-                "%s %s C=%ld kc=%d dks=%s threads=%d (fwd: %ld x %d blocks, %d ch, %d el/chunk; bwd: %ld blocks, %d ch,"
-                " %d el/chunk)", tname<T>(), kVersionNames[(int)version], (long)cs.C, cs.kc, dks.c_str(), cs.threads,
-                (long)fp.blocks, fp.tiles, fp.cpb, fp.kch, (long)bp.blocks, bp.cpb, bp.kch);
+  std::snprintf(name, sizeof name, "%s %s C=%ld kc=%d dks=%s", tname<T>(), kVersionNames[(int)version], (long)cs.C,
+                cs.kc, dks.c_str());
   Check chk{name};
   const T poison = from_d<T>(-12345.0);  // every output element must be written
   std::vector<T> K(a.channels * W, poison), gw(plane, poison), gP(P.size(), poison), gS(SIG.size(), poison);
-  launch_forward<T, A>(w.data(), P.data(), sig ? SIG.data() : nullptr, K.data(), a, cs.threads, cs.budget);
+  launch_construct_forward(dtype_of<T>(), w.data(), P.data(), sig ? SIG.data() : nullptr, K.data(), a, nullptr);
+  if (print_launches(a) != 0 && a.channels * W == 0) chk.fail("a kernel was launched for an empty kernel");
   compare(chk, "K", K, ref.K);
-  launch_backward<T, A>(G.data(), w.data(), P.data(), sig ? SIG.data() : nullptr, gw.data(), gP.data(),
-                        sig ? gS.data() : nullptr, a, cs.threads, cs.budget);
+  launch_construct_backward(dtype_of<T>(), G.data(), w.data(), P.data(), sig ? SIG.data() : nullptr, gw.data(),
+                            gP.data(), sig ? gS.data() : nullptr, a, nullptr);
+  if (print_launches(a) != 0 && plane == 0) chk.fail("a kernel was launched for no parameters");
   if (a.kc > 0) {
     compare(chk, "grad_weight", gw, ref.gw);
     compare(chk, "grad_P", gP, ref.gP);
@@ -228,11 +236,11 @@ void run_case(const Case& cs, Version version) {
 }
 
 void run_all_dtypes(const Case& cs, Version v, bool all_dtypes) {
-  run_case<float, float>(cs, v);
+  run_case<float>(cs, v);
   if (!all_dtypes) return;
-  run_case<double, double>(cs, v);
-  run_case<__half, float>(cs, v);
-  run_case<__nv_bfloat16, float>(cs, v);
+  run_case<double>(cs, v);
+  run_case<__half>(cs, v);
+  run_case<__nv_bfloat16>(cs, v);
 }
 
 }  // namespace
@@ -241,25 +249,42 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress survives a sanitizer abort
   const std::string only = argc > 1 ? argv[1] : "";  // optional filter: a version name
   const auto t0 = std::chrono::steady_clock::now();
-  const size_t big = kSmemBudget;
   const Case cases[] = {
-      {5, 3, {7}, 64, big},            // 1-D, several channels per block, partial last block
-      {37, 1, {25}, 96, big},          // SNN-like kc 1: 3 channels per block, 13 blocks, partial warp
-      {3, 4, {5, 7}, 64, big},         // 2-D non-square
-      {2, 6, {17, 17}, 32, big},       // window 289 > 8 * 32: split over gridDim.y = 2 tiles
-      {3, 9, {4, 6}, 64, 400},         // small budget: several chunks of elements
-      {4, 3, {3, 5, 4}, 64, big},      // 3-D
-      {2, 11, {3, 2, 4}, 32, 400},     // 3-D, chunks
-      {3, 2, {1, 6}, 64, big},         // an axis of size 1
-      {2, 0, {5, 5}, 64, big},         // kc 0: zero kernel, no backward launch
+      {5, 3, {7}, false},           // 1-D, several channels per block
+      {37, 1, {25}, false},         // SNN-like kc 1: 10 channels per block, 4 blocks, partial last block
+      {3, 4, {5, 7}, false},        // 2-D non-square
+      {2, 6, {17, 17}, false},      // window 289: one channel per block
+      {3, 9, {4, 6}, true},         // 2-D, several channels per block (backward: one)
+      {4, 3, {3, 5, 4}, false},     // 3-D
+      {2, 11, {3, 2, 4}, true},     // 3-D
+      {3, 2, {1, 6}, false},        // an axis of size 1
+      {2, 0, {5, 5}, false},        // kc 0: zero kernel, no backward launch
+  };
+  // Run after the cases above, which thus keep their random inputs.
+  const Case large[] = {
+      {1, 900, {4, 6}, true},       // profiles of 900 elements overflow 48 KiB: several chunks, both passes
+      {2, 400, {3, 2, 4}, false},   // 3-D, backward chunks
+      {1, 2, {47, 47}, false},      // window 2209 > kMaxPerThread * kThreads: split over gridDim.y = 2 tiles
   };
   for (int vi = 0; vi < 4; ++vi) {
     if (!only.empty() && only != kVersionNames[vi]) continue;
     int i = 0;
-    for (const Case& cs : cases) run_all_dtypes(cs, (Version)vi, i++ % 3 == 0 || cs.budget != big);
+    for (const Case& cs : cases) run_all_dtypes(cs, (Version)vi, i++ % 3 == 0 || cs.all_dtypes);
   }
   // Empty input: the launchers return before launching (a zero-block grid is invalid in CUDA).
-  run_case<float, float>(Case{0, 3, {5, 5}, 64, big}, Version::kGauss);
+  run_case<float>(Case{0, 3, {5, 5}, false}, Version::kGauss);
+  for (int vi = 0; vi < 4; ++vi) {
+    if (!only.empty() && only != kVersionNames[vi]) continue;
+    for (const Case& cs : large) run_all_dtypes(cs, (Version)vi, cs.all_dtypes);
+  }
+  if (only.empty()) {  // the cases must reach each shape of plan
+    Check chk{"coverage: plans with tiles, forward chunks, backward chunks, a partial last block"};
+    if (!g_tiles) chk.fail("no forward launch split its window over gridDim.y");
+    if (!g_fwd_chunks) chk.fail("no forward launch took several shared-memory chunks");
+    if (!g_bwd_chunks) chk.fail("no backward launch took several shared-memory chunks");
+    if (!g_partial_block) chk.fail("no launch had a partial last block of channels");
+    chk.done();
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("dcls_emu: %d passed, %d failed (%.1f s)\n", g_passed, g_failed, secs);
   return g_failed ? 1 : 0;

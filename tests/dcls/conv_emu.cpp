@@ -1,24 +1,27 @@
-// Runs the direct depthwise DCLS convolution kernels of csrc/include/trous/dcls_conv_kernels.cuh
+// Runs the direct depthwise DCLS convolution kernels of csrc/dcls/conv_kernels.cuh
 // through the CUDA emulation (cuda_emu.h) on small grids and edge shapes, and compares with a scalar
 // fp64 host reference written here from shared/spec/dcls.md (deliberately NOT using dcls_conv.h's
 // math: its own profiles, axis map and dense kernel; parameter gradients by central differences of
-// the reference loss sum(grad_out * out)). The launch policy mirrors csrc/cuda/dcls_conv.cu except
-// that the grad-taps split count is chosen here (1 and 3 splits are both exercised).
-// Usage: dcls_conv_emu [filter]; exit status 0 iff every case passes.
+// the reference loss sum(grad_out * out)). The kernels are launched by the real launchers of
+// csrc/dcls/conv_cuda.cu, compiled here unchanged against the emulation, on host buffers, with the
+// workspace size they ask for: grids, shared memory (opted in above 48 KiB), and the grad-taps split
+// count, which they derive from the emulated device's SM count (132, or what a case sets). Each case
+// prints its launches; a last check asserts that the cases reached 1, 2 and 3 or more splits and the
+// shared-memory opt-in. Usage: dcls_conv_emu [filter]; exit status 0 iff every case passes.
 #include "cuda_emu.h"
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
-#include "dcls/conv_kernels.cuh"
+#include "dcls/conv_cuda.cu"
 
 using namespace trous;
 using namespace trous::dcls;
-using trous_emu::launch_smem;
 
 namespace {
 
@@ -30,8 +33,8 @@ struct Case {
   std::vector<int> sp, dks, stride, pad;  // spatial, first spatial axis first
   double p_spread;                        // P ~ U(+-(dks // 2 + p_spread))
   double sig;                             // SIG base value (gauss / max)
-  int splits;                             // grad-taps splits
   int dtype;                              // 0 fp32, 1 fp16, 2 bf16
+  int sms = 132;                          // SMs of the emulated device (the launcher's split count)
 };
 
 const char* vname(Version v) {
@@ -122,7 +125,7 @@ void for_pairs(const Case& cs, const Geo& g, F&& f) {
   int Wn = 1;
   for (int d : cs.dks) Wn *= d;
   for (long o = 0; o < g.out_plane; ++o) {
-    std::vector<int> oc(nd);
+    int oc[3];  // nd <= 3 (no allocation: this loop is most of the reference's time)
     long rem = o;
     for (int s = nd - 1; s >= 0; --s) {
       oc[s] = (int)(rem % g.out[s]);
@@ -132,7 +135,7 @@ void for_pairs(const Case& cs, const Geo& g, F&& f) {
       long in_idx = 0;
       bool inside = true;
       int trem = t;
-      std::vector<int> tc(nd);
+      int tc[3];
       for (int s = nd - 1; s >= 0; --s) {
         tc[s] = trem % cs.dks[s];
         trem /= cs.dks[s];
@@ -164,6 +167,10 @@ template <typename T> T to_t(float v);
 template <> float to_t<float>(float v) { return v; }
 template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
 template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <> constexpr DType dtype_of<__half>() { return DType::kFloat16; }
+template <> constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
 double from_t(float v) { return v; }
 double from_t(__half v) { return __half2float(v); }
 double from_t(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -194,6 +201,34 @@ ConvGeom device_geom(const Case& cs) {
 }
 
 int g_passed = 0, g_failed = 0;
+std::set<unsigned> g_splits;  // grad-taps split counts the launchers chose
+bool g_optin = false;         // a launch above 48 KiB of dynamic shared memory
+
+void check(const std::string& what, bool ok) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+// Prints one line with the launches since the last call ("name: kernel grid.x x grid.y smem B, ...")
+// and forgets them; returns how many there were.
+size_t print_launches(const std::string& name) {
+  const auto& ls = trous_emu::launches();
+  std::string s;
+  for (const trous_emu::LaunchRecord& r : ls) {
+    s += (s.empty() ? "" : ", ") + r.kernel + " " + std::to_string(r.grid.x) + "x" + std::to_string(r.grid.y) + " " +
+         std::to_string(r.smem) + " B";
+    if (r.kernel.rfind("dcls_grad_taps_kernel", 0) == 0) g_splits.insert(r.grid.x);
+    g_optin = g_optin || r.smem > 48 * 1024;
+  }
+  std::printf("%s: %s\n", name.c_str(), s.empty() ? "no launch" : s.c_str());
+  const size_t n = ls.size();
+  trous_emu::launches().clear();
+  return n;
+}
 
 void report(const std::string& what, double err, double scale, double tol) {
   const bool ok = err <= tol * std::max(scale, 1e-3) && std::isfinite(err);
@@ -237,12 +272,11 @@ void run_case(const Case& cs) {
   rp.P.assign(P.begin(), P.end());
   rp.SIG.assign(SIG.begin(), SIG.end());
   const Params<float> dp{w.data(), P.data(), has_sig ? SIG.data() : nullptr, bias.data()};
+  trous_emu::device().sm_count = cs.sms;
+  check(cs.name + " supported on CUDA", cuda_geometry_supported(dg));
 
   // forward
-  const size_t smem = (size_t)tap_smem_words(dg) * 4;
-  const unsigned fblocks = (unsigned)ceil_div(dg.N * dg.out_plane(), (index_t)kThreads * kOutPerThread);
-  launch_smem(dcls_forward_kernel<T>, dim3(fblocks, (unsigned)cs.C), dim3(kThreads), smem, xd.data(), out.data(), dg,
-              dp);
+  launch_forward(dtype_of<T>(), xd.data(), out.data(), dg, dp, nullptr);
   std::vector<std::vector<double>> K(cs.C);
   for (int c = 0; c < cs.C; ++c) K[c] = ref_dense(cs, rp, c);
   {
@@ -263,10 +297,13 @@ void run_case(const Case& cs) {
     report(cs.name + " forward", err, scale, sizeof(T) == 4 ? 2e-5 : 1e-2);
   }
 
-  // grad input
-  const unsigned iblocks = (unsigned)ceil_div(dg.N * dg.in_plane(), (index_t)kThreads * kOutPerThread);
-  launch_smem(dcls_grad_input_kernel<T>, dim3(iblocks, (unsigned)cs.C), dim3(kThreads), smem, god.data(), gx.data(),
-              dg, dp);
+  // backward: grad input, then the parameter gradients (taps partials per split, then per channel)
+  std::vector<float> ws(cuda_backward_workspace(dg), NAN);  // non-support entries stay NaN
+  std::vector<float> gw(cs.C * cs.kc, NAN), gP(pn, NAN), gS(has_sig ? pn : 0, NAN);
+  launch_backward(dtype_of<T>(), god.data(), xd.data(), gx.data(), dg, dp,
+                  ParamGrads<float>{gw.data(), gP.data(), has_sig ? gS.data() : nullptr}, ws.data(), nullptr);
+  if (print_launches(cs.name) != 0) check(cs.name + " launches nothing for an empty batch", cs.N > 0);
+  trous_emu::device() = trous_emu::Device{};
   {
     std::vector<double> ref(xn, 0.0);
     for (int n = 0; n < cs.N; ++n) {
@@ -284,15 +321,6 @@ void run_case(const Case& cs) {
     report(cs.name + " grad_input", err, scale, sizeof(T) == 4 ? 2e-5 : 1e-2);
   }
 
-  // parameter gradients: taps partials (cs.splits) then the per-channel kernel
-  std::vector<float> ws((size_t)cs.splits * cs.C * dg.window(), NAN);  // non-support entries stay NaN
-  std::vector<float> gw(cs.C * cs.kc, NAN), gP(pn, NAN), gS(has_sig ? pn : 0, NAN);
-  const size_t tsmem = smem + (size_t)kGradTapsExtraWords * 4;
-  launch_smem(dcls_grad_taps_kernel<T>, dim3((unsigned)cs.splits, (unsigned)cs.C), dim3(kThreads), tsmem, god.data(),
-              xd.data(), ws.data(), dg, dp);
-  const size_t psmem = (size_t)params_smem_words(dg) * 4;
-  launch_smem(dcls_grad_params_kernel, dim3((unsigned)cs.C), dim3(kThreads), psmem, (const float*)ws.data(),
-              cs.splits, dg, dp, ParamGrads<float>{gw.data(), gP.data(), has_sig ? gS.data() : nullptr});
   {
     // Central differences of the fp64 reference loss, per parameter.
     const double h = 1e-6;
@@ -335,37 +363,51 @@ void run_case(const Case& cs) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress survives a sanitizer abort
   const auto t0 = std::chrono::steady_clock::now();
   const std::string only = argc > 1 ? argv[1] : "";
   std::vector<Case> cases;
   const Version all[] = {Version::kV0, Version::kV1, Version::kMax, Version::kGauss};
   for (Version v : all) {
     const std::string vn = vname(v);
-    // name, version, N, C, kc, spatial, dks, stride, pad, p_spread, sig, splits, dtype
-    cases.push_back({vn + " 1d", v, 2, 3, 4, {37}, {9}, {1}, {4}, 0.8, 0.4, 1, 0});
-    cases.push_back({vn + " 2d", v, 2, 2, 5, {9, 11}, {5, 7}, {1, 1}, {2, 3}, 0.8, 0.3, 3, 0});
-    cases.push_back({vn + " 2d stride2", v, 1, 2, 3, {10, 9}, {3, 5}, {2, 2}, {1, 2}, 0.6, 0.3, 2, 0});
-    cases.push_back({vn + " 3d", v, 1, 2, 3, {5, 6, 7}, {3, 5, 3}, {1, 2, 1}, {1, 2, 1}, 0.6, 0.3, 2, 0});
+    // name, version, N, C, kc, spatial, dks, stride, pad, p_spread, sig, dtype[, SMs]; the batch sizes give
+    // the launcher's grad-taps split count ceil(N * out_plane / kStage): 1, 3, 2, 2.
+    cases.push_back({vn + " 1d", v, 2, 3, 4, {37}, {9}, {1}, {4}, 0.8, 0.4, 0});
+    cases.push_back({vn + " 2d", v, 6, 2, 5, {9, 11}, {5, 7}, {1, 1}, {2, 3}, 0.8, 0.3, 0});
+    cases.push_back({vn + " 2d stride2", v, 11, 2, 3, {10, 9}, {3, 5}, {2, 2}, {1, 2}, 0.6, 0.3, 0});
+    cases.push_back({vn + " 3d", v, 3, 2, 3, {5, 6, 7}, {3, 5, 3}, {1, 2, 1}, {1, 2, 1}, 0.6, 0.3, 0});
   }
   // Window of 289 > 256 threads (chunked compaction), partial last block, 2 splits.
-  cases.push_back({"gauss 17x17", Version::kGauss, 1, 2, 6, {20, 19}, {17, 17}, {1, 1}, {8, 8}, 0.5, 0.23, 2, 0});
+  cases.push_back({"gauss 17x17", Version::kGauss, 1, 2, 6, {20, 19}, {17, 17}, {1, 1}, {8, 8}, 0.5, 0.23, 0});
   // kc > 256 threads (elements looped per thread), a single channel.
-  cases.push_back({"v1 kc300", Version::kV1, 1, 1, 300, {15}, {7}, {1}, {3}, 0.5, 0, 1, 0});
+  cases.push_back({"v1 kc300", Version::kV1, 1, 1, 300, {15}, {7}, {1}, {3}, 0.5, 0, 0});
   // P far outside the window: no taps at all (v0 / gauss; v1 renormalises nothing either).
-  cases.push_back({"v0 empty", Version::kV0, 1, 2, 2, {8}, {5}, {1}, {2}, 40, 0, 1, 0});
-  // Large sigma (SNN delays): the whole window is support.
-  cases.push_back({"gauss large sigma", Version::kGauss, 2, 2, 2, {30}, {25}, {1}, {24}, 0.3, 8.0, 2, 0});
-  // More than kThreads * kTapsPerThread = 1024 taps: two grad-taps passes (large sigma, 33x35 window).
-  cases.push_back({"gauss 1155 taps", Version::kGauss, 1, 1, 2, {36, 34}, {33, 35}, {1, 1}, {16, 17}, 0.3, 20.0, 2, 0});
-  // Between kThreads / 2 and kThreads taps: one group, a single pass (7x7 dense support of 49 * ...).
-  cases.push_back({"gauss 15x15 dense", Version::kGauss, 1, 1, 3, {12, 13}, {15, 15}, {1, 1}, {7, 7}, 0.3, 6.0, 3, 0});
-  cases.push_back({"v1 fp16", Version::kV1, 2, 2, 4, {8, 9}, {5, 5}, {1, 1}, {2, 2}, 0.6, 0, 1, 1});
-  cases.push_back({"gauss bf16", Version::kGauss, 2, 2, 4, {8, 9}, {5, 5}, {2, 1}, {2, 2}, 0.6, 0.3, 1, 2});
+  cases.push_back({"v0 empty", Version::kV0, 1, 2, 2, {8}, {5}, {1}, {2}, 40, 0, 0});
+  // Large sigma (SNN delays): the whole window is support; 2 splits.
+  cases.push_back({"gauss large sigma", Version::kGauss, 5, 2, 2, {30}, {25}, {1}, {24}, 0.3, 8.0, 0});
+  // More than kThreads * kTapsPerThread = 1024 taps: two grad-taps passes (large sigma, 33x35 window); 5 splits.
+  cases.push_back({"gauss 1155 taps", Version::kGauss, 1, 1, 2, {36, 34}, {33, 35}, {1, 1}, {16, 17}, 0.3, 20.0, 0});
+  // Between kThreads / 2 and kThreads taps: one group, a single pass (7x7 dense support of 49 * ...); 3 splits.
+  cases.push_back({"gauss 15x15 dense", Version::kGauss, 4, 1, 3, {12, 13}, {15, 15}, {1, 1}, {7, 7}, 0.3, 6.0, 0});
+  cases.push_back({"v1 fp16", Version::kV1, 2, 2, 4, {8, 9}, {5, 5}, {1, 1}, {2, 2}, 0.6, 0, 1});
+  cases.push_back({"gauss bf16", Version::kGauss, 2, 2, 4, {8, 9}, {5, 5}, {2, 1}, {2, 2}, 0.6, 0.3, 2});
+  // A device of 1 SM: the split count is bound by the SMs, ceil(4 * 1 / C) = 2, not by the work (3).
+  cases.push_back({"v1 2d 1 SM", Version::kV1, 6, 2, 5, {9, 11}, {5, 7}, {1, 1}, {2, 3}, 0.8, 0.3, 0, 1});
+  // A 49x51 window: the taps need more than 48 KiB of shared memory (the launcher opts in).
+  cases.push_back({"gauss 49x51 opt-in", Version::kGauss, 1, 1, 2, {8, 8}, {49, 51}, {1, 1}, {22, 23}, 0.3, 20.0, 0});
+  // Empty batch: no kernel; the parameter gradients are zeroed (cudaMemsetAsync).
+  cases.push_back({"gauss N0", Version::kGauss, 0, 2, 3, {9, 11}, {5, 7}, {1, 1}, {2, 3}, 0.8, 0.3, 0});
   for (const Case& cs : cases) {
     if (!only.empty() && cs.name.find(only) == std::string::npos) continue;
     if (cs.dtype == 0) run_case<float>(cs);
     if (cs.dtype == 1) run_case<__half>(cs);
     if (cs.dtype == 2) run_case<__nv_bfloat16>(cs);
+  }
+  if (only.empty()) {  // the cases must reach each split regime and the shared-memory opt-in
+    check("coverage: 1 grad-taps split", g_splits.count(1) > 0);
+    check("coverage: 2 grad-taps splits", g_splits.count(2) > 0);
+    check("coverage: 3 or more grad-taps splits", g_splits.upper_bound(2) != g_splits.end());
+    check("coverage: more than 48 KiB of dynamic shared memory", g_optin);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("dcls_conv_emu: %d passed, %d failed (%.1f s)\n", g_passed, g_failed, secs);

@@ -1,6 +1,13 @@
 // CUDA emulation for tests: lets g++ compile the project's UNCHANGED kernel headers (.cuh) and run
 // them on the CPU, under AddressSanitizer/UBSan or ThreadSanitizer (see architecture.md, "Testing
-// CUDA kernels on a machine without a GPU"). Include this first, then the .cuh, then call
+// CUDA kernels on a machine without a GPU"). Include this first, then the .cuh kernels, or the
+// launcher .cu itself (csrc/<family>/<subop>_cuda.cu, compiled unchanged as C++): launchers write
+// TROUS_LAUNCH(grid, block, smem, stream, kernel)(args...) (trous/launch.cuh), which this header
+// defines as an emulated launch, and the CUDA runtime calls they make (cudaGetLastError,
+// cudaGetDevice, cudaDeviceGetAttribute, cudaFuncSetAttribute, cudaMemsetAsync, ...) have host
+// stand-ins below, answering for an emulated H100/H200-like device (trous_emu::device(), which a
+// test may change). Device memory is host memory: launchers get plain host pointers, and a launch
+// runs to completion before it returns (every stream is synchronous). Tests of a kernel alone call
 // `trous_emu::launch(kernel, grid, block, args...)` where CUDA code writes kernel<<<grid, block>>>.
 //
 // Model: blocks run one after another; each CUDA thread of a block is one std::thread (from a pool
@@ -23,9 +30,12 @@
 #include <cuda_fp16.h>
 #include <vector_functions.h>  // make_float4, ...
 #include <vector_types.h>      // dim3, uint3, float4, uint4, ...
+#include <cuda_runtime.h>      // host API declarations only: the functions used are defined below
 
 #include <algorithm>
+#include <any>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -33,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -52,6 +63,11 @@
 #ifndef TROUS_DYNAMIC_SHARED
 #define TROUS_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::trous_emu::dynamic_smem())
 #endif
+// The launchers' kernel<<<grid, block, smem, stream>>>(args...) (trous/launch.cuh gives the nvcc form).
+#ifndef TROUS_LAUNCH
+#define TROUS_LAUNCH(grid, block, smem, stream, ...) \
+  ::trous_emu::launcher<__VA_ARGS__>((grid), (block), (smem), (stream))
+#endif
 
 namespace trous_emu {
 constexpr int kErrorExit = 3;
@@ -68,6 +84,26 @@ inline std::string& context() {
                context().c_str());
   std::fflush(stderr);
   std::_Exit(kErrorExit);
+}
+
+// The emulated device, as cudaDeviceGetAttribute reports it and launches are checked against:
+// H100 / H200 (sm_90) limits. A test may change it (e.g. fewer SMs) before calling a launcher.
+struct Device {
+  int sm_count = 132;
+  int smem_per_block = 48 * 1024;         // dynamic shared memory without opt-in
+  int smem_per_block_optin = 227 * 1024;  // the most cudaFuncSetAttribute may allow
+  int smem_per_sm = 228 * 1024;
+  int max_threads_per_block = 1024;
+  int max_threads_per_sm = 2048;
+  int max_block[3] = {1024, 1024, 64};
+  int max_grid[3] = {INT_MAX, 65535, 65535};
+  int regs_per_block = 64 * 1024;
+  int l2_bytes = 50 * 1024 * 1024;
+  int cc_major = 9, cc_minor = 0;
+};
+inline Device& device() {
+  static Device d;
+  return d;
 }
 
 inline std::chrono::steady_clock::time_point deadline() {
@@ -391,8 +427,13 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::functi
   std::lock_guard<std::mutex> lk(one_launch_at_a_time);
   const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
   const int n = (int)(block.x * block.y * block.z);
-  if (!nblocks || !n || n > 1024 || smem_bytes > 227 * 1024)
-    fail("bad launch", "grid " + std::to_string(nblocks) + " blocks of " + std::to_string(n) + " threads, " +
+  const Device& d = device();
+  if (!nblocks || !n || n > d.max_threads_per_block || smem_bytes > (size_t)d.smem_per_block_optin ||
+      grid.x > (unsigned)d.max_grid[0] || grid.y > (unsigned)d.max_grid[1] || grid.z > (unsigned)d.max_grid[2] ||
+      block.x > (unsigned)d.max_block[0] || block.y > (unsigned)d.max_block[1] || block.z > (unsigned)d.max_block[2])
+    fail("bad launch", "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                           std::to_string(grid.z) + ") of blocks (" + std::to_string(block.x) + ", " +
+                           std::to_string(block.y) + ", " + std::to_string(block.z) + "), " +
                            std::to_string(smem_bytes) + " B dynamic shared memory (cudaErrorInvalidConfiguration)");
   Grid g;
   g.grid = grid, g.block = block, g.nthreads = n, g.nblocks = nblocks;
@@ -414,16 +455,186 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::functi
   });
 }
 
+// cudaFuncAttributeMaxDynamicSharedMemorySize of each kernel (cudaFuncSetAttribute), by address.
+inline std::map<const void*, int>& max_dynamic_smem() {
+  static std::map<const void*, int> m;
+  return m;
+}
+
+// What the launchers launched (TROUS_LAUNCH only, not trous_emu::launch): kernel name, grid, block,
+// dynamic shared memory and the converted arguments, so that a test can report and check the
+// configuration the real launch policy chose. Tests clear it when they like.
+struct LaunchRecord {
+  std::string kernel;  // e.g. "quantize_token_lanes<float, true, 4>" (namespaces dropped)
+  dim3 grid, block;
+  size_t smem = 0;
+  std::vector<std::any> args;
+  // The i-th kernel argument of type T (counting those of type T only), or null.
+  template <typename T>
+  const T* arg(int i = 0) const {
+    for (const std::any& a : args)
+      if (const T* p = std::any_cast<T>(&a))
+        if (i-- == 0) return p;
+    return nullptr;
+  }
+};
+inline std::vector<LaunchRecord>& launches() {
+  static std::vector<LaunchRecord> v;
+  return v;
+}
+
 // kernel<<<grid, block, smem_bytes>>>(args...): arguments are converted to the parameter types once,
-// like cudaLaunchKernel copying them, and every thread gets its own by-value copy.
+// like cudaLaunchKernel copying them, and every thread gets its own by-value copy. Above the default
+// 48 KiB, the kernel must have opted in (cudaFuncSetAttribute), as on the GPU.
 template <typename... P, typename... A>
 void launch_smem(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "wrong number of kernel arguments");
   const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  if (smem_bytes > (size_t)device().smem_per_block) {
+    const auto it = max_dynamic_smem().find(reinterpret_cast<const void*>(kernel));
+    if (it == max_dynamic_smem().end() || smem_bytes > (size_t)it->second)
+      fail("bad launch", std::to_string(smem_bytes) + " B dynamic shared memory, above " +
+                             std::to_string(device().smem_per_block) +
+                             " B, without cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) to at "
+                             "least that (cudaErrorInvalidValue)");
+  }
   run_grid(grid, block, smem_bytes, [&] { std::apply(kernel, params); });
 }
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   launch_smem(kernel, grid, block, 0, std::forward<A>(args)...);
 }
+
+// "trous::kv::quantize_token_lanes<float, true, 4>" -> "quantize_token_lanes<float, true, 4>".
+template <auto K>
+std::string kernel_name() {
+  std::string s = __PRETTY_FUNCTION__;  // "... [with auto K = NAME; ...]" (g++) or "[K = NAME]" (clang)
+  const size_t b = s.find("K = ");
+  if (b == std::string::npos) return s;
+  s = s.substr(b + 4);
+  s = s.substr(0, s.find_first_of(";]"));
+  if (s.rfind("& ", 0) == 0) s = s.substr(2);
+  const size_t lt = s.find('<'), colon = s.rfind("::", lt);
+  return colon == std::string::npos ? s : s.substr(colon + 2);
+}
+
+// TROUS_LAUNCH(grid, block, smem, stream, kernel)(args...): the stream is ignored (launches are
+// synchronous); the launch is recorded in launches(), then run.
+template <auto K>
+struct Launcher {
+  dim3 grid, block;
+  size_t smem;
+  template <typename... A>
+  void operator()(A&&... args) const {
+    run(K, std::forward<A>(args)...);
+  }
+
+ private:
+  template <typename... P, typename... A>
+  void run(void (*kernel)(P...), A&&... args) const {
+    static_assert(sizeof...(P) == sizeof...(A), "wrong number of kernel arguments");
+    const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+    LaunchRecord r{kernel_name<K>(), grid, block, smem, {}};
+    std::apply([&r](const auto&... p) { r.args = {std::any(p)...}; }, params);
+    launches().push_back(std::move(r));
+    std::apply([&](const auto&... p) { launch_smem(kernel, grid, block, smem, p...); }, params);
+  }
+};
+template <auto K>
+Launcher<K> launcher(dim3 grid, dim3 block, size_t smem, cudaStream_t) {
+  return Launcher<K>{grid, block, smem};
+}
+
+// The error cudaGetLastError returns (and resets): set by a failed runtime call. A launch that would
+// fail on the GPU stops the program instead ("trous-emu: bad launch").
+inline cudaError_t& last_error() {
+  static cudaError_t e = cudaSuccess;
+  return e;
+}
+inline cudaError_t set_error(cudaError_t e) {
+  if (e != cudaSuccess) last_error() = e;
+  return e;
+}
 }  // namespace trous_emu
+
+// ---- CUDA runtime stand-ins: the calls the launchers make, on the emulated device 0.
+extern "C" {
+inline cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = trous_emu::last_error();
+  trous_emu::last_error() = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaPeekAtLastError(void) { return trous_emu::last_error(); }
+inline const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    default: return "cudaError (emulated)";
+  }
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    default: return "unknown error (emulated)";
+  }
+}
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev) {
+  if (dev != 0) return trous_emu::set_error(cudaErrorInvalidDevice);
+  const trous_emu::Device& d = trous_emu::device();
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = d.sm_count; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = d.smem_per_block; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_per_block_optin; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.smem_per_sm; break;
+    case cudaDevAttrMaxThreadsPerBlock: *value = d.max_threads_per_block; break;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = d.max_threads_per_sm; break;
+    case cudaDevAttrMaxBlockDimX: *value = d.max_block[0]; break;
+    case cudaDevAttrMaxBlockDimY: *value = d.max_block[1]; break;
+    case cudaDevAttrMaxBlockDimZ: *value = d.max_block[2]; break;
+    case cudaDevAttrMaxGridDimX: *value = d.max_grid[0]; break;
+    case cudaDevAttrMaxGridDimY: *value = d.max_grid[1]; break;
+    case cudaDevAttrMaxGridDimZ: *value = d.max_grid[2]; break;
+    case cudaDevAttrMaxRegistersPerBlock: *value = d.regs_per_block; break;
+    case cudaDevAttrL2CacheSize: *value = d.l2_bytes; break;
+    case cudaDevAttrWarpSize: *value = warpSize; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = d.cc_major; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = d.cc_minor; break;
+    default:  // an answer made up here could hide a launcher bug: add the attribute to Device
+      trous_emu::fail("unsupported", "cudaDeviceGetAttribute(" + std::to_string((int)attr) + ") is not emulated");
+  }
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (!func) return trous_emu::set_error(cudaErrorInvalidDeviceFunction);
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) return cudaSuccess;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize)
+    trous_emu::fail("unsupported", "cudaFuncSetAttribute(" + std::to_string((int)attr) + ") is not emulated");
+  if (value < 0 || value > trous_emu::device().smem_per_block_optin) return trous_emu::set_error(cudaErrorInvalidValue);
+  trous_emu::max_dynamic_smem()[func] = value;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
+  if (count) std::memset(p, value, count);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, enum cudaMemcpyKind, cudaStream_t) {
+  if (count) std::memmove(dst, src, count);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+}  // extern "C"
+// The C++ overload cuda_runtime.h declares only under nvcc: a kernel by its function pointer.
+template <class T>
+inline cudaError_t cudaFuncSetAttribute(T* func, enum cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
+}

@@ -1,10 +1,12 @@
-// Runs every kernel of csrc/include/trous/kvcache_kernels.cuh through the CUDA emulation
+// Runs every kernel of csrc/kvcache/quantize_kernels.cuh through the CUDA emulation
 // (cuda_emu.h) on small grids and edge shapes, and compares with a scalar host reference written
 // here from the formulas of shared/spec/kvcache.md (deliberately NOT using kvcache.h's helpers:
 // fp16 / bf16 / fp8 roundings come from CUDA's own host conversions in cuda_fp16/bf16/fp8.h).
 // Codes and stored parameters must match exactly; dequantized values within 1e-6 relative.
-// The launch policy (template variant per group size, grid = ceil(work / kThreads) blocks of
-// kThreads) mirrors csrc/cuda/kvcache.cu. Exit status 0 iff every case passes.
+// The kernels are launched by the real launchers of csrc/kvcache/quantize_cuda.cu, compiled here
+// unchanged against the emulation (template variant per group size and alignment, grid), on host
+// buffers; each case prints the kernels they chose, and a last check asserts that the cases reached
+// every variant. Exit status 0 iff every case passes.
 #include "cuda_emu.h"
 #include "emu_check.h"
 
@@ -14,91 +16,30 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "kvcache/quantize_kernels.cuh"
+#include "kvcache/quantize_cuda.cu"
 
 using namespace trous;
 using namespace trous::kv;
-using trous_emu::launch;
 
 namespace {
 
-// ---------------------------------------------------------------- launch policy (kvcache.cu)
-unsigned blocks_for(index_t work) { return (unsigned)ceil_div(work, kThreads); }
+// ---------------------------------------------------------------- launches
+std::set<std::string> g_kernels;  // every kernel the launchers ran
 
-bool rows_aligned(const void* x, const RowLayout& in, size_t elem) {
-  const auto ok = [elem](index_t stride) { return (stride * (index_t)elem) % 16 == 0; };
-  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && ok(in.stride.b) && ok(in.stride.h) && ok(in.stride.t);
-}
-
-template <typename T, bool VEC>
-void quantize_token_typed(const T* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
-  const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
-  switch (a.group / kPack) {
-    case 1: launch(quantize_token_lanes<T, VEC, 1>, blocks, kThreads, x, codes, params, a); return;
-    case 2: launch(quantize_token_lanes<T, VEC, 2>, blocks, kThreads, x, codes, params, a); return;
-    case 4: launch(quantize_token_lanes<T, VEC, 4>, blocks, kThreads, x, codes, params, a); return;
-    case 8: launch(quantize_token_lanes<T, VEC, 8>, blocks, kThreads, x, codes, params, a); return;
-    case 16: launch(quantize_token_lanes<T, VEC, 16>, blocks, kThreads, x, codes, params, a); return;
-    case 32: launch(quantize_token_lanes<T, VEC, 32>, blocks, kThreads, x, codes, params, a); return;
-    default:
-      launch(quantize_token_serial<T>, blocks_for(a.in.rows() * (a.in.D / a.group)), kThreads, x, codes, params, a);
+// Prints the kernels launched since the last call ("[k1, k2] ", nothing if none) and forgets them.
+void print_launches() {
+  std::string s;
+  for (const trous_emu::LaunchRecord& r : trous_emu::launches()) {
+    s += (s.empty() ? "" : ", ") + r.kernel;
+    g_kernels.insert(r.kernel);
   }
-}
-
-template <typename T>
-void launch_quantize_token(const T* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
-  if (a.in.rows() == 0) return;
-  if (rows_aligned(x, a.in, sizeof(T))) {
-    quantize_token_typed<T, true>(x, codes, params, a);
-  } else {
-    quantize_token_typed<T, false>(x, codes, params, a);
-  }
-}
-
-template <typename T>
-void launch_dequantize_token(const uint8_t* codes, const void* params, T* out, const TokenDequantArgs& a) {
-  if (a.rows == 0) return;
-  launch(dequantize_token<T>, blocks_for(a.rows * (a.D / kPack)), kThreads, codes, params, out, a);
-}
-
-template <typename T>
-void launch_quantize_channel(const T* x, uint8_t* codes, void* params, const ChannelQuantArgs& a) {
-  if (a.in.rows() == 0) return;
-  const unsigned blocks = blocks_for(a.in.B * a.in.H * (a.in.T / a.group) * (a.in.D / kPack));
-  if (rows_aligned(x, a.in, sizeof(T))) {
-    launch(quantize_channel<T, true>, blocks, kThreads, x, codes, params, a);
-  } else {
-    launch(quantize_channel<T, false>, blocks, kThreads, x, codes, params, a);
-  }
-}
-
-template <typename T>
-void launch_dequantize_channel(const uint8_t* codes, const void* params, T* out, const ChannelDequantArgs& a) {
-  if (a.rows == 0) return;
-  launch(dequantize_channel<T>, blocks_for(a.rows * (a.D / kPack)), kThreads, codes, params, out, a);
-}
-
-template <typename T>
-void launch_quantize_fp8(const T* x, const float* scale, uint8_t* codes, const Fp8Args& a) {
-  if (a.in.rows() == 0) return;
-  const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
-  if (rows_aligned(x, a.in, sizeof(T))) {
-    launch(quantize_fp8<T, true>, blocks, kThreads, x, scale, codes, a);
-  } else {
-    launch(quantize_fp8<T, false>, blocks, kThreads, x, scale, codes, a);
-  }
-}
-
-template <typename T>
-void launch_dequantize_fp8(const uint8_t* codes, const float* scale, T* out, index_t rows, index_t H, index_t T_len,
-                           index_t D, Fp8Format format, bool per_head) {
-  if (rows == 0) return;
-  launch(dequantize_fp8<T>, blocks_for(rows * (D / kPack)), kThreads, codes, scale, out, rows, H, T_len, D, format,
-         per_head);
+  if (!s.empty()) std::printf("[%s] ", s.c_str());
+  trous_emu::launches().clear();
 }
 
 // ---------------------------------------------------------------- element types and reference
@@ -114,6 +55,10 @@ template <typename T> const char* tname();
 template <> const char* tname<float>() { return "f32"; }
 template <> const char* tname<__half>() { return "f16"; }
 template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <> constexpr DType dtype_of<__half>() { return DType::kFloat16; }
+template <> constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
 
 float round_to(float v, ParamType t) { return t == ParamType::kFloat16 ? __half2float(__float2half_rn(v)) : v; }
 
@@ -227,12 +172,11 @@ struct Input {
       for (index_t c = 0; c < D; ++c) at(r, c) = from_f<T>(centre + spread * uniform());
     }
   }
-  bool vec() const { return rows_aligned(x, in, sizeof(T)); }
   std::string shape() const {
     char b[160];
-    std::snprintf(b, sizeof b, "%s [%ld,%ld,%ld,%ld] strides(%ld,%ld,%ld)%s VEC=%d", tname<T>(), (long)B, (long)H,
+    std::snprintf(b, sizeof b, "%s [%ld,%ld,%ld,%ld] strides(%ld,%ld,%ld)%s", tname<T>(), (long)B, (long)H,
                   (long)Tn, (long)D, (long)in.stride.b, (long)in.stride.h, (long)in.stride.t,
-                  x != buf.data() ? " base+1" : "", (int)vec());
+                  x != buf.data() ? " base+1" : "");
     return b;
   }
 };
@@ -267,11 +211,12 @@ void test_token(const TokenCase& k) {
   TokenQuantArgs a{in.in, k.bits, k.group, k.symmetric, k.ptype};
 
   char name[256];
-  std::snprintf(name, sizeof name, "token %s G=%d %s %s kernel=%s", in.shape().c_str(), k.group,
-                k.symmetric ? "sym8" : (k.bits == 2 ? "asym2" : k.bits == 4 ? "asym4" : "asym8"), pname(k.ptype),
-                (k.group / kPack) & (k.group / kPack - 1) || k.group / kPack > 32 ? "serial" : "lanes");
+  std::snprintf(name, sizeof name, "token %s G=%d %s %s", in.shape().c_str(), k.group,
+                k.symmetric ? "sym8" : (k.bits == 2 ? "asym2" : k.bits == 4 ? "asym4" : "asym8"), pname(k.ptype));
   Check chk{name};
-  launch_quantize_token<T>(in.x, codes.data(), params.data(), a);
+  launch_quantize_token(dtype_of<T>(), in.x, codes.data(), params.data(), a, nullptr);
+  if (rows == 0 && !trous_emu::launches().empty()) chk.fail("a kernel was launched for an empty input");
+  print_launches();
   std::vector<float> ref_out(rows * k.D);
   for (index_t r = 0; r < rows; ++r) {
     for (index_t g = 0; g < n_groups; ++g) {
@@ -299,8 +244,9 @@ void test_token(const TokenCase& k) {
   }
   // Dequantize the kernel's own codes and parameters (checked equal to the reference above).
   std::vector<T> out(rows * k.D, from_f<T>(-1.f));
-  launch_dequantize_token<T>(codes.data(), params.data(), out.data(),
-                             TokenDequantArgs{rows, k.D, k.bits, k.group, k.symmetric, k.ptype});
+  launch_dequantize_token(dtype_of<T>(), codes.data(), params.data(), out.data(),
+                          TokenDequantArgs{rows, k.D, k.bits, k.group, k.symmetric, k.ptype}, nullptr);
+  print_launches();
   for (index_t i = 0; i < rows * k.D; ++i) {
     const float want = to_f(from_f<T>(ref_out[i])), got = to_f(out[i]);
     if (!close(got, want)) chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " +
@@ -336,7 +282,9 @@ void test_channel(const ChannelCase& k) {
   char name[256];
   std::snprintf(name, sizeof name, "channel %s G=%d asym%d %s", in.shape().c_str(), k.group, k.bits, pname(k.ptype));
   Check chk{name};
-  launch_quantize_channel<T>(in.x, codes.data(), params.data(), ChannelQuantArgs{in.in, k.bits, k.group, k.ptype});
+  launch_quantize_channel(dtype_of<T>(), in.x, codes.data(), params.data(),
+                          ChannelQuantArgs{in.in, k.bits, k.group, k.ptype}, nullptr);
+  print_launches();
   std::vector<float> ref_out(rows * k.D);
   for (index_t bh = 0; bh < k.B * k.H; ++bh) {
     for (index_t tg = 0; tg < tgs; ++tg) {
@@ -362,8 +310,9 @@ void test_channel(const ChannelCase& k) {
     }
   }
   std::vector<T> out(rows * k.D, from_f<T>(-1.f));
-  launch_dequantize_channel<T>(codes.data(), params.data(), out.data(),
-                               ChannelDequantArgs{rows, k.T, k.D, k.bits, k.group, k.ptype});
+  launch_dequantize_channel(dtype_of<T>(), codes.data(), params.data(), out.data(),
+                            ChannelDequantArgs{rows, k.T, k.D, k.bits, k.group, k.ptype}, nullptr);
+  print_launches();
   for (index_t i = 0; i < rows * k.D; ++i) {
     const float want = to_f(from_f<T>(ref_out[i])), got = to_f(out[i]);
     if (!close(got, want)) chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " +
@@ -408,7 +357,8 @@ void test_fp8(const Fp8Case& k) {
   std::snprintf(name, sizeof name, "fp8 %s %s %s", in.shape().c_str(), k.format == Fp8Format::kE4M3 ? "e4m3" : "e5m2",
                 k.per_head ? "per-head" : "per-tensor");
   Check chk{name};
-  launch_quantize_fp8<T>(in.x, scale.data(), codes.data(), Fp8Args{in.in, k.format, k.per_head});
+  launch_quantize_fp8(dtype_of<T>(), in.x, scale.data(), codes.data(), Fp8Args{in.in, k.format, k.per_head}, nullptr);
+  print_launches();
   const auto decode = [&](uint8_t c) { return __half2float(__half(__nv_cvt_fp8_to_halfraw(c, interp))); };
   std::vector<float> ref_out(rows * k.D);
   for (index_t r = 0; r < rows; ++r) {
@@ -426,7 +376,9 @@ void test_fp8(const Fp8Case& k) {
     }
   }
   std::vector<T> out(rows * k.D, from_f<T>(-1.f));
-  launch_dequantize_fp8<T>(codes.data(), scale.data(), out.data(), rows, k.H, k.T, k.D, k.format, k.per_head);
+  launch_dequantize_fp8(dtype_of<T>(), codes.data(), scale.data(), out.data(), rows, k.H, k.T, k.D, k.format,
+                       k.per_head, nullptr);
+  print_launches();
   for (index_t i = 0; i < rows * k.D; ++i) {
     const float want = to_f(from_f<T>(ref_out[i])), got = to_f(out[i]);
     if (!close(got, want)) chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " +
@@ -498,6 +450,25 @@ int main(int argc, char** argv) {
     };
     for (const auto& k : cases)
       for (int dt = 0; dt < 3; ++dt) for_dtype<Fp8F>(dt, k);
+  }
+  if (only.empty()) {
+    // The cases must reach every kernel instance the launchers can choose (group size, alignment).
+    Check chk{"coverage: every kernel instance launched"};
+    for (const char* t : {"float", "__half", "__nv_bfloat16"}) {
+      std::vector<std::string> want = {std::string("quantize_token_serial<") + t + ">",
+                                       std::string("dequantize_token<") + t + ">",
+                                       std::string("dequantize_channel<") + t + ">",
+                                       std::string("dequantize_fp8<") + t + ">"};
+      for (const char* vec : {"true", "false"}) {
+        for (int lanes : {1, 2, 4, 8, 16, 32})
+          want.push_back(std::string("quantize_token_lanes<") + t + ", " + vec + ", " + std::to_string(lanes) + ">");
+        want.push_back(std::string("quantize_channel<") + t + ", " + vec + ">");
+        want.push_back(std::string("quantize_fp8<") + t + ", " + vec + ">");
+      }
+      for (const std::string& k : want)
+        if (!g_kernels.count(k)) chk.fail(k + " never launched");
+    }
+    chk.done();
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("kvcache_emu: %d passed, %d failed (%.1f s)\n", g_passed, g_failed, secs);
