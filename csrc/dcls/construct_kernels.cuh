@@ -42,14 +42,12 @@ TROUS_HOST_DEVICE inline int fwd_stride(const ConstructArgs& a) { return a.taps(
 TROUS_HOST_DEVICE inline int fwd_per_elem(const ConstructArgs& a) { return fwd_stride(a) + kAxes; }
 TROUS_HOST_DEVICE inline int bwd_per_elem(const ConstructArgs& a) { return 4 * a.taps() + 2 * kAxes; }
 
-// `threads` = blockDim.x of the launch; `smem_budget` is lowered by the emulation tests to force
-// several chunks.
-inline Plan make_plan(const ConstructArgs& a, int threads, size_t elem_bytes, bool forward,
-                      size_t smem_budget = kSmemBudget) {
+// `threads` = blockDim.x of the launch.
+inline Plan make_plan(const ConstructArgs& a, int threads, size_t elem_bytes, bool forward) {
   Plan p{};
   const index_t window = a.window();
   const index_t per = forward ? fwd_per_elem(a) : bwd_per_elem(a);
-  const index_t budget = (index_t)(smem_budget / elem_bytes);
+  const index_t budget = (index_t)(kSmemBudget / elem_bytes);
   p.tile = (int)(window < (index_t)kMaxPerThread * threads ? window : (index_t)kMaxPerThread * threads);
   p.tiles = forward ? (int)ceil_div(window, p.tile) : 1;
   // Enough channels per block to give every thread work, as far as shared memory allows.
