@@ -23,7 +23,8 @@ EMU_TESTS = emu.emu_tests()
 PLANTED = [
     ("oob_write", "asan", r"ERROR: AddressSanitizer: heap-buffer-overflow"),
     # Through a pointer ASan reports global-buffer-overflow unless UBSan's object-size check fires first.
-    ("smem_overflow", "asan", r"AddressSanitizer: global-buffer-overflow|runtime error: store to address .* insufficient space"),
+    ("smem_overflow", "asan",
+     r"AddressSanitizer: global-buffer-overflow|runtime error: store to address .* insufficient space"),
     ("race", "tsan", r"WARNING: ThreadSanitizer: data race"),
     ("divergent_barrier", "asan", r"trous-emu: divergent __syncthreads"),
     ("divergent_barrier", "tsan", r"trous-emu: divergent __syncthreads"),
