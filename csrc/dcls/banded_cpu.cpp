@@ -28,8 +28,8 @@ namespace trous {
 namespace dcls {
 namespace {
 
-constexpr int kChunk = 64;                // outputs per sweep (8 AVX2 accumulators)
-constexpr index_t kL1Bytes = 16 * 1024;   // source window per block: half of a 32 KiB L1
+constexpr int kChunk = 64;               // outputs per sweep (8 AVX2 accumulators)
+constexpr index_t kL1Bytes = 16 * 1024;  // source window per block: half of a 32 KiB L1
 
 // out[t] (t < len) = (accumulate ? out[t] : init) + sum_k w[k] src[off[k] + t stride].
 template <typename Acc>
@@ -195,11 +195,15 @@ TROUS_AVX2 inline void dots_avx2(const float* gy, const float* x, int L, float* 
 // acc[s] += dot(gy, x[s:]) for every shift s in [lo, hi), four shifts per pass over gy.
 struct Avx2Dots {
   template <int J>
-  static void run(const float* gy, const float* x, int L, float* acc) { dots_avx2<J>(gy, x, L, acc); }
+  static void run(const float* gy, const float* x, int L, float* acc) {
+    dots_avx2<J>(gy, x, L, acc);
+  }
 };
 struct Avx512Dots {
   template <int J>
-  static void run(const float* gy, const float* x, int L, float* acc) { dots_avx512<J>(gy, x, L, acc); }
+  static void run(const float* gy, const float* x, int L, float* acc) {
+    dots_avx512<J>(gy, x, L, acc);
+  }
 };
 
 template <typename Dots>
@@ -257,8 +261,8 @@ void run_plan(const Plan<Acc>& plan, const Acc* src, const SourceLayout& lay, Ac
     for (int64_t q = q0; q < q1; ++q) {
       const index_t n = q / chunks;
       if (n != plane_n) {
-        plane = sample_plane(src + n * lay.rows * lay.len, lay.rows, lay.len, lay.lead, lay.step, lay.padded_len,
-                             scratch);
+        plane =
+            sample_plane(src + n * lay.rows * lay.len, lay.rows, lay.len, lay.lead, lay.step, lay.padded_len, scratch);
         plane_n = n;
       }
       const int t0 = (int)(q % chunks) * step;
@@ -279,7 +283,8 @@ void run_plan(const Plan<Acc>& plan, const Acc* src, const SourceLayout& lay, Ac
           }
 #endif
           (void)avx2;
-          sweep_scalar(base, plan.off.data() + k0, plan.w.data() + k0, nt, init ? init[r] : Acc(0), b > 0, out, clen, stride);
+          sweep_scalar(base, plan.off.data() + k0, plan.w.data() + k0, nt, init ? init[r] : Acc(0), b > 0, out, clen,
+                       stride);
         }
       }
     }
@@ -467,8 +472,8 @@ void cpu_banded_backward(const float* grad_out, const float* x, const float* K, 
                          float* grad_K, const BandedGeom& g) {
   backward_impl(grad_out, x, K, band, grad_x, grad_K, g);
 }
-void cpu_banded_backward(const double* grad_out, const double* x, const double* K, const int32_t* band,
-                         double* grad_x, double* grad_K, const BandedGeom& g) {
+void cpu_banded_backward(const double* grad_out, const double* x, const double* K, const int32_t* band, double* grad_x,
+                         double* grad_K, const BandedGeom& g) {
   backward_impl(grad_out, x, K, band, grad_x, grad_K, g);
 }
 

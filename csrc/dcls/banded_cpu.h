@@ -20,8 +20,8 @@ void cpu_banded_forward(const double* x, const double* K, const int32_t* band, c
 // for both: the kernels share the repacked grad_out.
 void cpu_banded_backward(const float* grad_out, const float* x, const float* K, const int32_t* band, float* grad_x,
                          float* grad_K, const BandedGeom& g);
-void cpu_banded_backward(const double* grad_out, const double* x, const double* K, const int32_t* band,
-                         double* grad_x, double* grad_K, const BandedGeom& g);
+void cpu_banded_backward(const double* grad_out, const double* x, const double* K, const int32_t* band, double* grad_x,
+                         double* grad_K, const BandedGeom& g);
 
 // Whether a forward of this batch, stride and input dtype runs the batch-lane kernels (16 samples per
 // AVX-512 vector): the decision the kernels take, read by the Python cost model through

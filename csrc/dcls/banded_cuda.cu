@@ -28,8 +28,8 @@ void launch_banded_forward(DType dtype, const void* x, const float* K, const int
   check_launch("trous dcls_banded forward");
 }
 
-void launch_banded_backward_input(DType dtype, const void* grad_out, const float* K, const int32_t* band,
-                                  void* grad_x, const BandedGeom& g, void* stream) {
+void launch_banded_backward_input(DType dtype, const void* grad_out, const float* K, const int32_t* band, void* grad_x,
+                                  const BandedGeom& g, void* stream) {
   const index_t total = g.N * g.c_in * g.l_in;
   if (total <= 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
@@ -41,8 +41,8 @@ void launch_banded_backward_input(DType dtype, const void* grad_out, const float
   check_launch("trous dcls_banded backward (input)");
 }
 
-void launch_banded_backward_kernel(DType dtype, const void* grad_out, const void* x, const int32_t* band,
-                                   float* grad_K, const BandedGeom& g, void* stream) {
+void launch_banded_backward_kernel(DType dtype, const void* grad_out, const void* x, const int32_t* band, float* grad_K,
+                                   const BandedGeom& g, void* stream) {
   // Launched even when N * l_out == 0: the kernel then writes the zeros grad_K must hold.
   const index_t rows = (index_t)g.c_out * g.in_per_group();
   if (rows <= 0 || g.dks <= 0) return;

@@ -12,12 +12,12 @@ namespace dcls {
 void launch_banded_forward(DType dtype, const void* x, const float* K, const int32_t* band, const float* bias,
                            void* out, const BandedGeom& g, void* stream);
 
-void launch_banded_backward_input(DType dtype, const void* grad_out, const float* K, const int32_t* band,
-                                  void* grad_x, const BandedGeom& g, void* stream);
+void launch_banded_backward_input(DType dtype, const void* grad_out, const float* K, const int32_t* band, void* grad_x,
+                                  const BandedGeom& g, void* stream);
 
 // Writes every entry of grad_K (zeros outside the bands).
-void launch_banded_backward_kernel(DType dtype, const void* grad_out, const void* x, const int32_t* band,
-                                   float* grad_K, const BandedGeom& g, void* stream);
+void launch_banded_backward_kernel(DType dtype, const void* grad_out, const void* x, const int32_t* band, float* grad_K,
+                                   const BandedGeom& g, void* stream);
 
 }  // namespace dcls
 }  // namespace trous

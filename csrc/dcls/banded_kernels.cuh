@@ -30,8 +30,8 @@ TROUS_DEVICE inline int imin(int a, int b) { return a < b ? a : b; }
 // out[n, o, t] = bias[o] + sum_i sum_{s in band(o, i)} K[o, i, s] x[n, g I + i, t stride + s - pad].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-forward_kernel(const T* __restrict__ x, const float* __restrict__ K, const int32_t* __restrict__ band,
-               const float* __restrict__ bias, T* __restrict__ out, BandedGeom g) {
+    forward_kernel(const T* __restrict__ x, const float* __restrict__ K, const int32_t* __restrict__ band,
+                   const float* __restrict__ bias, T* __restrict__ out, BandedGeom g) {
   const int I = g.in_per_group(), opg = g.out_per_group();
   const index_t total = g.N * g.c_out * g.l_out;
   const index_t step = (index_t)gridDim.x * blockDim.x;
@@ -62,8 +62,8 @@ forward_kernel(const T* __restrict__ x, const float* __restrict__ K, const int32
 //                   K[o, c % I, s] grad_out[n, o, t]. A gather: every grad_x element is written once.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-backward_input_kernel(const T* __restrict__ gout, const float* __restrict__ K, const int32_t* __restrict__ band,
-                      T* __restrict__ gx, BandedGeom g) {
+    backward_input_kernel(const T* __restrict__ gout, const float* __restrict__ K, const int32_t* __restrict__ band,
+                          T* __restrict__ gx, BandedGeom g) {
   const int I = g.in_per_group(), opg = g.out_per_group();
   const index_t total = g.N * g.c_in * g.l_in;
   const index_t step = (index_t)gridDim.x * blockDim.x;
@@ -117,8 +117,8 @@ TROUS_DEVICE inline float block_sum(float v, float* red) {
 // the whole block takes it together and the barriers stay uniform.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-backward_kernel_kernel(const T* __restrict__ gout, const T* __restrict__ x, const int32_t* __restrict__ band,
-                       float* __restrict__ gK, BandedGeom g) {
+    backward_kernel_kernel(const T* __restrict__ gout, const T* __restrict__ x, const int32_t* __restrict__ band,
+                           float* __restrict__ gK, BandedGeom g) {
   __shared__ float red[32];
   const int I = g.in_per_group(), opg = g.out_per_group();
   const index_t rows = (index_t)g.c_out * I;

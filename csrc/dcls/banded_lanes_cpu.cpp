@@ -25,9 +25,9 @@ namespace dcls {
 
 namespace {
 constexpr int kLanes = 16;
-constexpr int kLanesMinBatch = 10;      // measured crossover at the SNN shape: v1 ties at 10, gauss at 8
-constexpr int kMaxTile = 16;            // outputs per register tile
-constexpr int kMaxRun = 4;              // consecutive taps fused into one pass over the tile
+constexpr int kLanesMinBatch = 10;          // measured crossover at the SNN shape: v1 ties at 10, gauss at 8
+constexpr int kMaxTile = 16;                // outputs per register tile
+constexpr int kMaxRun = 4;                  // consecutive taps fused into one pass over the tile
 constexpr index_t kBlockBytes = 96 * 1024;  // source window per block (measured best on Zen 4)
 }  // namespace
 

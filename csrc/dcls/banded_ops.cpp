@@ -22,8 +22,8 @@ struct Banded {
   at::Tensor K, band;  // K in acc, band int32; both contiguous
 };
 
-Banded prepare_banded(const char* op, const at::Tensor& x, const at::Tensor& K, const at::Tensor& band,
-                      int64_t stride, int64_t padding, int64_t groups) {
+Banded prepare_banded(const char* op, const at::Tensor& x, const at::Tensor& K, const at::Tensor& band, int64_t stride,
+                      int64_t padding, int64_t groups) {
   TORCH_CHECK(x.dim() == 3, op, ": x must have shape [N, C_in, L], got ", x.sizes());
   const bool cuda = x.device().is_cuda();
   const auto xt = x.scalar_type();
@@ -34,12 +34,12 @@ Banded prepare_banded(const char* op, const at::Tensor& x, const at::Tensor& K, 
   TORCH_CHECK(padding >= 0 && padding < (1 << 20), op, ": padding must be in [0, 2^20), got ", padding);
   const int64_t c_in = x.size(1), l_in = x.size(2);
   TORCH_CHECK(c_in % groups == 0, op, ": x.size(1) = ", c_in, " must be divisible by groups = ", groups);
-  TORCH_CHECK(K.dim() == 3 && K.size(1) == c_in / groups, op, ": K must have shape [C_out, C_in / groups = ",
-              c_in / groups, ", dilated_kernel_size], got ", K.sizes());
+  TORCH_CHECK(K.dim() == 3 && K.size(1) == c_in / groups, op,
+              ": K must have shape [C_out, C_in / groups = ", c_in / groups, ", dilated_kernel_size], got ", K.sizes());
   TORCH_CHECK(at::isFloatingType(K.scalar_type()), op, ": K must be floating point, got ", K.scalar_type());
   const int64_t c_out = K.size(0), dks = K.size(2);
-  TORCH_CHECK(c_out % groups == 0 && c_out >= 1, op, ": K.size(0) = ", c_out, " must be a positive multiple of groups = ",
-              groups);
+  TORCH_CHECK(c_out % groups == 0 && c_out >= 1, op, ": K.size(0) = ", c_out,
+              " must be a positive multiple of groups = ", groups);
   TORCH_CHECK(dks >= 1 && dks < (1 << 20), op, ": K.size(2) (dilated_kernel_size) must be in [1, 2^20), got ", dks);
   TORCH_CHECK(band.scalar_type() == at::kInt, op, ": band must be int32, got ", band.scalar_type());
   TORCH_CHECK(band.dim() == 3 && band.size(0) == c_out && band.size(1) == c_in / groups && band.size(2) == 2, op,
@@ -50,10 +50,10 @@ Banded prepare_banded(const char* op, const at::Tensor& x, const at::Tensor& K, 
   TORCH_CHECK(l_in + 2 * padding >= dks, op, ": padded input length ", l_in + 2 * padding,
               " is smaller than the dilated kernel size ", dks);
   // The CPU kernels address one sample's (padded) plane with 32-bit offsets.
-  TORCH_CHECK(c_in * (l_in + 2 * padding) < ((int64_t)1 << 31) &&
-                  c_out * (l_in + 2 * padding + dks) < ((int64_t)1 << 31),
-              op, ": one sample of more than 2^31 elements (C x padded length) is not supported, got C_in = ", c_in,
-              ", C_out = ", c_out, ", padded length ", l_in + 2 * padding);
+  TORCH_CHECK(
+      c_in * (l_in + 2 * padding) < ((int64_t)1 << 31) && c_out * (l_in + 2 * padding + dks) < ((int64_t)1 << 31), op,
+      ": one sample of more than 2^31 elements (C x padded length) is not supported, got C_in = ", c_in,
+      ", C_out = ", c_out, ", padded length ", l_in + 2 * padding);
   Banded r;
   BandedGeom& g = r.g;
   g.N = x.size(0);
@@ -96,7 +96,8 @@ at::Tensor dcls_banded_conv1d(const at::Tensor& x, const at::Tensor& K, const at
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.c_out, op, ": bias must have shape [", g.c_out, "], got ",
                 bias->sizes());
     check_same_device(*bias, x, op, "bias");
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ", bias->scalar_type());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ",
+                bias->scalar_type());
     b = bias->to(r.acc).contiguous();
   }
   at::Tensor out;
@@ -113,8 +114,7 @@ at::Tensor dcls_banded_conv1d(const at::Tensor& x, const at::Tensor& K, const at
         out = acc_out.to(x.scalar_type());
       },
       [&](void* stream) {
-        TROUS_CUDA_ONLY(const at::Tensor xc = x.contiguous();
-                        out = at::empty({g.N, g.c_out, g.l_out}, xc.options());
+        TROUS_CUDA_ONLY(const at::Tensor xc = x.contiguous(); out = at::empty({g.N, g.c_out, g.l_out}, xc.options());
                         launch_banded_forward(float_dtype(xc.scalar_type(), op, "x"), xc.data_ptr(),
                                               r.K.data_ptr<float>(), r.band.data_ptr<int32_t>(),
                                               b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), g, stream));
@@ -148,8 +148,9 @@ std::tuple<at::Tensor, at::Tensor> dcls_banded_conv1d_backward(const at::Tensor&
         at::Tensor acc_gK = want_k ? at::empty(r.K.sizes(), r.K.options()) : at::Tensor();
         with_acc(r, [&](auto t) {
           using A = decltype(t);
-          cpu_banded_backward(gy.data_ptr<A>(), want_k ? xa.data_ptr<A>() : nullptr, r.K.data_ptr<A>(), r.band.data_ptr<int32_t>(),
-                              want_x ? acc_gx.data_ptr<A>() : nullptr, want_k ? acc_gK.data_ptr<A>() : nullptr, g);
+          cpu_banded_backward(gy.data_ptr<A>(), want_k ? xa.data_ptr<A>() : nullptr, r.K.data_ptr<A>(),
+                              r.band.data_ptr<int32_t>(), want_x ? acc_gx.data_ptr<A>() : nullptr,
+                              want_k ? acc_gK.data_ptr<A>() : nullptr, g);
         });
         if (want_x) gx = acc_gx.to(x.scalar_type());
         if (want_k) gK = acc_gK.to(K.scalar_type());
@@ -157,8 +158,7 @@ std::tuple<at::Tensor, at::Tensor> dcls_banded_conv1d_backward(const at::Tensor&
       [&](void* stream) {
         TROUS_CUDA_ONLY(
             const at::Tensor go = grad_out.contiguous(); const at::Tensor xc = x.contiguous();
-            const DType dt = float_dtype(xc.scalar_type(), op, "x");
-            if (want_x) {
+            const DType dt = float_dtype(xc.scalar_type(), op, "x"); if (want_x) {
               gx = at::empty(xc.sizes(), xc.options());
               launch_banded_backward_input(dt, go.data_ptr(), r.K.data_ptr<float>(), r.band.data_ptr<int32_t>(),
                                            gx.data_ptr(), g, stream);
@@ -179,16 +179,21 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   // DCLS banded grouped 1-D convolution: the direct route of Dcls1d layers
   // that are not depthwise. x [N, C_in, L]; K [C_out, C_in / groups, dks] (the constructed kernel);
   // band int32 [C_out, C_in / groups, 2]: only taps lo <= s < hi of each K row are visited; zero padding.
-  m.def("dcls_banded_conv1d(Tensor x, Tensor K, Tensor band, Tensor? bias, int stride, int padding, int groups) -> Tensor");
+  m.def(
+      "dcls_banded_conv1d(Tensor x, Tensor K, Tensor band, Tensor? bias, int stride, int padding, int groups) -> "
+      "Tensor");
   // (grad_x, grad_K); output_mask = [x, K]; grad_K is 0 outside the bands; not asked for: empty [0].
-  m.def("dcls_banded_conv1d_backward(Tensor grad_out, Tensor x, Tensor K, Tensor band, int stride, int padding, int groups, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "dcls_banded_conv1d_backward(Tensor grad_out, Tensor x, Tensor K, Tensor band, int stride, int padding, int "
+      "groups, bool[2] output_mask) -> (Tensor, Tensor)");
   // CPU heuristic, for the cost model: whether the forward of this batch, stride and x dtype runs the
   // batch-lane kernels (the kernels' own decision: batch threshold and AVX-512).
-  m.def("dcls_banded_uses_batch_lanes(int batch, int stride, ScalarType dtype) -> bool", [](int64_t batch, int64_t stride,
-                                                                                         at::ScalarType dtype) {
-    return cpu_banded_uses_batch_lanes(batch, (int)stride, float_dtype(dtype, "trous.dcls_banded_uses_batch_lanes",
-                                                                       "dtype", /*with_float64=*/true));
-  });
+  m.def("dcls_banded_uses_batch_lanes(int batch, int stride, ScalarType dtype) -> bool",
+        [](int64_t batch, int64_t stride, at::ScalarType dtype) {
+          return cpu_banded_uses_batch_lanes(
+              batch, (int)stride,
+              float_dtype(dtype, "trous.dcls_banded_uses_batch_lanes", "dtype", /*with_float64=*/true));
+        });
 }
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {

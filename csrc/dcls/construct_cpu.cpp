@@ -90,16 +90,24 @@ TROUS_CPU_CLONES void gauss_row(double mu, double inv_sigma, int n, double* g, d
 template <typename A>
 struct Profiles {
   Profiles(const ConstructArgs& a, bool derivs)
-      : taps(a.taps()), g((size_t)a.kc * taps), dmu(derivs ? g.size() : 0), dsig(derivs ? g.size() : 0),
-        lo((size_t)a.kc * kAxes), hi(lo.size()), sum(lo.size()), sig_sign(lo.size()), scale(a.kc), denom(a.kc) {
+      : taps(a.taps()),
+        g((size_t)a.kc * taps),
+        dmu(derivs ? g.size() : 0),
+        dsig(derivs ? g.size() : 0),
+        lo((size_t)a.kc * kAxes),
+        hi(lo.size()),
+        sum(lo.size()),
+        sig_sign(lo.size()),
+        scale(a.kc),
+        denom(a.kc) {
     for (int ax = 0; ax < kAxes; ++ax) pj[ax] = a.p_index(ax), start[ax] = a.row_start(ax);
   }
   int taps;
-  int pj[kAxes], start[kAxes];  // P index of each window axis (-1: padding axis), its row offset
-  std::vector<A> g, dmu, dsig;  // [kc][taps]: axis 0's row, then axis 1's, then axis 2's
-  std::vector<int> lo, hi;      // [kc][3]: taps outside [lo, hi) are exactly 0 (value and derivatives)
-  std::vector<A> sum, sig_sign; // [kc][3]
-  std::vector<A> scale, denom;  // [kc]: weight / denom, denom
+  int pj[kAxes], start[kAxes];   // P index of each window axis (-1: padding axis), its row offset
+  std::vector<A> g, dmu, dsig;   // [kc][taps]: axis 0's row, then axis 1's, then axis 2's
+  std::vector<int> lo, hi;       // [kc][3]: taps outside [lo, hi) are exactly 0 (value and derivatives)
+  std::vector<A> sum, sig_sign;  // [kc][3]
+  std::vector<A> scale, denom;   // [kc]: weight / denom, denom
   size_t row(int k, int ax) const { return (size_t)k * taps + start[ax]; }
 };
 
@@ -197,8 +205,8 @@ void make_layouts(const ConstructArgs& a, const Profiles<A>& pr, const A* G, std
 
 // Backward of one channel, in A: gw [kc], gP and gS [ndim][kc] (gS only for max / gauss).
 template <typename A>
-inline void backward_channel_impl(const ConstructArgs& a, const Profiles<A>& pr, const A* const* L, A* u, A* gw,
-                                  A* gP, A* gS) {
+inline void backward_channel_impl(const ConstructArgs& a, const Profiles<A>& pr, const A* const* L, A* u, A* gw, A* gP,
+                                  A* gS) {
   const int n[kAxes] = {a.size[0], a.size[1], a.size[2]};
   for (int k = 0; k < a.kc; ++k) {
     const int* lo = &pr.lo[(size_t)k * kAxes];

@@ -29,7 +29,8 @@ void launch_construct_forward(DType dtype, const void* weight, const void* P, co
     check_plan(plan, a, "trous dcls_construct_kernel");
     const dim3 grid((unsigned)plan.blocks, (unsigned)plan.tiles);
     TROUS_LAUNCH(grid, kThreads, plan.smem, s, construct_forward<T, A>)(
-        static_cast<const T*>(weight), static_cast<const T*>(P), static_cast<const T*>(SIG), static_cast<T*>(K), a, plan);
+        static_cast<const T*>(weight), static_cast<const T*>(P), static_cast<const T*>(SIG), static_cast<T*>(K), a,
+        plan);
   });
   check_launch("trous dcls_construct_kernel");
 }
@@ -45,8 +46,8 @@ void launch_construct_backward(DType dtype, const void* grad_K, const void* weig
     check_plan(plan, a, "trous dcls_construct_kernel_backward");
     TROUS_LAUNCH((unsigned)plan.blocks, kThreads, plan.smem, s, construct_backward<T, A>)(
         static_cast<const T*>(grad_K), static_cast<const T*>(weight), static_cast<const T*>(P),
-        static_cast<const T*>(SIG), static_cast<T*>(grad_weight), static_cast<T*>(grad_P), static_cast<T*>(grad_SIG),
-        a, plan);
+        static_cast<const T*>(SIG), static_cast<T*>(grad_weight), static_cast<T*>(grad_P), static_cast<T*>(grad_SIG), a,
+        plan);
   });
   check_launch("trous dcls_construct_kernel_backward");
 }

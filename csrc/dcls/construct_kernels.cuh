@@ -22,18 +22,18 @@ namespace dcls {
 namespace construct {
 
 constexpr int kThreads = 256;
-constexpr int kMaxPerThread = 8;         // forward outputs a thread keeps in registers
-constexpr int kSmemBudget = 48 * 1024;   // bytes of dynamic shared memory (no opt-in needed)
+constexpr int kMaxPerThread = 8;        // forward outputs a thread keeps in registers
+constexpr int kSmemBudget = 48 * 1024;  // bytes of dynamic shared memory (no opt-in needed)
 
 // Work split of one launch (computed on the host by make_plan).
 struct Plan {
-  int cpb;     // channels per block
-  int kch;     // elements per shared-memory chunk
-  int tile;    // window taps per block (forward)
-  int tiles;   // gridDim.y (forward)
+  int cpb;    // channels per block
+  int kch;    // elements per shared-memory chunk
+  int tile;   // window taps per block (forward)
+  int tiles;  // gridDim.y (forward)
   index_t blocks;
   size_t smem;  // bytes
-  bool ok;     // false: one element's profiles do not fit in shared memory, or too many tiles
+  bool ok;      // false: one element's profiles do not fit in shared memory, or too many tiles
 };
 
 // Shared-memory elements per (channel, element): forward = profiles + scale + 3 sums;
@@ -78,8 +78,7 @@ TROUS_DEVICE inline A fill_profile(const ConstructArgs& a, const T* __restrict__
     return A(1);
   }
   const index_t off = ((index_t)j * a.channels + c) * a.kc + k;
-  const AxisParams<A> ap =
-      axis_params(a.version, to_acc<A>(P[off]), SIG ? to_acc<A>(SIG[off]) : A(0), a.off(j));
+  const AxisParams<A> ap = axis_params(a.version, to_acc<A>(P[off]), SIG ? to_acc<A>(SIG[off]) : A(0), a.off(j));
   A s = A(0);
   for (int t = 0; t < a.n(ax); ++t) {
     const Tap<A> tp = tap(a.version, t, ap.mu, ap.sigma, ap.inv_sigma);
@@ -93,8 +92,8 @@ TROUS_DEVICE inline A fill_profile(const ConstructArgs& a, const T* __restrict__
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-construct_forward(const T* __restrict__ w, const T* __restrict__ P, const T* __restrict__ SIG, T* __restrict__ K,
-                  ConstructArgs a, Plan plan) {
+    construct_forward(const T* __restrict__ w, const T* __restrict__ P, const T* __restrict__ SIG, T* __restrict__ K,
+                      ConstructArgs a, Plan plan) {
   TROUS_DYNAMIC_SHARED(A, smem);
   const int taps = a.taps(), stride = fwd_stride(a);
   A* sums = smem + plan.cpb * plan.kch * stride;  // [cpb * kch][3]
@@ -147,17 +146,17 @@ construct_forward(const T* __restrict__ w, const T* __restrict__ P, const T* __r
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-construct_backward(const T* __restrict__ gK, const T* __restrict__ w, const T* __restrict__ P,
-                   const T* __restrict__ SIG, T* __restrict__ gw, T* __restrict__ gP, T* __restrict__ gSIG,
-                   ConstructArgs a, Plan plan) {
+    construct_backward(const T* __restrict__ gK, const T* __restrict__ w, const T* __restrict__ P,
+                       const T* __restrict__ SIG, T* __restrict__ gw, T* __restrict__ gP, T* __restrict__ gSIG,
+                       ConstructArgs a, Plan plan) {
   TROUS_DYNAMIC_SHARED(A, smem);
   const int taps = a.taps();
   const int E = plan.cpb * plan.kch;
-  A* g = smem;              // [E][taps] profiles
-  A* dm = g + E * taps;     // [E][taps] d profile / d mu
-  A* ds = dm + E * taps;    // [E][taps] d profile / d sigma
-  A* u = ds + E * taps;     // [E][taps] grad_K contracted with the other axes' profiles
-  A* sums = u + E * taps;   // [E][3]
+  A* g = smem;                // [E][taps] profiles
+  A* dm = g + E * taps;       // [E][taps] d profile / d mu
+  A* ds = dm + E * taps;      // [E][taps] d profile / d sigma
+  A* u = ds + E * taps;       // [E][taps] grad_K contracted with the other axes' profiles
+  A* sums = u + E * taps;     // [E][3]
   A* sgn = sums + E * kAxes;  // [E][3] dsigma / dSIG
   const index_t c_first = (index_t)blockIdx.x * plan.cpb;
   const int nch = (int)(a.channels - c_first < plan.cpb ? a.channels - c_first : plan.cpb);

@@ -45,13 +45,14 @@ Inputs check_inputs(const char* op, const at::Tensor& weight, const at::Tensor& 
     window *= dks[j];
     TORCH_CHECK(window <= INT32_MAX, op, ": the dilated kernel window ", dks, " has more than 2^31 - 1 taps");
   }
-  TORCH_CHECK(weight.dim() == 3, op, ": weight must have shape [out_channels, in_channels / groups, kernel_count], got ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 3, op,
+              ": weight must have shape [out_channels, in_channels / groups, kernel_count], got ", weight.sizes());
   const DType dt = float_dtype(weight.scalar_type(), op, "weight", /*with_float64=*/true);
   const int64_t O = weight.size(0), I = weight.size(1), kc = weight.size(2);
   TORCH_CHECK(kc <= INT32_MAX, op, ": kernel_count must be < 2^31, got ", kc);
   const std::vector<int64_t> p_shape{ndim, O, I, kc};
-  check_like(P, weight, p_shape, op, "P", "[len(dilated_kernel_size), out_channels, in_channels / groups, kernel_count]");
+  check_like(P, weight, p_shape, op, "P",
+             "[len(dilated_kernel_size), out_channels, in_channels / groups, kernel_count]");
   const bool has_sig = SIG.has_value() && SIG->defined();
   TORCH_CHECK(has_sig || !has_sigma(v), op, ": SIG is required for version \"", std::string(version),
               "\" (it is only optional for v0 / v1), got None");
@@ -90,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcls_construct_kernel_backward(
     at::IntArrayRef dilated_kernel_size, c10::string_view version) {
   const char* op = "trous.dcls_construct_kernel_backward";
   const Inputs in = check_inputs(op, weight, P, SIG, dilated_kernel_size, version);
-  check_like(grad_K, in.weight, in.kernel_shape, op, "grad_K", "[out_channels, in_channels / groups, *dilated_kernel_size]");
+  check_like(grad_K, in.weight, in.kernel_shape, op, "grad_K",
+             "[out_channels, in_channels / groups, *dilated_kernel_size]");
   const at::Tensor gK = grad_K.contiguous();
   at::Tensor g_weight = at::empty_like(in.weight);
   at::Tensor g_P = at::empty_like(in.P);
@@ -118,9 +120,12 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   // DCLS kernel construction.
   // dcls 0.1.1's ConstructKernel{1,2,3}d, axis quirks included: weight [O, I/g, kc], P and SIG
   // [ndim, O, I/g, kc] (SIG None for v0 / v1), version v0 | v1 | max | gauss -> K [O, I/g, *dks].
-  m.def("dcls_construct_kernel(Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> Tensor");
+  m.def(
+      "dcls_construct_kernel(Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> Tensor");
   // (grad_weight, grad_P, grad_SIG) in one pass; grad_SIG is an empty tensor when SIG is None.
-  m.def("dcls_construct_kernel_backward(Tensor grad_K, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dcls_construct_kernel_backward(Tensor grad_K, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, "
+      "str version) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {

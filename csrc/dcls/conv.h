@@ -36,8 +36,8 @@ namespace dcls {
 // Shape and options of one depthwise DCLS convolution, spatial arrays in (D, H, W) order.
 struct ConvGeom {
   index_t N, C;
-  int kc;          // elements per channel
-  int ndim;        // rows of P / SIG (1, 2 or 3)
+  int kc;    // elements per channel
+  int ndim;  // rows of P / SIG (1, 2 or 3)
   Version version;
   int in[kAxes], out[kAxes];
   int dks[kAxes];  // window extent per axis (1 for unlearned axes)
@@ -76,8 +76,8 @@ template <> TROUS_INLINE double exp_underflow<double>() { return -746.0; }
 
 // Relative threshold of the gauss support (times the profile's maximum), per axis of extent d.
 template <typename Acc> TROUS_INLINE Acc gauss_tau(int d);
-template <> TROUS_INLINE float gauss_tau<float>(int d) { return acc_div(3.7252903e-9f, (float)d); }  // 2^-28 / d
-template <> TROUS_INLINE double gauss_tau<double>(int d) { return 1.3877787807814457e-17 / (double)d; }   // 2^-56 / d
+template <> TROUS_INLINE float gauss_tau<float>(int d) { return acc_div(3.7252903e-9f, (float)d); }      // 2^-28 / d
+template <> TROUS_INLINE double gauss_tau<double>(int d) { return 1.3877787807814457e-17 / (double)d; }  // 2^-56 / d
 
 // ln(1 / tau) + 1 for d up to 1023: 28 ln 2 + ln 1023 + 1 (fp32), 56 ln 2 + ln 1023 + 1 (fp64).
 template <typename Acc> TROUS_INLINE Acc gauss_skip_margin();
@@ -99,8 +99,8 @@ struct AxisSummary {
 // caller reads); the sums cover the whole window. NaN parameters give a NaN window. `p` and `sig`
 // are the raw P and SIG values, `learned` false for the constant profile [1] of an unlearned axis.
 template <typename Acc>
-TROUS_INLINE AxisSummary<Acc> axis_profile(Version v, bool learned, int d, Acc p, Acc sig, int offset, Acc* f,
-                                           Acc* dmu, Acc* dsig) {
+TROUS_INLINE AxisSummary<Acc> axis_profile(Version v, bool learned, int d, Acc p, Acc sig, int offset, Acc* f, Acc* dmu,
+                                           Acc* dsig) {
   AxisSummary<Acc> s{0, 0, Acc(0), Acc(0), Acc(0)};
   if (!learned) {
     f[0] = Acc(1);

@@ -129,7 +129,7 @@ struct RowJob {
   int ntaps;
   int rows0, rows1;  // output rows: rows0 * rows1
   index_t zstep, ystep;
-  int nvec;          // vectors per row (rows of the row-major side are nvec * lanes long)
+  int nvec;  // vectors per row (rows of the row-major side are nvec * lanes long)
 };
 
 // Calls F::template run<RB, U>(y, v) over every (row block, vector chunk) of one z slab: row blocks
@@ -252,10 +252,18 @@ TROUS_ALWAYS_INLINE void dot_plane_impl(const RowJob<Acc>& j, const Acc* buf, co
   }
 }
 
-TROUS_CPU_CLONES void gather_plane(const RowJob<float>& j, const float* buf, float* out) { gather_plane_impl(j, buf, out); }
-TROUS_CPU_CLONES void gather_plane(const RowJob<double>& j, const double* buf, double* out) { gather_plane_impl(j, buf, out); }
-TROUS_CPU_CLONES void scatter_plane(const RowJob<float>& j, const float* g, float* buf) { scatter_plane_impl(j, g, buf); }
-TROUS_CPU_CLONES void scatter_plane(const RowJob<double>& j, const double* g, double* buf) { scatter_plane_impl(j, g, buf); }
+TROUS_CPU_CLONES void gather_plane(const RowJob<float>& j, const float* buf, float* out) {
+  gather_plane_impl(j, buf, out);
+}
+TROUS_CPU_CLONES void gather_plane(const RowJob<double>& j, const double* buf, double* out) {
+  gather_plane_impl(j, buf, out);
+}
+TROUS_CPU_CLONES void scatter_plane(const RowJob<float>& j, const float* g, float* buf) {
+  scatter_plane_impl(j, g, buf);
+}
+TROUS_CPU_CLONES void scatter_plane(const RowJob<double>& j, const double* g, double* buf) {
+  scatter_plane_impl(j, g, buf);
+}
 TROUS_CPU_CLONES void dot_plane(const RowJob<float>& j, const float* buf, const float* g, float* accs) {
   dot_plane_impl(j, buf, g, accs);
 }
@@ -267,13 +275,13 @@ TROUS_CPU_CLONES void dot_plane(const RowJob<double>& j, const double* buf, cons
 
 template <typename Acc>
 struct ChannelTaps {
-  int window = 0;            // capacity per channel (the window size)
+  int window = 0;  // capacity per channel (the window size)
   int max_count = 0;
-  std::vector<int> count;    // [C]
-  std::vector<int> pos;      // [C, window]: window index (z * dks1 + y) * dks2 + x
-  std::vector<int> pack;     // [C, window]: z | y << 10 | x << 20
-  std::vector<Acc> coef;     // [C, window]
-  std::vector<int> off;      // [C, window]: offset of each tap in a buffer (see with_offsets)
+  std::vector<int> count;  // [C]
+  std::vector<int> pos;    // [C, window]: window index (z * dks1 + y) * dks2 + x
+  std::vector<int> pack;   // [C, window]: z | y << 10 | x << 20
+  std::vector<Acc> coef;   // [C, window]
+  std::vector<int> off;    // [C, window]: offset of each tap in a buffer (see with_offsets)
 };
 
 // Support and coefficients of channel c's dense window, in window order. `f` has g.dsum() entries,
@@ -625,8 +633,8 @@ void cpu_forward(DType dtype, const void* x, void* out, const ConvGeom& g, const
   });
 }
 
-void cpu_backward(DType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g,
-                  const RawParams& p, const RawGrads& gr) {
+void cpu_backward(DType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g, const RawParams& p,
+                  const RawGrads& gr) {
   dispatch_dtype<cpu::CpuTypes, /*kWithFloat64=*/true>(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;

@@ -18,7 +18,7 @@ struct RawParams {
 };
 
 struct RawGrads {
-  void* gw;    // null: no parameter gradients
+  void* gw;  // null: no parameter gradients
   void* gP;
   void* gSIG;  // null for v0 / v1
 };
@@ -26,8 +26,8 @@ struct RawGrads {
 void cpu_forward(DType dtype, const void* x, void* out, const ConvGeom& g, const RawParams& p);
 
 // grad_x null: no input gradient; gr.gw null: no parameter gradients.
-void cpu_backward(DType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g,
-                  const RawParams& p, const RawGrads& gr);
+void cpu_backward(DType dtype, const void* grad_out, const void* x, void* grad_x, const ConvGeom& g, const RawParams& p,
+                  const RawGrads& gr);
 
 // Number of taps (support size of the dense window) of every channel, for cost models and tests.
 void cpu_tap_counts(DType dtype, const ConvGeom& g, const RawParams& p, int32_t* counts);

@@ -23,7 +23,7 @@ template <typename K>
 void allow_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
-          "trous dcls_conv: cudaFuncSetAttribute");
+               "trous dcls_conv: cudaFuncSetAttribute");
   }
 }
 
@@ -72,9 +72,7 @@ bool cuda_geometry_supported(const ConvGeom& g) {
   return cuda_smem_bytes(g) <= (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
-size_t cuda_backward_workspace(const ConvGeom& g) {
-  return (size_t)num_slices(g) * taps_splits(g) * g.C * g.window();
-}
+size_t cuda_backward_workspace(const ConvGeom& g) { return (size_t)num_slices(g) * taps_splits(g) * g.C * g.window(); }
 
 void launch_forward(DType dtype, const void* x, void* out, const ConvGeom& g, const Params<float>& p, void* stream) {
   if (g.N * g.C == 0) return;
@@ -129,8 +127,8 @@ void launch_backward(DType dtype, const void* grad_out, const void* x, void* gra
       check_launch("trous dcls_conv backward (taps)");
       const size_t psmem = params_bytes(g);
       allow_smem(dcls_grad_params_kernel, psmem);
-      TROUS_LAUNCH((unsigned)g.C, kThreads, psmem, s, dcls_grad_params_kernel)(
-          workspace, splits * num_slices(g), g, p, gr);
+      TROUS_LAUNCH((unsigned)g.C, kThreads, psmem, s, dcls_grad_params_kernel)(workspace, splits * num_slices(g), g, p,
+                                                                               gr);
       check_launch("trous dcls_conv backward (params)");
     }
   });

@@ -26,11 +26,11 @@
 namespace trous {
 namespace dcls {
 
-constexpr int kThreads = 256;     // every kernel; a multiple of 32 (block scans use full warps)
-constexpr int kOutPerThread = 4;  // forward / grad-input outputs per thread
-constexpr int kTapsPerThread = 4; // grad-taps accumulators per thread (taps per pass: 4 * 256)
-constexpr int kStage = 256;       // grad-taps: outputs staged in shared memory per step
-constexpr int kPackBits = 10;     // tap coordinates packed as tz | ty << 10 | tx << 20 (dks < 1024)
+constexpr int kThreads = 256;      // every kernel; a multiple of 32 (block scans use full warps)
+constexpr int kOutPerThread = 4;   // forward / grad-input outputs per thread
+constexpr int kTapsPerThread = 4;  // grad-taps accumulators per thread (taps per pass: 4 * 256)
+constexpr int kStage = 256;        // grad-taps: outputs staged in shared memory per step
+constexpr int kPackBits = 10;      // tap coordinates packed as tz | ty << 10 | tx << 20 (dks < 1024)
 
 // Shared-memory carve-up of the per-channel tap build (all 4-byte words).
 struct TapSmem {
@@ -168,7 +168,7 @@ TROUS_DEVICE inline int tap_pos(const ConvGeom& g, int pk) {
 // grid (ceil(N * out_plane / (kThreads * kOutPerThread)), C), block kThreads, taps shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-dcls_forward_kernel(const T* __restrict__ x, T* __restrict__ out, ConvGeom g, Params<float> p) {
+    dcls_forward_kernel(const T* __restrict__ x, T* __restrict__ out, ConvGeom g, Params<float> p) {
   TROUS_DYNAMIC_SHARED(float, smem);
   const TapSmem s = carve_taps(g, smem);
   const index_t c = blockIdx.y;
@@ -211,7 +211,7 @@ dcls_forward_kernel(const T* __restrict__ x, T* __restrict__ out, ConvGeom g, Pa
 // grid (ceil(N * in_plane / (kThreads * kOutPerThread)), C), block kThreads, taps shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-dcls_grad_input_kernel(const T* __restrict__ gout, T* __restrict__ gx, ConvGeom g, Params<float> p) {
+    dcls_grad_input_kernel(const T* __restrict__ gout, T* __restrict__ gx, ConvGeom g, Params<float> p) {
   TROUS_DYNAMIC_SHARED(float, smem);
   const TapSmem s = carve_taps(g, smem);
   const index_t c = blockIdx.y;
@@ -266,8 +266,8 @@ constexpr int kGradTapsExtraWords = kStage * 5 + kThreads;
 // Shared memory: taps, then kStage grad_out values, kStage (n, iz0, iy0, ix0) records, kThreads sums.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-dcls_grad_taps_kernel(const T* __restrict__ gout, const T* __restrict__ x, float* __restrict__ ws, ConvGeom g,
-                      Params<float> p) {
+    dcls_grad_taps_kernel(const T* __restrict__ gout, const T* __restrict__ x, float* __restrict__ ws, ConvGeom g,
+                          Params<float> p) {
   TROUS_DYNAMIC_SHARED(float, smem);
   const TapSmem s = carve_taps(g, smem);
   float* g_s = s.extra;
@@ -327,7 +327,8 @@ dcls_grad_taps_kernel(const T* __restrict__ gout, const T* __restrict__ x, float
         for (int r = 0; r < kTapsPerThread; ++r) {
           if (pk[r] < 0) continue;
           const int iz = iz0 + tap_z(pk[r]), iy = iy0 + tap_y(pk[r]), ix = ix0 + tap_x(pk[r]);
-          if ((unsigned)iz < (unsigned)g.in[0] && (unsigned)iy < (unsigned)g.in[1] && (unsigned)ix < (unsigned)g.in[2]) {
+          if ((unsigned)iz < (unsigned)g.in[0] && (unsigned)iy < (unsigned)g.in[1] &&
+              (unsigned)ix < (unsigned)g.in[2]) {
             acc[r] += gv * to_float(xp[((index_t)iz * g.in[1] + iy) * g.in[2] + ix]);
           }
         }
@@ -360,7 +361,8 @@ TROUS_HOST_DEVICE inline index_t params_smem_words(const ConvGeom& g) {
 // One block per channel: G = sum over splits of the partials (support positions only, split order),
 // then one element per thread. Shared memory: G [window], boxes [kc][6], then per slot f / dmu / dsig.
 __global__ void __launch_bounds__(kThreads, 2)
-dcls_grad_params_kernel(const float* __restrict__ ws, int splits, ConvGeom g, Params<float> p, ParamGrads<float> gr) {
+    dcls_grad_params_kernel(const float* __restrict__ ws, int splits, ConvGeom g, Params<float> p,
+                            ParamGrads<float> gr) {
   TROUS_DYNAMIC_SHARED(float, smem);
   const index_t c = blockIdx.x;
   const int W = g.window();

@@ -62,10 +62,10 @@ Prepared prepare(const char* op, const at::Tensor& x_in, const at::Tensor& weigh
   g.ndim = (int)ndim;
   const bool need_sig = has_sigma(g.version);
   if (need_sig) {
-    TORCH_CHECK(SIG.has_value() && SIG->defined(), op, ": version \"", std::string(version),
-                "\" needs SIG (shape ", at::IntArrayRef(pshape), ")");
-    TORCH_CHECK(SIG->sizes() == at::IntArrayRef(pshape), op, ": SIG must have the shape of P ",
-                at::IntArrayRef(pshape), ", got ", SIG->sizes());
+    TORCH_CHECK(SIG.has_value() && SIG->defined(), op, ": version \"", std::string(version), "\" needs SIG (shape ",
+                at::IntArrayRef(pshape), ")");
+    TORCH_CHECK(SIG->sizes() == at::IntArrayRef(pshape), op, ": SIG must have the shape of P ", at::IntArrayRef(pshape),
+                ", got ", SIG->sizes());
   }
   const bool with_bias = bias.has_value() && bias->defined();
   if (with_bias) {
@@ -82,7 +82,8 @@ Prepared prepare(const char* op, const at::Tensor& x_in, const at::Tensor& weigh
   }
   if (with_bias) {
     check_same_device(*bias, x_in, op, "bias");
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ", bias->scalar_type());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ",
+                bias->scalar_type());
   }
   const auto st = per_axis(stride, ndim, op, "stride");
   const auto pd = per_axis(padding, ndim, op, "padding");
@@ -131,10 +132,10 @@ RawParams raw_params(const Prepared& r) {
                    r.bias.defined() ? r.bias.data_ptr() : nullptr};
 }
 
-
 #ifdef TROUS_WITH_CUDA
 Params<float> cuda_params(const Prepared& r) {
-  return Params<float>{r.w.data_ptr<float>(), r.P.data_ptr<float>(), r.SIG.defined() ? r.SIG.data_ptr<float>() : nullptr,
+  return Params<float>{r.w.data_ptr<float>(), r.P.data_ptr<float>(),
+                       r.SIG.defined() ? r.SIG.data_ptr<float>() : nullptr,
                        r.bias.defined() ? r.bias.data_ptr<float>() : nullptr};
 }
 
@@ -160,7 +161,11 @@ at::Tensor dcls_conv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor out = at::empty(out_shape(r), r.x.options());
   const ConvGeom& g = r.g;
   run_on_device(
-      r.x, op, [&] { cpu_forward(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), r.x.data_ptr(), out.data_ptr(), g, raw_params(r)); },
+      r.x, op,
+      [&] {
+        cpu_forward(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), r.x.data_ptr(), out.data_ptr(), g,
+                    raw_params(r));
+      },
       [&](void* stream) {
         TROUS_CUDA_ONLY(check_cuda_geometry(g, op);
                         launch_forward(float_dtype(r.x.scalar_type(), op, "x"), r.x.data_ptr(), out.data_ptr(), g,
@@ -201,18 +206,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcls_conv_backward(
     run_on_device(
         r.x, op,
         [&] {
-          cpu_backward(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), go.data_ptr(), r.x.data_ptr(), want_x ? gx.data_ptr() : nullptr,
-                       g, raw_params(r), rg);
+          cpu_backward(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), go.data_ptr(), r.x.data_ptr(),
+                       want_x ? gx.data_ptr() : nullptr, g, raw_params(r), rg);
         },
         [&](void* stream) {
-          TROUS_CUDA_ONLY(
-              check_cuda_geometry(g, op);
-              at::Tensor ws = want_p ? at::empty({(int64_t)cuda_backward_workspace(g)}, r.w.options()) : at::Tensor();
-              launch_backward(float_dtype(r.x.scalar_type(), op, "x"), go.data_ptr(), r.x.data_ptr(),
-                              want_x ? gx.data_ptr() : nullptr, g, cuda_params(r),
-                              ParamGrads<float>{static_cast<float*>(rg.gw), static_cast<float*>(rg.gP),
-                                                static_cast<float*>(rg.gSIG)},
-                              want_p ? ws.data_ptr<float>() : nullptr, stream));
+          TROUS_CUDA_ONLY(check_cuda_geometry(g, op);
+                          at::Tensor ws =
+                              want_p ? at::empty({(int64_t)cuda_backward_workspace(g)}, r.w.options()) : at::Tensor();
+                          launch_backward(float_dtype(r.x.scalar_type(), op, "x"), go.data_ptr(), r.x.data_ptr(),
+                                          want_x ? gx.data_ptr() : nullptr, g, cuda_params(r),
+                                          ParamGrads<float>{static_cast<float*>(rg.gw), static_cast<float*>(rg.gP),
+                                                            static_cast<float*>(rg.gSIG)},
+                                          want_p ? ws.data_ptr<float>() : nullptr, stream));
         });
   }
   const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
@@ -231,11 +236,13 @@ at::Tensor dcls_conv_tap_counts(const at::Tensor& weight, const at::Tensor& P, c
   // A 1-wide dummy input of the right rank, padded so that every window fits.
   std::vector<int64_t> xs{0, weight.size(0)};
   for (size_t i = 0; i < dilated_kernel_size.size(); ++i) xs.push_back(dilated_kernel_size[i]);
-  const at::Tensor x = at::empty(xs, weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const at::Tensor x =
+      at::empty(xs, weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   const Prepared r = prepare(op, x, weight, P, SIG, std::nullopt, dilated_kernel_size, version, {1}, {0});
   TORCH_CHECK(weight.device().is_cpu(), op, ": CPU tensors only");
   at::Tensor counts = at::empty({r.g.C}, weight.options().dtype(at::kInt));
-  cpu_tap_counts(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), r.g, raw_params(r), counts.data_ptr<int32_t>());
+  cpu_tap_counts(float_dtype(r.x.scalar_type(), op, "x", /*with_float64=*/true), r.g, raw_params(r),
+                 counts.data_ptr<int32_t>());
   return counts;
 }
 
@@ -268,10 +275,14 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   // Depthwise only (in = out = groups = C): x [N, C, *spatial] (1-3 spatial dims, contiguous copy
   // if needed), weight [C, 1, kc], P / SIG [ndim, C, 1, kc] in the dcls layout and axis conventions
   // (SIG only for "gauss" / "max"), bias [C]; zero padding; out [N, C, *out] in x's dtype.
-  m.def("dcls_conv(Tensor x, Tensor weight, Tensor P, Tensor? SIG, Tensor? bias, int[] dilated_kernel_size, str version, int[] stride, int[] padding) -> Tensor");
+  m.def(
+      "dcls_conv(Tensor x, Tensor weight, Tensor P, Tensor? SIG, Tensor? bias, int[] dilated_kernel_size, str version, "
+      "int[] stride, int[] padding) -> Tensor");
   // (grad_x, grad_weight, grad_P, grad_SIG); output_mask = [input, parameters]; what is not asked
   // for (and grad_SIG of v0 / v1) is an empty [0] tensor. grad_bias = grad_out summed (caller).
-  m.def("dcls_conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version, int[] stride, int[] padding, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dcls_conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, "
+      "str version, int[] stride, int[] padding, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // CPU only: taps (support size of the dense window) per channel, int32 [C].
   m.def("dcls_conv_tap_counts(Tensor weight, Tensor P, Tensor? SIG, int[] dilated_kernel_size, str version) -> Tensor");
   // CUDA limit, for the routing: whether CUDA device `device` runs a layer of this many channels,

@@ -63,8 +63,8 @@ void check_group(int64_t group, int64_t extent, const char* what, const char* op
   TORCH_CHECK(extent % group == 0, op, ": group_size ", group, " must divide ", what, " = ", extent);
 }
 
-std::tuple<at::Tensor, at::Tensor> kv_quantize(const at::Tensor& x_in, int64_t bits, int64_t group_size,
-                                               bool symmetric, at::ScalarType param_dtype) {
+std::tuple<at::Tensor, at::Tensor> kv_quantize(const at::Tensor& x_in, int64_t bits, int64_t group_size, bool symmetric,
+                                               at::ScalarType param_dtype) {
   const char* op = "trous.kv_quantize";
   const at::Tensor x = rows_input(x_in, op);
   check_bits(bits, op);
@@ -79,7 +79,9 @@ std::tuple<at::Tensor, at::Tensor> kv_quantize(const at::Tensor& x_in, int64_t b
   const DType dt = float_dtype(x, op, "x");
   run_on_device(
       x, op, [&] { cpu_quantize_token(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a); },
-      [&](void* stream) { TROUS_CUDA_ONLY(launch_quantize_token(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a, stream)); });
+      [&](void* stream) {
+        TROUS_CUDA_ONLY(launch_quantize_token(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a, stream));
+      });
   return {codes, params};
 }
 
@@ -101,7 +103,9 @@ at::Tensor kv_dequantize(const at::Tensor& codes, const at::Tensor& params, int6
   auto* codes_ptr = static_cast<const uint8_t*>(codes.data_ptr());
   run_on_device(
       codes, op, [&] { cpu_dequantize_token(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a); },
-      [&](void* stream) { TROUS_CUDA_ONLY(launch_dequantize_token(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a, stream)); });
+      [&](void* stream) {
+        TROUS_CUDA_ONLY(launch_dequantize_token(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a, stream));
+      });
   return out;
 }
 
@@ -120,7 +124,9 @@ std::tuple<at::Tensor, at::Tensor> kv_quantize_channel(const at::Tensor& x_in, i
   const DType dt = float_dtype(x, op, "x");
   run_on_device(
       x, op, [&] { cpu_quantize_channel(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a); },
-      [&](void* stream) { TROUS_CUDA_ONLY(launch_quantize_channel(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a, stream)); });
+      [&](void* stream) {
+        TROUS_CUDA_ONLY(launch_quantize_channel(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a, stream));
+      });
   return {codes, params};
 }
 
@@ -134,14 +140,17 @@ at::Tensor kv_dequantize_channel(const at::Tensor& codes, const at::Tensor& para
   TORCH_CHECK(group_size > 0 && codes.size(2) % group_size == 0, op, ": T = codes.size(2) = ", codes.size(2),
               " must be a multiple of group_size ", group_size);
   check_params(params, codes, op, {codes.size(0), codes.size(1), codes.size(2) / group_size, D, 2});
-  const ChannelDequantArgs a{codes.size(0) * codes.size(1) * codes.size(2), codes.size(2), D, (int)bits,
-                             (int)group_size, param_type(params.scalar_type(), op)};
+  const ChannelDequantArgs a{
+      codes.size(0) * codes.size(1) * codes.size(2), codes.size(2), D, (int)bits, (int)group_size,
+      param_type(params.scalar_type(), op)};
   const DType dt = out_dtype(dtype, op);
   auto out = at::empty({codes.size(0), codes.size(1), codes.size(2), D}, codes.options().dtype(dtype));
   auto* codes_ptr = static_cast<const uint8_t*>(codes.data_ptr());
   run_on_device(
       codes, op, [&] { cpu_dequantize_channel(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a); },
-      [&](void* stream) { TROUS_CUDA_ONLY(launch_dequantize_channel(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a, stream)); });
+      [&](void* stream) {
+        TROUS_CUDA_ONLY(launch_dequantize_channel(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a, stream));
+      });
   return out;
 }
 
@@ -190,8 +199,14 @@ at::Tensor kv_dequantize_fp8(const at::Tensor& codes, const at::Tensor& scale, c
   const float* s = scale.data_ptr<float>();
   run_on_device(
       codes, op,
-      [&] { cpu_dequantize_fp8(dt, codes_ptr, s, out.data_ptr(), rows, codes.size(1), codes.size(2), codes.size(3), f, per_head); },
-      [&](void* stream) { TROUS_CUDA_ONLY(launch_dequantize_fp8(dt, codes_ptr, s, out.data_ptr(), rows, codes.size(1), codes.size(2), codes.size(3), f, per_head, stream)); });
+      [&] {
+        cpu_dequantize_fp8(dt, codes_ptr, s, out.data_ptr(), rows, codes.size(1), codes.size(2), codes.size(3), f,
+                           per_head);
+      },
+      [&](void* stream) {
+        TROUS_CUDA_ONLY(launch_dequantize_fp8(dt, codes_ptr, s, out.data_ptr(), rows, codes.size(1), codes.size(2),
+                                              codes.size(3), f, per_head, stream));
+      });
   return out;
 }
 
@@ -203,7 +218,9 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   // Per-token groups of G channels: codes uint8 [B, H, T, D * bits / 8] (int8 [B, H, T, D] when
   // symmetric), params [B, H, T, D / G, 2] (scale, min) or [..., 1] (scale) when symmetric.
   m.def("kv_quantize(Tensor x, int bits, int group_size, bool symmetric, ScalarType param_dtype) -> (Tensor, Tensor)");
-  m.def("kv_dequantize(Tensor codes, Tensor params, int bits, int group_size, bool symmetric, ScalarType dtype) -> Tensor");
+  m.def(
+      "kv_dequantize(Tensor codes, Tensor params, int bits, int group_size, bool symmetric, ScalarType dtype) -> "
+      "Tensor");
   // KIVI keys: per (head, channel) over G consecutive tokens (T % G == 0): params [B, H, T / G, D, 2].
   m.def("kv_quantize_channel(Tensor x, int bits, int group_size, ScalarType param_dtype) -> (Tensor, Tensor)");
   m.def("kv_dequantize_channel(Tensor codes, Tensor params, int bits, int group_size, ScalarType dtype) -> Tensor");

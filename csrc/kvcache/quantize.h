@@ -29,8 +29,8 @@ TROUS_INLINE uint16_t float_to_half_bits(float f) {
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t abs = x & 0x7fffffffu;
   if (abs >= 0x7f800000u) return sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u);  // NaN / Inf
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504: overflow to Inf
-  if (abs < 0x38800000u) {  // subnormal half (or zero): value = m * 2^-24
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;                                  // rounds past 65504: overflow to Inf
+  if (abs < 0x38800000u) {               // subnormal half (or zero): value = m * 2^-24
     if (abs < 0x33000000u) return sign;  // below half of the smallest subnormal: +-0
     const uint32_t exp = abs >> 23;
     const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
@@ -142,7 +142,6 @@ TROUS_INLINE int32_t sym_code(float x, float inv) {
 // value (satfinite). NaN stays NaN; +-Inf saturates to +-max.
 enum class Fp8Format : int { kE4M3 = 0, kE5M2 = 1 };
 
-
 TROUS_INLINE uint32_t float_bits(float v) {
   uint32_t x;
   memcpy(&x, &v, 4);
@@ -207,8 +206,8 @@ struct RowLayout {
 struct TokenQuantArgs {
   RowLayout in;
   int bits;
-  int group;        // G channels per group, G % 8 == 0, G divides D
-  bool symmetric;   // int8 symmetric: params hold the scale only
+  int group;       // G channels per group, G % 8 == 0, G divides D
+  bool symmetric;  // int8 symmetric: params hold the scale only
   ParamType ptype;
 };
 
@@ -220,9 +219,9 @@ struct TokenDequantArgs {
 };
 
 struct ChannelQuantArgs {
-  RowLayout in;   // T % group == 0
+  RowLayout in;  // T % group == 0
   int bits;
-  int group;      // G tokens per group
+  int group;  // G tokens per group
   ParamType ptype;
 };
 

@@ -158,7 +158,8 @@ TROUS_AVX2 void channel_codes_avx2(const float* v, const float* zero, const floa
                                    uint8_t* dst) {
   const __m256 max_q = _mm256_set1_ps((float)max_code(bits));
   for (index_t c = 0; c < D; c += 8) {
-    __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(zero + c)), _mm256_loadu_ps(inv + c));
+    __m256 t =
+        _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(zero + c)), _mm256_loadu_ps(inv + c));
     t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), max_q);
     store_packed8(dst + c / 8 * bits, cpu::low_bytes(_mm256_cvtps_epi32(t)), bits);
   }
@@ -174,7 +175,8 @@ TROUS_AVX2 uint64_t fp8_codes8_avx2(const float* v, float s, Fp8Format f) {
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(abs, shift), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(abs, _mm256_set1_epi32((1 << (shift - 1)) - 1)), lsb);
   const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(rounded, shift), _mm256_set1_epi32((127 - bias) << mb));
-  const __m256 steps = _mm256_mul_ps(_mm256_castsi256_ps(abs), _mm256_set1_ps(bits_float((uint32_t)(127 + bias - 1 + mb) << 23)));
+  const __m256 steps =
+      _mm256_mul_ps(_mm256_castsi256_ps(abs), _mm256_set1_ps(bits_float((uint32_t)(127 + bias - 1 + mb) << 23)));
   const __m256i subnormal = _mm256_cvtps_epi32(steps);
   const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32((128 - bias) << 23), abs);
   __m256i code = _mm256_blendv_epi8(normal, subnormal, is_sub);
@@ -235,7 +237,9 @@ struct ScalarOps {
   static uint64_t asym8(const float* v, AsymParams p, int bits) { return asym_codes8_scalar(v, p, bits); }
   static uint64_t sym8(const float* v, float inv) { return sym_codes8_scalar(v, inv); }
   template <typename T>
-  static void decode8(uint64_t b, bool is_signed, float s, float z, T* out) { decode8_scalar(b, is_signed, s, z, out); }
+  static void decode8(uint64_t b, bool is_signed, float s, float z, T* out) {
+    decode8_scalar(b, is_signed, s, z, out);
+  }
 };
 
 #if TROUS_HAVE_AVX2_PATH
@@ -244,12 +248,15 @@ struct Avx2Ops {
   struct Rounding {
     ParamType t;
     TROUS_AVX2 float operator()(float v) const {
-      return t == ParamType::kFloat16 ? _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT))) : v;
+      return t == ParamType::kFloat16
+                 ? _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT)))
+                 : v;
     }
   };
   TROUS_AVX2 static void store_param(void* params, index_t i, float v, ParamType t) {
     if (t == ParamType::kFloat16) {
-      static_cast<uint16_t*>(params)[i] = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0);
+      static_cast<uint16_t*>(params)[i] =
+          (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0);
     } else {
       static_cast<float*>(params)[i] = v;
     }
@@ -372,7 +379,8 @@ void channel_minmax_scalar(const float* v, float* mn, float* mx, uint32_t* bad, 
 void channel_codes_scalar(const float* v, const float* zero, const float* inv, int bits, index_t D, uint8_t* dst) {
   for (index_t c = 0; c < D; c += 8) {
     uint64_t b = 0;
-    for (int k = 0; k < 8; ++k) b |= (uint64_t)asym_code(v[c + k], AsymParams{0.f, zero[c + k], inv[c + k]}, bits) << (8 * k);
+    for (int k = 0; k < 8; ++k)
+      b |= (uint64_t)asym_code(v[c + k], AsymParams{0.f, zero[c + k], inv[c + k]}, bits) << (8 * k);
     store_packed8(dst + c / 8 * bits, b, bits);
   }
 }
@@ -422,7 +430,8 @@ template <typename T>
 void channel_decode_row_scalar(const uint8_t* src, const float* scale, const float* zero, int bits, index_t D, T* out) {
   for (index_t c = 0; c < D; c += 8) {
     const uint64_t b = load_packed8(src + c / 8 * bits, bits);
-    for (int k = 0; k < 8; ++k) out[c + k] = static_cast<T>(asym_decode((uint32_t)(b >> (8 * k)) & 0xffu, scale[c + k], zero[c + k]));
+    for (int k = 0; k < 8; ++k)
+      out[c + k] = static_cast<T>(asym_decode((uint32_t)(b >> (8 * k)) & 0xffu, scale[c + k], zero[c + k]));
   }
 }
 
@@ -447,18 +456,19 @@ void dequantize_channel_impl(const uint8_t* codes, const void* params, T* out, c
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) row_fn = &channel_decode_row_avx2<T>;
 #endif
-  at::parallel_for(0, a.rows / std::max<index_t>(G, 1), std::max<int64_t>(1, grain_rows(D) / G), [&](int64_t t0, int64_t t1) {
-    std::vector<float> scale(D), zero(D);
-    for (int64_t task = t0; task < t1; ++task) {
-      for (index_t c = 0; c < D; ++c) {
-        scale[c] = load_param_cpu(params, (task * D + c) * 2, a.ptype);
-        zero[c] = load_param_cpu(params, (task * D + c) * 2 + 1, a.ptype);
-      }
-      for (index_t r = task * G; r < (task + 1) * G; ++r) {
-        row_fn(codes + r * code_bytes, scale.data(), zero.data(), a.bits, D, out + r * D);
-      }
-    }
-  });
+  at::parallel_for(0, a.rows / std::max<index_t>(G, 1), std::max<int64_t>(1, grain_rows(D) / G),
+                   [&](int64_t t0, int64_t t1) {
+                     std::vector<float> scale(D), zero(D);
+                     for (int64_t task = t0; task < t1; ++task) {
+                       for (index_t c = 0; c < D; ++c) {
+                         scale[c] = load_param_cpu(params, (task * D + c) * 2, a.ptype);
+                         zero[c] = load_param_cpu(params, (task * D + c) * 2 + 1, a.ptype);
+                       }
+                       for (index_t r = task * G; r < (task + 1) * G; ++r) {
+                         row_fn(codes + r * code_bytes, scale.data(), zero.data(), a.bits, D, out + r * D);
+                       }
+                     }
+                   });
 }
 
 void fp8_row_scalar(const float* v, float s, Fp8Format f, index_t D, uint8_t* dst) {

@@ -19,6 +19,8 @@ template <typename T, bool VEC>
 void quantize_token_typed(const T* x, uint8_t* codes, void* params, const TokenQuantArgs& a, cudaStream_t s) {
   const index_t lanes = a.group / kPack;
   const unsigned blocks = blocks_for(a.in.rows() * (a.in.D / kPack));
+  // A macro per case, which clang-format cannot lay out stably.
+  // clang-format off
   switch (lanes) {
 #define TROUS_LANES_CASE(L) \
   case L: TROUS_LAUNCH(blocks, kThreads, 0, s, quantize_token_lanes<T, VEC, L>)(x, codes, params, a); return;
@@ -29,6 +31,7 @@ void quantize_token_typed(const T* x, uint8_t* codes, void* params, const TokenQ
       TROUS_LAUNCH(blocks_for(a.in.rows() * (a.in.D / a.group)), kThreads, 0, s, quantize_token_serial<T>)(
           x, codes, params, a);
   }
+  // clang-format on
 }
 
 }  // namespace
@@ -55,8 +58,8 @@ void launch_dequantize_token(DType dtype, const uint8_t* codes, const void* para
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    TROUS_LAUNCH(blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s, dequantize_token<T>)(
-        codes, params, static_cast<T*>(out), a);
+    TROUS_LAUNCH(blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s, dequantize_token<T>)(codes, params,
+                                                                                          static_cast<T*>(out), a);
   });
   check_launch("trous kv_dequantize");
 }
@@ -84,8 +87,8 @@ void launch_dequantize_channel(DType dtype, const uint8_t* codes, const void* pa
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
-    TROUS_LAUNCH(blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s, dequantize_channel<T>)(
-        codes, params, static_cast<T*>(out), a);
+    TROUS_LAUNCH(blocks_for(a.rows * (a.D / kPack)), kThreads, 0, s, dequantize_channel<T>)(codes, params,
+                                                                                            static_cast<T*>(out), a);
   });
   check_launch("trous kv_dequantize_channel");
 }
@@ -107,8 +110,8 @@ void launch_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t
   check_launch("trous kv_quantize_fp8");
 }
 
-void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale, void* out, index_t rows,
-                           index_t H, index_t T, index_t D, Fp8Format format, bool per_head, void* stream) {
+void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale, void* out, index_t rows, index_t H,
+                           index_t T, index_t D, Fp8Format format, bool per_head, void* stream) {
   if (rows == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {

@@ -17,8 +17,8 @@ void launch_dequantize_channel(DType dtype, const uint8_t* codes, const void* pa
                                const ChannelDequantArgs& a, void* stream);
 void launch_quantize_fp8(DType dtype, const void* x, const float* scale, uint8_t* codes, const Fp8Args& a,
                          void* stream);
-void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale, void* out, index_t rows,
-                           index_t H, index_t T, index_t D, Fp8Format format, bool per_head, void* stream);
+void launch_dequantize_fp8(DType dtype, const uint8_t* codes, const float* scale, void* out, index_t rows, index_t H,
+                           index_t T, index_t D, Fp8Format format, bool per_head, void* stream);
 
 }  // namespace kv
 }  // namespace trous

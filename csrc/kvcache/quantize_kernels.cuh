@@ -24,8 +24,14 @@ TROUS_DEVICE inline void load_pack(const T* p, float (&v)[kPack]) {
   if constexpr (VEC && sizeof(T) == 4) {
     const float4 a = reinterpret_cast<const float4*>(p)[0];
     const float4 b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = a.z;
+    v[3] = a.w;
+    v[4] = b.x;
+    v[5] = b.y;
+    v[6] = b.z;
+    v[7] = b.w;
   } else if constexpr (VEC && sizeof(T) == 2) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
     T e[kPack];
@@ -103,14 +109,12 @@ TROUS_DEVICE inline float load_param(const void* params, index_t i, ParamType t)
                                   : static_cast<const float*>(params)[i];
 }
 
-
 // Per-token quantization, one thread per pack; the G/8 lanes of a group reduce with shuffles.
 // LANES = G / 8 is a power of two <= 32, so groups never straddle a warp and a warp's inactive
 // tail lanes form whole groups (they still take part in the shuffles, then store nothing).
 template <typename T, bool VEC, int LANES>
-__global__ void __launch_bounds__(kThreads)
-quantize_token_lanes(const T* __restrict__ x, uint8_t* __restrict__ codes, void* __restrict__ params,
-                     TokenQuantArgs a) {
+__global__ void __launch_bounds__(kThreads) quantize_token_lanes(const T* __restrict__ x, uint8_t* __restrict__ codes,
+                                                                 void* __restrict__ params, TokenQuantArgs a) {
   const index_t packs_per_row = a.in.D / kPack;
   const index_t n_packs = a.in.rows() * packs_per_row;
   const index_t p = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -167,9 +171,8 @@ quantize_token_lanes(const T* __restrict__ x, uint8_t* __restrict__ codes, void*
 
 // Any G % 8 == 0: one thread per group (used when G / 8 is not a power of two <= 32).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-quantize_token_serial(const T* __restrict__ x, uint8_t* __restrict__ codes, void* __restrict__ params,
-                      TokenQuantArgs a) {
+__global__ void __launch_bounds__(kThreads) quantize_token_serial(const T* __restrict__ x, uint8_t* __restrict__ codes,
+                                                                  void* __restrict__ params, TokenQuantArgs a) {
   const index_t n_groups = a.in.D / a.group;
   const index_t gi = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (gi >= a.in.rows() * n_groups) return;
@@ -209,8 +212,8 @@ quantize_token_serial(const T* __restrict__ x, uint8_t* __restrict__ codes, void
 // Per-token dequantization: one thread per pack, output contiguous [rows, D].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dequantize_token(const uint8_t* __restrict__ codes, const void* __restrict__ params, T* __restrict__ out,
-                 TokenDequantArgs a) {
+    dequantize_token(const uint8_t* __restrict__ codes, const void* __restrict__ params, T* __restrict__ out,
+                     TokenDequantArgs a) {
   const index_t packs_per_row = a.D / kPack;
   const index_t p = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= a.rows * packs_per_row) return;
@@ -237,9 +240,8 @@ dequantize_token(const uint8_t* __restrict__ codes, const void* __restrict__ par
 // channels of one token group; consecutive threads read consecutive channels of a token row.
 // Params [B, H, T / G, D, 2].
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads)
-quantize_channel(const T* __restrict__ x, uint8_t* __restrict__ codes, void* __restrict__ params,
-                 ChannelQuantArgs a) {
+__global__ void __launch_bounds__(kThreads) quantize_channel(const T* __restrict__ x, uint8_t* __restrict__ codes,
+                                                             void* __restrict__ params, ChannelQuantArgs a) {
   const index_t packs_per_row = a.in.D / kPack;
   const index_t token_groups = a.in.T / a.group;
   const index_t p = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -281,8 +283,8 @@ quantize_channel(const T* __restrict__ x, uint8_t* __restrict__ codes, void* __r
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dequantize_channel(const uint8_t* __restrict__ codes, const void* __restrict__ params, T* __restrict__ out,
-                   ChannelDequantArgs a) {
+    dequantize_channel(const uint8_t* __restrict__ codes, const void* __restrict__ params, T* __restrict__ out,
+                       ChannelDequantArgs a) {
   const index_t packs_per_row = a.D / kPack;
   const index_t p = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= a.rows * packs_per_row) return;
@@ -296,14 +298,15 @@ dequantize_channel(const uint8_t* __restrict__ codes, const void* __restrict__ p
   float v[kPack];
 #pragma unroll
   for (int i = 0; i < kPack; ++i) {
-    v[i] = asym_decode(q[i], load_param(params, param0 + 2 * i, a.ptype), load_param(params, param0 + 2 * i + 1, a.ptype));
+    v[i] =
+        asym_decode(q[i], load_param(params, param0 + 2 * i, a.ptype), load_param(params, param0 + 2 * i + 1, a.ptype));
   }
   store_pack(out + p * kPack, v);
 }
 
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-quantize_fp8(const T* __restrict__ x, const float* __restrict__ scale, uint8_t* __restrict__ codes, Fp8Args a) {
+    quantize_fp8(const T* __restrict__ x, const float* __restrict__ scale, uint8_t* __restrict__ codes, Fp8Args a) {
   const index_t packs_per_row = a.in.D / kPack;
   const index_t p = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= a.in.rows() * packs_per_row) return;
@@ -320,8 +323,8 @@ quantize_fp8(const T* __restrict__ x, const float* __restrict__ scale, uint8_t* 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dequantize_fp8(const uint8_t* __restrict__ codes, const float* __restrict__ scale, T* __restrict__ out,
-               index_t rows, index_t H, index_t T_len, index_t D, Fp8Format format, bool per_head) {
+    dequantize_fp8(const uint8_t* __restrict__ codes, const float* __restrict__ scale, T* __restrict__ out,
+                   index_t rows, index_t H, index_t T_len, index_t D, Fp8Format format, bool per_head) {
   const index_t packs_per_row = D / kPack;
   const index_t p = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= rows * packs_per_row) return;

@@ -18,12 +18,16 @@ template <> TROUS_DEVICE inline __nv_bfloat16 from_float<__nv_bfloat16>(float v)
 
 // The same through the accumulation type A (fp32, or fp64 for fp64 elements: no rounding).
 template <typename A, typename T> TROUS_DEVICE inline A to_acc(T v) {
-  if constexpr (sizeof(T) == sizeof(double)) return (A)v;
-  else return (A)to_float(v);
+  if constexpr (sizeof(T) == sizeof(double))
+    return (A)v;
+  else
+    return (A)to_float(v);
 }
 template <typename T, typename A> TROUS_DEVICE inline T from_acc(A v) {
-  if constexpr (sizeof(A) == sizeof(double)) return (T)v;
-  else return from_float<T>(v);
+  if constexpr (sizeof(A) == sizeof(double))
+    return (T)v;
+  else
+    return from_float<T>(v);
 }
 
 }  // namespace trous

@@ -37,7 +37,8 @@ struct CpuTypes {
 
 inline bool has_avx2() {
 #if TROUS_HAVE_AVX2_PATH
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 #else
   return false;
@@ -81,8 +82,8 @@ TROUS_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
 
 // Low byte of each 32-bit lane, in order, as 8 bytes.
 TROUS_AVX2 inline uint64_t low_bytes(__m256i v) {
-  const __m256i shuffle = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i shuffle = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1,
+                                           -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
   const __m256i b = _mm256_shuffle_epi8(v, shuffle);
   return (uint64_t)(uint32_t)_mm256_extract_epi32(b, 0) | (uint64_t)(uint32_t)_mm256_extract_epi32(b, 4) << 32;
 }
@@ -94,7 +95,9 @@ void to_float_row(const T* src, float* dst, index_t n) {
   index_t i = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
-    [&]() TROUS_AVX2 { for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i)); }();
+    [&]() TROUS_AVX2 {
+      for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+    }();
   }
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -109,7 +112,9 @@ void from_float_row(const float* src, T* dst, index_t n) {
   }
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
-    [&]() TROUS_AVX2 { for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i)); }();
+    [&]() TROUS_AVX2 {
+      for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+    }();
   }
 #endif
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);

@@ -114,8 +114,10 @@ void make_band(Bands mode, int row, int dks, int32_t& lo, int32_t& hi) {
     case 0:  // partial, at least one tap
       lo = std::min(a, b), hi = std::max(a, b);
       if (lo == hi) {
-        if (hi < dks) ++hi;
-        else --lo;
+        if (hi < dks)
+          ++hi;
+        else
+          --lo;
       }
       break;
     case 1: lo = 0, hi = dks; break;

@@ -246,25 +246,25 @@ void run_all_dtypes(const Case& cs, Version v, bool all_dtypes) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress survives a sanitizer abort
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);          // progress survives a sanitizer abort
   const std::string only = argc > 1 ? argv[1] : "";  // optional filter: a version name
   const auto t0 = std::chrono::steady_clock::now();
   const Case cases[] = {
-      {5, 3, {7}, false},           // 1-D, several channels per block
-      {37, 1, {25}, false},         // SNN-like kc 1: 10 channels per block, 4 blocks, partial last block
-      {3, 4, {5, 7}, false},        // 2-D non-square
-      {2, 6, {17, 17}, false},      // window 289: one channel per block
-      {3, 9, {4, 6}, true},         // 2-D, several channels per block (backward: one)
-      {4, 3, {3, 5, 4}, false},     // 3-D
-      {2, 11, {3, 2, 4}, true},     // 3-D
-      {3, 2, {1, 6}, false},        // an axis of size 1
-      {2, 0, {5, 5}, false},        // kc 0: zero kernel, no backward launch
+      {5, 3, {7}, false},        // 1-D, several channels per block
+      {37, 1, {25}, false},      // SNN-like kc 1: 10 channels per block, 4 blocks, partial last block
+      {3, 4, {5, 7}, false},     // 2-D non-square
+      {2, 6, {17, 17}, false},   // window 289: one channel per block
+      {3, 9, {4, 6}, true},      // 2-D, several channels per block (backward: one)
+      {4, 3, {3, 5, 4}, false},  // 3-D
+      {2, 11, {3, 2, 4}, true},  // 3-D
+      {3, 2, {1, 6}, false},     // an axis of size 1
+      {2, 0, {5, 5}, false},     // kc 0: zero kernel, no backward launch
   };
   // Run after the cases above, which thus keep their random inputs.
   const Case large[] = {
-      {1, 900, {4, 6}, true},       // profiles of 900 elements overflow 48 KiB: several chunks, both passes
-      {2, 400, {3, 2, 4}, false},   // 3-D, backward chunks
-      {1, 2, {47, 47}, false},      // window 2209 > kMaxPerThread * kThreads: split over gridDim.y = 2 tiles
+      {1, 900, {4, 6}, true},      // profiles of 900 elements overflow 48 KiB: several chunks, both passes
+      {2, 400, {3, 2, 4}, false},  // 3-D, backward chunks
+      {1, 2, {47, 47}, false},     // window 2209 > kMaxPerThread * kThreads: split over gridDim.y = 2 tiles
   };
   for (int vi = 0; vi < 4; ++vi) {
     if (!only.empty() && only != kVersionNames[vi]) continue;

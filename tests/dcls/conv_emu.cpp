@@ -263,7 +263,8 @@ void run_case(const Case& cs) {
   std::vector<float> w(cs.C * cs.kc), P(pn), SIG(has_sig ? pn : 0), bias(cs.C);
   for (auto& v : w) v = (float)U(rng);
   for (int r = 0; r < nd; ++r) {
-    for (int i = 0; i < cs.C * cs.kc; ++i) P[(size_t)r * cs.C * cs.kc + i] = (float)(U(rng) * (cs.dks[r] / 2 + cs.p_spread));
+    for (int i = 0; i < cs.C * cs.kc; ++i)
+      P[(size_t)r * cs.C * cs.kc + i] = (float)(U(rng) * (cs.dks[r] / 2 + cs.p_spread));
   }
   for (auto& v : SIG) v = (float)(cs.sig * (1 + 0.5 * U(rng)) * (U(rng) < 0 ? -1 : 1));
   for (auto& v : bias) v = (float)U(rng);

@@ -80,8 +80,8 @@ inline std::string& context() {
 
 // Reports an emulation error and exits at once (other threads may be blocked: no unwinding).
 [[noreturn]] inline void fail(const char* kind, const std::string& what) {
-  std::fprintf(stderr, "trous-emu: %s: %s%s%s\n", kind, what.c_str(), context().empty() ? "" : "\n  in: ",
-               context().c_str());
+  std::fprintf(stderr, "trous-emu: %s: %s%s%s\n", kind, what.c_str(),
+               context().empty() ? "" : "\n  in: ", context().c_str());
   std::fflush(stderr);
   std::_Exit(kErrorExit);
 }
@@ -138,7 +138,7 @@ struct Grid {
 
 struct ThreadCtx {
   Grid* g = nullptr;
-  int tid = 0;        // linear thread index in the block
+  int tid = 0;         // linear thread index in the block
   uint64_t block = 0;  // linear block index
 };
 inline thread_local ThreadCtx ctx;
@@ -155,7 +155,9 @@ void wait_until(std::unique_lock<std::mutex>& lk, std::condition_variable& cv, P
   if (!cv.wait_until(lk, deadline(), pred)) fail("deadlock", where() + " waited too long at " + what);
 }
 
-inline const char* op_name(Op o) { return o == Op::kSyncwarp ? "__syncwarp" : o == Op::kShfl ? "__shfl*_sync" : "vote"; }
+inline const char* op_name(Op o) {
+  return o == Op::kSyncwarp ? "__syncwarp" : o == Op::kShfl ? "__shfl*_sync" : "vote";
+}
 
 // One warp collective: every existing lane named in `mask` must arrive with the same mask, at the
 // same intrinsic and call site (__syncwarp may differ in site). Returns this lane's result: the value
@@ -175,7 +177,8 @@ inline uint64_t warp_collective(Op op, uint32_t mask, uint64_t val, int src, con
   if (need & w.at_barrier) fail("divergent warp collective", "mask names lanes waiting at __syncthreads: " + site());
   for (int k = 0; k < 32; ++k) {
     if (!w.wait_mask[k] || !((need >> k & 1u) || (w.wait_mask[k] >> lane & 1u))) continue;
-    if (w.wait_mask[k] != mask || w.op[k] != op || (op != Op::kSyncwarp && (w.line[k] != line || std::strcmp(w.file[k], file))))
+    if (w.wait_mask[k] != mask || w.op[k] != op ||
+        (op != Op::kSyncwarp && (w.line[k] != line || std::strcmp(w.file[k], file))))
       fail("divergent warp collective", site() + " meets lane " + std::to_string(k) + " in " + op_name(w.op[k]) +
                                             "(mask=" + std::to_string(w.wait_mask[k]) + ") at " + w.file[k] + ":" +
                                             std::to_string(w.line[k]));
@@ -190,8 +193,8 @@ inline uint64_t warp_collective(Op op, uint32_t mask, uint64_t val, int src, con
     for (int k = 0; k < 32; ++k) {
       if (!(need >> k & 1u)) continue;
       if (op == Op::kShfl && w.src[k] != k && !(need >> w.src[k] & 1u))
-        fail("divergent warp collective", "lane " + std::to_string(k) + " reads lane " + std::to_string(w.src[k]) +
-                                              " outside the mask: " + site());
+        fail("divergent warp collective",
+             "lane " + std::to_string(k) + " reads lane " + std::to_string(w.src[k]) + " outside the mask: " + site());
       w.res[k] = op == Op::kShfl ? w.val[w.src[k]] : ballot;
       w.wait_mask[k] = 0;
       ++w.epoch[k];
@@ -211,9 +214,10 @@ inline void leave_warp(bool to_barrier) {
   std::lock_guard<std::mutex> lk(w.m);
   for (int k = 0; k < 32; ++k)
     if (w.wait_mask[k] >> lane & 1u)
-      fail("divergent warp collective", "lane " + std::to_string(lane) + (to_barrier ? " went to __syncthreads" : " returned") +
-                                            " while lane " + std::to_string(k) + " waits in " + op_name(w.op[k]) + " at " +
-                                            w.file[k] + ":" + std::to_string(w.line[k]) + " naming it, " + where());
+      fail("divergent warp collective", "lane " + std::to_string(lane) +
+                                            (to_barrier ? " went to __syncthreads" : " returned") + " while lane " +
+                                            std::to_string(k) + " waits in " + op_name(w.op[k]) + " at " + w.file[k] +
+                                            ":" + std::to_string(w.line[k]) + " naming it, " + where());
   (to_barrier ? w.at_barrier : w.exited) |= 1u << lane;
 }
 
@@ -222,8 +226,9 @@ inline int block_barrier(int pred) {
   Grid& g = grid_ctx();
   leave_warp(true);
   std::unique_lock<std::mutex> lk(g.m);
-  if (g.exited) fail("divergent __syncthreads", where() + " reached __syncthreads after " + std::to_string(g.exited) +
-                                                  " threads of its block returned");
+  if (g.exited)
+    fail("divergent __syncthreads",
+         where() + " reached __syncthreads after " + std::to_string(g.exited) + " threads of its block returned");
   g.count += pred != 0;
   if (++g.arrived == g.nthreads) {
     for (Warp& w : g.warps) {
@@ -244,8 +249,9 @@ inline void thread_exit() {
   Grid& g = *ctx.g;
   leave_warp(false);
   std::unique_lock<std::mutex> lk(g.m);
-  if (g.arrived) fail("divergent __syncthreads", where() + " returned while " + std::to_string(g.arrived) +
-                                                   " threads of its block wait at __syncthreads");
+  if (g.arrived)
+    fail("divergent __syncthreads",
+         where() + " returned while " + std::to_string(g.arrived) + " threads of its block wait at __syncthreads");
   const uint64_t b = g.blocks_done;
   if (b + 1 == g.nblocks) {  // last block: nothing to wait for (saves a wake-up per thread)
     ++g.exited;
@@ -300,19 +306,23 @@ inline int seg_src(int s, int width) {
 }  // namespace trous_emu
 
 template <typename T>
-T __shfl_sync(unsigned mask, T v, int src, int width = warpSize, const char* f = __builtin_FILE(), int l = __builtin_LINE()) {
+T __shfl_sync(unsigned mask, T v, int src, int width = warpSize, const char* f = __builtin_FILE(),
+              int l = __builtin_LINE()) {
   return trous_emu::shfl(mask, v, (trous_emu::lane() & ~(width - 1)) | (src & (width - 1)), f, l);
 }
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int m, int width = warpSize, const char* f = __builtin_FILE(), int l = __builtin_LINE()) {
+T __shfl_xor_sync(unsigned mask, T v, int m, int width = warpSize, const char* f = __builtin_FILE(),
+                  int l = __builtin_LINE()) {
   return trous_emu::shfl(mask, v, trous_emu::seg_src(trous_emu::lane() ^ m, width), f, l);
 }
 template <typename T>
-T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = warpSize, const char* f = __builtin_FILE(), int l = __builtin_LINE()) {
+T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = warpSize, const char* f = __builtin_FILE(),
+                   int l = __builtin_LINE()) {
   return trous_emu::shfl(mask, v, trous_emu::seg_src(trous_emu::lane() + (int)d, width), f, l);
 }
 template <typename T>
-T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = warpSize, const char* f = __builtin_FILE(), int l = __builtin_LINE()) {
+T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = warpSize, const char* f = __builtin_FILE(),
+                 int l = __builtin_LINE()) {
   return trous_emu::shfl(mask, v, trous_emu::seg_src(trous_emu::lane() - (int)d, width), f, l);
 }
 inline unsigned __ballot_sync(unsigned mask, int p, const char* f = __builtin_FILE(), int l = __builtin_LINE()) {
@@ -328,7 +338,9 @@ inline int __all_sync(unsigned mask, int p, const char* f = __builtin_FILE(), in
 // Atomics: GCC builtins (TSan understands them; std::atomic_ref needs C++20). acq_rel rather than
 // CUDA's relaxed because TSan cannot model __threadfence, which correct code pairs with them.
 namespace trous_emu {
-template <typename T> struct same { using type = T; };  // non-deduced: atomicAdd(unsigned*, 1) must work
+template <typename T> struct same {
+  using type = T;
+};  // non-deduced: atomicAdd(unsigned*, 1) must work
 template <typename T, typename F>
 T atomic_update(T* p, F f) {
   T old;
@@ -338,16 +350,16 @@ T atomic_update(T* p, F f) {
   return old;
 }
 }  // namespace trous_emu
-#define TROUS_EMU_ATOMIC(name, expr)                                         \
+#define TROUS_EMU_ATOMIC(name, expr)                                        \
   template <typename T> T name(T* p, typename trous_emu::same<T>::type v) { \
-    return trous_emu::atomic_update(p, [v](T o) { return (T)(expr); });    \
+    return trous_emu::atomic_update(p, [v](T o) { return (T)(expr); });     \
   }
 TROUS_EMU_ATOMIC(atomicAdd, o + v)
 TROUS_EMU_ATOMIC(atomicSub, o - v)
 TROUS_EMU_ATOMIC(atomicMax, o < v ? v : o)
 TROUS_EMU_ATOMIC(atomicMin, v < o ? v : o)
 TROUS_EMU_ATOMIC(atomicExch, ((void)o, v))
-TROUS_EMU_ATOMIC(atomicAnd, o & v)
+TROUS_EMU_ATOMIC(atomicAnd, o& v)
 TROUS_EMU_ATOMIC(atomicOr, o | v)
 #undef TROUS_EMU_ATOMIC
 template <typename T> T atomicCAS(T* p, typename trous_emu::same<T>::type cmp, typename trous_emu::same<T>::type v) {

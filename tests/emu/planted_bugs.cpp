@@ -103,7 +103,8 @@ int run(const char* variant) {
   if (!std::strcmp(variant, "correct")) {
     float total = 0.f;
     unsigned n_pos = 0;
-    trous_emu::launch_smem(correct_kernel, grid, block, kBlock * sizeof(float), x.data(), out.data(), &total, &n_pos, kN);
+    trous_emu::launch_smem(correct_kernel, grid, block, kBlock * sizeof(float), x.data(), out.data(), &total, &n_pos,
+                           kN);
     float want_total = 0.f;
     unsigned want_pos = 0;
     int bad = 0;

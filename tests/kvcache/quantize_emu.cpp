@@ -174,9 +174,8 @@ struct Input {
   }
   std::string shape() const {
     char b[160];
-    std::snprintf(b, sizeof b, "%s [%ld,%ld,%ld,%ld] strides(%ld,%ld,%ld)%s", tname<T>(), (long)B, (long)H,
-                  (long)Tn, (long)D, (long)in.stride.b, (long)in.stride.h, (long)in.stride.t,
-                  x != buf.data() ? " base+1" : "");
+    std::snprintf(b, sizeof b, "%s [%ld,%ld,%ld,%ld] strides(%ld,%ld,%ld)%s", tname<T>(), (long)B, (long)H, (long)Tn,
+                  (long)D, (long)in.stride.b, (long)in.stride.h, (long)in.stride.t, x != buf.data() ? " base+1" : "");
     return b;
   }
 };
@@ -212,7 +211,11 @@ void test_token(const TokenCase& k) {
 
   char name[256];
   std::snprintf(name, sizeof name, "token %s G=%d %s %s", in.shape().c_str(), k.group,
-                k.symmetric ? "sym8" : (k.bits == 2 ? "asym2" : k.bits == 4 ? "asym4" : "asym8"), pname(k.ptype));
+                k.symmetric ? "sym8"
+                            : (k.bits == 2   ? "asym2"
+                               : k.bits == 4 ? "asym4"
+                                             : "asym8"),
+                pname(k.ptype));
   Check chk{name};
   launch_quantize_token(dtype_of<T>(), in.x, codes.data(), params.data(), a, nullptr);
   if (rows == 0 && !trous_emu::launches().empty()) chk.fail("a kernel was launched for an empty input");
@@ -225,12 +228,14 @@ void test_token(const TokenCase& k) {
       const RefGroup ref = k.symmetric ? ref_sym(xs, k.ptype) : ref_asym(xs, k.bits, k.ptype);
       const size_t gi = r * n_groups + g;
       const float s = read_param(params, gi * per_group, k.ptype);
-      if (!same(s, ref.s)) chk.fail("row " + std::to_string(r) + " group " + std::to_string(g) + " scale " +
-                                    std::to_string(s) + " != " + std::to_string(ref.s));
+      if (!same(s, ref.s))
+        chk.fail("row " + std::to_string(r) + " group " + std::to_string(g) + " scale " + std::to_string(s) +
+                 " != " + std::to_string(ref.s));
       if (!k.symmetric) {
         const float z = read_param(params, gi * 2 + 1, k.ptype);
-        if (!same(z, ref.z)) chk.fail("row " + std::to_string(r) + " group " + std::to_string(g) + " zero " +
-                                      std::to_string(z) + " != " + std::to_string(ref.z));
+        if (!same(z, ref.z))
+          chk.fail("row " + std::to_string(r) + " group " + std::to_string(g) + " zero " + std::to_string(z) +
+                   " != " + std::to_string(ref.z));
       }
       for (int c = 0; c < k.group; ++c) {
         const int col = (int)(g * k.group + c);
@@ -238,7 +243,8 @@ void test_token(const TokenCase& k) {
         if (q != ref.q[c])
           chk.fail("row " + std::to_string(r) + " col " + std::to_string(col) + " (x=" + std::to_string(xs[c]) +
                    ") code " + std::to_string(q) + " != " + std::to_string(ref.q[c]));
-        ref_out[r * k.D + col] = k.symmetric ? (float)(int8_t)(uint8_t)ref.q[c] * ref.s : (float)ref.q[c] * ref.s + ref.z;
+        ref_out[r * k.D + col] =
+            k.symmetric ? (float)(int8_t)(uint8_t)ref.q[c] * ref.s : (float)ref.q[c] * ref.s + ref.z;
       }
     }
   }
@@ -249,8 +255,8 @@ void test_token(const TokenCase& k) {
   print_launches();
   for (index_t i = 0; i < rows * k.D; ++i) {
     const float want = to_f(from_f<T>(ref_out[i])), got = to_f(out[i]);
-    if (!close(got, want)) chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " +
-                                    std::to_string(want));
+    if (!close(got, want))
+      chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " + std::to_string(want));
   }
   chk.done();
 }
@@ -297,8 +303,8 @@ void test_channel(const ChannelCase& k) {
         const float s = read_param(params, pi, k.ptype), z = read_param(params, pi + 1, k.ptype);
         if (!same(s, ref.s) || !same(z, ref.z))
           chk.fail("bh " + std::to_string(bh) + " token group " + std::to_string(tg) + " channel " + std::to_string(c) +
-                   " params (" + std::to_string(s) + ", " + std::to_string(z) + ") != (" + std::to_string(ref.s) + ", " +
-                   std::to_string(ref.z) + ")");
+                   " params (" + std::to_string(s) + ", " + std::to_string(z) + ") != (" + std::to_string(ref.s) +
+                   ", " + std::to_string(ref.z) + ")");
         for (int t = 0; t < k.group; ++t) {
           const int q = unpack(codes.data() + (row0 + t) * row_bytes, (int)c, k.bits);
           if (q != ref.q[t])
@@ -315,8 +321,8 @@ void test_channel(const ChannelCase& k) {
   print_launches();
   for (index_t i = 0; i < rows * k.D; ++i) {
     const float want = to_f(from_f<T>(ref_out[i])), got = to_f(out[i]);
-    if (!close(got, want)) chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " +
-                                    std::to_string(want));
+    if (!close(got, want))
+      chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " + std::to_string(want));
   }
   chk.done();
 }
@@ -369,20 +375,21 @@ void test_fp8(const Fp8Case& k) {
       const uint8_t got = codes[r * k.D + c];
       // NaN: any NaN encoding (CUDA's host conversion drops the sign, the kernel keeps it).
       const bool ok = std::isnan(v) ? std::isnan(decode(got)) : got == want;
-      if (!ok) chk.fail("row " + std::to_string(r) + " col " + std::to_string(c) + " x/s=" + std::to_string(v) +
-                        " code " + std::to_string(got) + " != " + std::to_string(want));
+      if (!ok)
+        chk.fail("row " + std::to_string(r) + " col " + std::to_string(c) + " x/s=" + std::to_string(v) + " code " +
+                 std::to_string(got) + " != " + std::to_string(want));
       ref_out[r * k.D + c] = decode(want) * s;
       (void)fmax;
     }
   }
   std::vector<T> out(rows * k.D, from_f<T>(-1.f));
   launch_dequantize_fp8(dtype_of<T>(), codes.data(), scale.data(), out.data(), rows, k.H, k.T, k.D, k.format,
-                       k.per_head, nullptr);
+                        k.per_head, nullptr);
   print_launches();
   for (index_t i = 0; i < rows * k.D; ++i) {
     const float want = to_f(from_f<T>(ref_out[i])), got = to_f(out[i]);
-    if (!close(got, want)) chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " +
-                                    std::to_string(want));
+    if (!close(got, want))
+      chk.fail("dequant element " + std::to_string(i) + ": " + std::to_string(got) + " != " + std::to_string(want));
   }
   chk.done();
 }
@@ -393,22 +400,28 @@ void for_dtype(int dtype, const Case& k) {
   if (dtype == 1) F<__half>::run(k);
   if (dtype == 2) F<__nv_bfloat16>::run(k);
 }
-template <typename T> struct TokenF { static void run(const TokenCase& k) { test_token<T>(k); } };
-template <typename T> struct ChannelF { static void run(const ChannelCase& k) { test_channel<T>(k); } };
-template <typename T> struct Fp8F { static void run(const Fp8Case& k) { test_fp8<T>(k); } };
+template <typename T> struct TokenF {
+  static void run(const TokenCase& k) { test_token<T>(k); }
+};
+template <typename T> struct ChannelF {
+  static void run(const ChannelCase& k) { test_channel<T>(k); }
+};
+template <typename T> struct Fp8F {
+  static void run(const Fp8Case& k) { test_fp8<T>(k); }
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress survives a sanitizer abort
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);          // progress survives a sanitizer abort
   const std::string only = argc > 1 ? argv[1] : "";  // optional filter: token | channel | fp8
   const auto t0 = std::chrono::steady_clock::now();
   const ParamType P16 = ParamType::kFloat16, P32 = ParamType::kFloat32;
 
   if (only.empty() || only == "token") {
     // (D, G): G / 8 in {1, 2, 4, 8, 16, 32} -> lanes kernel; 3, 10, 12 -> serial kernel.
-    const int dg[][2] = {{64, 8}, {64, 16}, {80, 16}, {96, 32}, {128, 64}, {128, 128}, {256, 256},
-                         {80, 80}, {96, 24}, {96, 96}};
+    const int dg[][2] = {{64, 8},    {64, 16},   {80, 16}, {96, 32}, {128, 64},
+                         {128, 128}, {256, 256}, {80, 80}, {96, 24}, {96, 96}};
     // Rows (B, H, T) chosen so the work is never a multiple of the block and warps are partial.
     const index_t shapes[][3] = {{1, 2, 5}, {2, 3, 7}, {1, 2, 9}, {2, 1, 11}, {1, 4, 13}, {3, 2, 3}};
     // Layouts {pad, bthd, offset}: the first two are 16-byte aligned (VEC) for every dtype, pad 4 for
@@ -419,8 +432,8 @@ int main(int argc, char** argv) {
       for (int mode = 0; mode < 4; ++mode, ++i) {  // asym 2 / 4 / 8, symmetric int8
         const index_t* s = shapes[i % 6];
         const int* l = layouts[i % 5];
-        TokenCase k{s[0], s[1], s[2], d[0], d[1], mode == 0 ? 2 : mode == 1 ? 4 : 8, mode == 3,
-                    i % 2 ? P32 : P16, l[0], l[1] != 0, l[2]};
+        TokenCase k{s[0], s[1],      s[2], d[0], d[1], mode == 0 ? 2 : mode == 1 ? 4 : 8, mode == 3, i % 2 ? P32 : P16,
+                    l[0], l[1] != 0, l[2]};
         if (d[0] == 256) k.T = 2;  // keep LANES=32 cheap: 2 blocks
         for (int dt = 0; dt < 3; ++dt) for_dtype<TokenF>(dt, k);
       }
@@ -432,20 +445,16 @@ int main(int argc, char** argv) {
     const ChannelCase cases[] = {
         {1, 2, 64, 128, 32, 2, P16, 0, false, 0},  // KIVI default G = 32
         {2, 5, 16, 96, 4, 4, P32, 8, true, 0},     // 480 threads: 2 blocks, partial last warp
-        {1, 3, 24, 80, 8, 8, P16, 4, false, 0},
-        {2, 2, 16, 64, 8, 4, P16, 0, false, 1},
-        {1, 4, 12, 128, 6, 2, P32, 3, true, 0},
-        {3, 1, 8, 64, 2, 8, P32, 0, true, 0},
+        {1, 3, 24, 80, 8, 8, P16, 4, false, 0},   {2, 2, 16, 64, 8, 4, P16, 0, false, 1},
+        {1, 4, 12, 128, 6, 2, P32, 3, true, 0},   {3, 1, 8, 64, 2, 8, P32, 0, true, 0},
     };
     for (const auto& k : cases)
       for (int dt = 0; dt < 3; ++dt) for_dtype<ChannelF>(dt, k);
   }
   if (only.empty() || only == "fp8") {
     const Fp8Case cases[] = {
-        {1, 3, 7, 64, Fp8Format::kE4M3, true, 0, false, 0},
-        {2, 3, 5, 128, Fp8Format::kE5M2, true, 8, true, 0},
-        {1, 2, 9, 80, Fp8Format::kE4M3, false, 4, false, 0},
-        {2, 4, 3, 96, Fp8Format::kE5M2, false, 0, false, 1},
+        {1, 3, 7, 64, Fp8Format::kE4M3, true, 0, false, 0},  {2, 3, 5, 128, Fp8Format::kE5M2, true, 8, true, 0},
+        {1, 2, 9, 80, Fp8Format::kE4M3, false, 4, false, 0}, {2, 4, 3, 96, Fp8Format::kE5M2, false, 0, false, 1},
         {1, 4, 20, 64, Fp8Format::kE4M3, true, 3, true, 0},  // 640 threads: 3 blocks
     };
     for (const auto& k : cases)
@@ -455,10 +464,9 @@ int main(int argc, char** argv) {
     // The cases must reach every kernel instance the launchers can choose (group size, alignment).
     Check chk{"coverage: every kernel instance launched"};
     for (const char* t : {"float", "__half", "__nv_bfloat16"}) {
-      std::vector<std::string> want = {std::string("quantize_token_serial<") + t + ">",
-                                       std::string("dequantize_token<") + t + ">",
-                                       std::string("dequantize_channel<") + t + ">",
-                                       std::string("dequantize_fp8<") + t + ">"};
+      std::vector<std::string> want = {
+          std::string("quantize_token_serial<") + t + ">", std::string("dequantize_token<") + t + ">",
+          std::string("dequantize_channel<") + t + ">", std::string("dequantize_fp8<") + t + ">"};
       for (const char* vec : {"true", "false"}) {
         for (int lanes : {1, 2, 4, 8, 16, 32})
           want.push_back(std::string("quantize_token_lanes<") + t + ", " + vec + ", " + std::to_string(lanes) + ">");
