@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..ops import inputs_supported
-from .versions import SIG_VERSIONS
+from .versions import SIG_VERSIONS, check_version
 
 __all__ = ["dcls_banded_conv1d", "dcls_band1d", "banded_supported", "banded_is_faster"]
 
@@ -63,7 +63,8 @@ def dcls_band1d(P: torch.Tensor, SIG: Optional[torch.Tensor], dilated_kernel_siz
             hi = torch.floor(mu + radius) + 1
             bad = ~torch.isfinite(mu) | ~torch.isfinite(sigma)
         else:
-            raise ValueError(f"version must be one of ('v0', 'v1', 'max', 'gauss'), got {version!r}")
+            check_version(version)
+            raise AssertionError(f"unhandled version {version!r}")
         lo = torch.where(bad, torch.zeros_like(lo), lo).clamp(0, d)
         hi = torch.where(bad, torch.full_like(hi, d), hi).clamp(0, d)
         empty = lo >= hi

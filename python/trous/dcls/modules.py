@@ -27,11 +27,7 @@ from torch import Tensor
 from torch.nn import Module, Parameter, init
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple, _single, _triple
 
-from . import (
-    banded,
-    construct,  # noqa: F401  (fake kernels and autograd of the construction ops)
-    conv,
-)
+from . import banded, conv
 from .versions import VERSIONS, check_version
 
 __all__ = [
