@@ -11,18 +11,24 @@ TORCH_VERSION ?= 2.14.1
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test bench wheel info lint format clean
+.PHONY: all venv build test bench wheel sdist info lint format clean
 
 all: build
 
-$(VENV)/.deps-stamp: Makefile
+# The requirements come from the package itself (`setup.py --requirements`: pyproject's build
+# requirements and setup.py's extras), each install with torch==$(TORCH_VERSION) so none swaps torch.
+PIPI := $(PIP) install --quiet --disable-pip-version-check
+REQS := $(PY) setup.py --requirements
+$(VENV)/.deps-stamp: Makefile setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
-	$(PIP) install --quiet --disable-pip-version-check numpy pytest ninja pybind11 setuptools wheel matplotlib tqdm
+	$(PIPI) torch==$(TORCH_VERSION)
+	r="$$($(REQS) build test)" && $(PIPI) torch==$(TORCH_VERSION) $$(echo "$$r" | grep -v -i '^dcls')
+	# The dcls package is the drop-in peer (in the test extra); tests skip with a message if it cannot be installed.
+	-r="$$($(REQS) test)" && $(PIPI) --no-deps $$(echo "$$r" | grep -i '^dcls')
+	# Integrations (trous[hf], trous[timm]): their tests skip with a message where these did not install.
+	-r="$$($(REQS) hf timm)" && $(PIPI) torch==$(TORCH_VERSION) $$r
 	# Linters of `make lint`, pinned so that every machine formats alike.
-	$(PIP) install --quiet --disable-pip-version-check ruff==0.17.6 clang-format==23.1.5
-	# The dcls package is the drop-in peer; tests skip with a message if it cannot be installed.
-	-$(PIP) install --quiet --disable-pip-version-check --no-deps dcls==0.1.1
+	$(PIPI) ruff==0.17.6 clang-format==23.1.5
 	touch $@
 
 venv: $(VENV)/.deps-stamp
@@ -52,9 +58,16 @@ bench: build
 info: build
 	$(PY) -m trous.info
 
-# A wheel for TORCH_CUDA_ARCH_LIST (e.g. "9.0"), built against the installed torch.
+# A wheel for TORCH_CUDA_ARCH_LIST (e.g. "9.0"), built against the installed torch: it requires that
+# torch exactly and its version says torch, CUDA and archs (trous-0.1.0+torch2.14.1.cu130.sm90-...whl).
 wheel: venv
 	$(PIP) wheel . --no-build-isolation --no-deps -w dist
+	@ls -t dist/trous-*.whl | head -1
+
+# The sources (dist/trous-0.1.0.tar.gz): `pip install --no-build-isolation trous-0.1.0.tar.gz` builds
+# them against the torch installed where it runs.
+sdist: venv
+	$(PY) -c "from setuptools import build_meta as b; print('dist/' + b.build_sdist('dist'))"
 
 clean:
 	rm -rf build dist python/trous/_C*.so python/trous/_build_info.json

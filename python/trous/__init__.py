@@ -8,7 +8,13 @@ import importlib as _importlib
 
 import torch  # noqa: F401  (the extension links against the already-loaded torch)
 
-from . import (
+from ._version_check import check as _check_torch
+
+# Before the extension loads: next to another torch than the one it was built against, one clear
+# ImportError (both versions, how to rebuild) instead of an undefined symbol. TROUS_SKIP_TORCH_CHECK=1 skips it.
+_check_torch()
+
+from . import (  # noqa: E402
     _C,  # noqa: F401  (registers the ops)
     _families,
     ops,

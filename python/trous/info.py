@@ -1,6 +1,7 @@
 """``python -m trous.info``: what this trous build holds and what the running machine offers.
 
-Prints the trous version, the torch / CUDA versions and CUDA archs it was built with (the package's
+Prints the trous version (with its build's local label, ``0.1.0+torch2.14.1.cu130.sm90``, as in the wheel's
+name), the torch it requires, the torch / CUDA versions and CUDA archs it was built with (the package's
 ``_build_info.json``, written by setup.py, and the binary's own ``trous._C.build_info()``), whether
 CUDA is available now, and for every op registered under ``torch.ops.trous`` whether it has a CPU
 kernel, a CUDA kernel, a fake (Meta) kernel for torch.compile / export, and an autograd kernel.
@@ -16,16 +17,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from trous import _version_check
+
 NAMESPACE = "trous"
 
 
 def _load_build_json() -> Optional[Dict[str, Any]]:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return _version_check.build_info(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json"))
 
 
 def op_names(namespace: str = NAMESPACE) -> List[str]:
@@ -80,13 +78,15 @@ def collect() -> Dict[str, Any]:
     try:
         import trous
 
-        info["version"] = getattr(trous, "__version__", None)
+        # The build's full version (the wheel's: 0.1.0+torch2.14.1.cu130.sm90); the package's without one.
+        info["version"] = (info["build"] or {}).get("version") or getattr(trous, "__version__", None)
         info["binary"] = dict(trous._C.build_info())
         info["import_error"] = None
     except Exception as e:  # still report what can be known without the extension
         info["version"] = None
         info["binary"] = None
         info["import_error"] = f"{type(e).__name__}: {e}"
+    info["requires"] = (info["build"] or {}).get("requires")
     info["ops"] = {name: op_kernels(name) for name in op_names()}
     info["warnings"] = _warnings(info)
     return info
@@ -96,8 +96,9 @@ def _warnings(info: Dict[str, Any]) -> List[str]:
     out = []
     build, binary = info.get("build") or {}, info.get("binary") or {}
     built_torch = binary.get("torch_version_at_build") or build.get("torch")
-    if built_torch and not str(info["torch"]).startswith(str(built_torch).split("+")[0]):
-        out.append(f"built against torch {built_torch}, running torch {info['torch']}: rebuild the extension")
+    why = _version_check.mismatch({**build, "torch": built_torch}, info["torch"], info["torch_cuda"])
+    if why:
+        out.append(f"built against {why}: rebuild the extension")
     if build and binary and bool(build.get("cuda_kernels")) != bool(binary.get("cuda_kernels")):
         out.append("_build_info.json and the binary disagree about CUDA kernels (stale _build_info.json?)")
     if binary.get("cuda_kernels") and info["devices"]:
@@ -121,8 +122,12 @@ def _yn(v: bool) -> str:
 def format_info(info: Dict[str, Any]) -> str:
     build = info.get("build") or {}
     binary = info.get("binary") or {}
+    version = str(info.get("version") or build.get("version") or "?")
+    if "+" not in version and build.get("label"):  # a wheel built from an sdist keeps its plain version
+        version += f" (build {build['label']})"
     lines = [
-        f"trous {info.get('version') or build.get('version') or '?'}",
+        f"trous {version}",
+        f"  requires               {' '.join(info.get('requires') or []) or '?'}",
         f"  torch (running)        {info['torch']} (CUDA {info['torch_cuda'] or 'none'})",
         f"  torch (built against)  {binary.get('torch_version_at_build') or build.get('torch') or '?'}",
         f"  CUDA (built with)      {build.get('cuda') or 'none'}",
