@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +22,7 @@ NAMESPACE = "trous"
 
 
 def _load_build_json() -> Optional[Dict[str, Any]]:
-    return _version_check.build_info(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json"))
+    return _version_check.build_info()
 
 
 def op_names(namespace: str = NAMESPACE) -> List[str]:
