@@ -172,11 +172,19 @@ bool check_fp8_scale(const at::Tensor& scale, const at::Tensor& data, int64_t H,
 
 at::Tensor kv_quantize_fp8(const at::Tensor& x_in, const at::Tensor& scale, c10::string_view format) {
   const char* op = "trous.kv_quantize_fp8";
+  check_devices(op, {{"x", x_in}, {"scale", scale}});
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must have shape [B, H, T, D], got ", x_in.dim(), " dimensions ",
+              x_in.sym_sizes());
+  const DType dt = float_dtype(x_in, op, "x");
+  TORCH_CHECK(x_in.sym_size(3) % 8 == 0, op, ": head dimension D = x.size(3) must be a multiple of 8, got ",
+              x_in.sym_size(3));
+  const Fp8Format f = fp8_format(std::string(format), op);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
+  auto codes = at::empty_symint(x_in.sym_sizes(), x_in.options().dtype(at::kByte));
+  if (x_in.is_meta()) return codes;
   const at::Tensor x = rows_input(x_in, op);
-  const Fp8Args a{row_layout(x), fp8_format(std::string(format), op), check_fp8_scale(scale, x, x.size(1), op)};
-  auto codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  const Fp8Args a{row_layout(x), f, check_fp8_scale(scale, x, x.size(1), op)};
   auto* codes_ptr = static_cast<uint8_t*>(codes.data_ptr());
-  const DType dt = float_dtype(x, op, "x");
   const float* s = scale.data_ptr<float>();
   run_on_device(
       x, op, [&] { cpu_quantize_fp8(dt, x.data_ptr(), s, codes_ptr, a); },
@@ -237,6 +245,9 @@ TORCH_LIBRARY_IMPL(trous, CPU, m) {
   m.impl("kv_quantize_fp8", &kv_quantize_fp8);
   m.impl("kv_dequantize_fp8", &kv_dequantize_fp8);
 }
+
+TORCH_LIBRARY_IMPL(trous, Meta, m) { m.impl("kv_quantize_fp8", &kv_quantize_fp8); }
+TORCH_LIBRARY_IMPL(trous, Autograd, m) { TROUS_NO_AUTOGRAD(m, "kv_quantize_fp8"); }
 
 #ifdef TROUS_WITH_CUDA
 TORCH_LIBRARY_IMPL(trous, CUDA, m) {

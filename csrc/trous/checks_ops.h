@@ -2,6 +2,10 @@
 // Torch-dependent; never included by kernels.
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <optional>
 
 #include "trous/common.h"
 #ifdef TROUS_WITH_CUDA
@@ -31,9 +35,17 @@ inline DType float_dtype(at::ScalarType t, const char* op, const char* name, boo
 }
 
 // Runs `cpu()` for CPU tensors or `cuda(stream)` (a cudaStream_t as void*) for CUDA tensors, on the
-// current stream of the tensor's device. The CUDA callable must wrap its launcher in TROUS_CUDA_ONLY.
+// current stream of the tensor's device; nothing for meta tensors. The CUDA callable must wrap its
+// launcher in TROUS_CUDA_ONLY.
+//
+// Every op registers one function for CPU, CUDA and Meta: it validates (reading only sym_sizes,
+// sym_strides, dtypes and devices, so that symbolic shapes of torch.compile pass), allocates its
+// outputs with at::empty_symint, and returns them before touching data when they are meta. The
+// fake kernel is then the real kernel's own validation: it refuses what the real kernel refuses,
+// with the same message.
 template <typename Cpu, typename Cuda>
 void run_on_device(const at::Tensor& t, const char* op, Cpu&& cpu, Cuda&& cuda) {
+  if (t.is_meta()) return;
   if (t.device().is_cuda()) {
 #ifdef TROUS_WITH_CUDA
     const c10::cuda::CUDAGuard guard(t.device());
@@ -51,5 +63,40 @@ void run_on_device(const at::Tensor& t, const char* op, Cpu&& cpu, Cuda&& cuda) 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", t.device());
 }
+
+// An op's tensor arguments by name; an undefined (absent optional) tensor is skipped.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& t;
+};
+
+inline const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t) {
+  static const at::Tensor undefined;
+  return t.has_value() ? *t : undefined;
+}
+
+// Every defined tensor on the device of the first. Must run first in every op: a meta tensor
+// among CPU or CUDA ones sends the call to the Meta kernel, which would otherwise return
+// uninitialised memory on the wrong device.
+inline void check_devices(const char* op, std::initializer_list<NamedTensor> tensors) {
+  const NamedTensor* first = nullptr;
+  for (const NamedTensor& a : tensors) {
+    if (!a.t.defined()) continue;
+    if (first == nullptr) {
+      first = &a;
+      continue;
+    }
+    TORCH_CHECK(a.t.device() == first->t.device(), op, ": ", a.name, " must be on the device of ", first->name, " (",
+                first->t.device(), "), got ", a.t.device());
+  }
+}
+
+// Autograd kernel of an op with no derivative: refuses, naming the argument, any tensor input that
+// requires grad while grad mode is on (instead of an output whose backward silently skips it), then
+// runs the op below autograd. Register with TROUS_NO_AUTOGRAD(m, "op_name") in a
+// registration block of the Autograd key.
+void refuse_grad_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
+#define TROUS_NO_AUTOGRAD(m, name) \
+  (m).impl(name, torch::CppFunction::makeFromBoxedFunction<&::trous::refuse_grad_kernel>())
 
 }  // namespace trous

@@ -6,6 +6,8 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "trous/common.h"
@@ -35,10 +37,20 @@ struct CpuTypes {
   using bf16 = c10::BFloat16;
 };
 
+// TROUS_CPU_SIMD=0 in the environment (read once, at the first kernel call) makes every kernel take
+// its scalar twin, so that the tests run those on AVX2 and AVX-512 hosts too.
+inline bool simd_allowed() {
+  static const bool yes = [] {
+    const char* v = std::getenv("TROUS_CPU_SIMD");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return yes;
+}
+
 inline bool has_avx2() {
 #if TROUS_HAVE_AVX2_PATH
-  static const bool yes =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool yes = simd_allowed() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return yes;
 #else
   return false;

@@ -150,11 +150,6 @@ def _(codes, params, bits, group_size, dtype):
     return codes.new_empty((b, h, t, dp * 8 // bits), dtype=dtype)
 
 
-@torch.library.register_fake("trous::kv_quantize_fp8")
-def _(x, scale, format):
-    return x.new_empty(x.shape, dtype=torch.uint8)
-
-
 @torch.library.register_fake("trous::kv_dequantize_fp8")
 def _(codes, scale, format, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
