@@ -1,6 +1,7 @@
 SHELL := /bin/bash
 # make test  : set up .venv (torch 2.14.1 from local disk, test deps), build, run the whole suite.
 # make bench : same set-up and build, then `python -m trous.bench`.
+# make fuzz  : the property suite with many examples, and the tests above 2^31 elements.
 # make lint  : ruff and clang-format checks (run by .ci/run before the tests).
 # Both are re-runnable: the venv and the ninja build directory are reused.
 PYTHON ?= python3
@@ -11,7 +12,7 @@ TORCH_VERSION ?= 2.14.1
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test bench wheel sdist info lint format clean
+.PHONY: all venv build test fuzz bench wheel sdist info lint format clean
 
 all: build
 
@@ -39,8 +40,17 @@ build: venv
 	$(PY) setup.py build_ext --inplace 2>&1 | tee build/build.log; test $${PIPESTATUS[0]} -eq 0
 	$(PY) -c "import sys, site; open(site.getsitepackages()[0] + '/trous-src.pth', 'w').write('$(CURDIR)/python\n')"
 
+# The families' SIMD kernels have scalar twins (CPUs without AVX2): the second run forces them
+# (TROUS_CPU_SIMD=0) through the tests of the kernels that have SIMD paths.
+SIMD_TESTS := tests/kvcache tests/dcls/test_dcls_banded.py
 test: build
 	$(PY) -m pytest tests -q
+	TROUS_CPU_SIMD=0 $(PY) -m pytest $(SIMD_TESTS) -q -m "not slow and not props"
+
+# The property suite with many random examples (TROUS_FUZZ_EXAMPLES, default 1000 per test) and the
+# tests above 2^31 elements (up to about 8 GB of memory each).
+fuzz: build
+	TROUS_HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -q -m "props or slow"
 
 # ruff (pyproject.toml) and clang-format (.clang-format) over every tracked source; `make format` applies them.
 CXX_SOURCES = $(shell git ls-files 'csrc/*' 'tests/*.h' 'tests/*.cpp' 2>/dev/null)
