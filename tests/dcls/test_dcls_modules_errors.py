@@ -6,10 +6,10 @@ import re
 
 import pytest
 import torch
-from dcls_helpers import dcls_package_modules
 from props import assert_refused
 
 import trous
+from dcls_helpers import dcls_package_modules
 from trous.dcls import banded, conv, modules
 from trous.dcls.reference import dcls_conv as ref_dcls_conv
 
