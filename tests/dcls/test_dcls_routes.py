@@ -147,3 +147,95 @@ def test_route_is_stable_and_is_what_forward_runs(case, mode, monkeypatch):
             ran.clear()
             layer(x)
             assert ran == [route], (route, ran)
+
+
+# ---- edge semantics, the same on every route (the README's "Edge semantics" rows of the modules)
+
+def _every_route(version, nd=2, **kw):
+    """(route, layer) for each route of a depthwise layer and of a (non-depthwise) Dcls1d, float64,
+    the same parameters on every route."""
+    torch.manual_seed(0)
+    cls = (trous.Dcls1d, trous.Dcls2d, trous.Dcls3d)[nd - 1]
+    out = []
+    for strategy in ("construct", "direct"):
+        layer = cls(3, 3, 3, dilated_kernel_size=5, padding=2, groups=3, version=version, strategy=strategy,
+                    **kw).double()
+        out.append((f"{nd}d-{strategy}", layer))
+    for strategy in ("construct", "direct"):
+        torch.manual_seed(0)
+        out.append((f"banded-{strategy}", trous.Dcls1d(2, 3, 3, dilated_kernel_size=5, padding=2, version=version,
+                                                       strategy=strategy, **kw).double()))
+    return out
+
+
+def _x(layer, batch=2, size=7, nd=None):
+    nd = nd if nd is not None else len(layer.padding)
+    return torch.randn(batch, layer.in_channels, *(size,) * nd, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("version", ["v0", "v1", "max", "gauss"])
+def test_empty_batch_and_empty_spatial_every_route(version):
+    for tag, layer in _every_route(version):
+        y = layer(_x(layer, batch=0))
+        assert y.shape == (0, layer.out_channels, *(7,) * len(layer.padding)), tag
+    # an empty spatial axis: refused naming input (torch.nn.ConvNd refuses it too), even where
+    # 2 * padding covers the kernel
+    for layer in (trous.Dcls2d(3, 3, 3, dilated_kernel_size=5, padding=3, groups=3, version=version),
+                  trous.Dcls1d(2, 3, 3, dilated_kernel_size=5, padding=3, version=version)):
+        nd = len(layer.padding)
+        with pytest.raises(RuntimeError, match=r"input must have non-empty spatial axes"):
+            layer(torch.randn(1, layer.in_channels, *(0,) * nd))
+
+
+@pytest.mark.parametrize("version", ["v0", "v1", "max", "gauss"])
+def test_positions_far_outside_the_window_give_the_bias(version):
+    """|P| far beyond dks // 2: no element reaches the window, the kernel is 0 (v1 / max / gauss
+    renormalise only mass that is there), every route returns the bias."""
+    for tag, layer in _every_route(version):
+        with torch.no_grad():
+            layer.P.fill_(100.0)
+        x = _x(layer)
+        y = layer(x)
+        torch.testing.assert_close(y, layer.bias.view(1, -1, 1, 1)[..., 0, :].expand_as(y) if y.dim() == 3 else
+                                   layer.bias.view(1, -1, 1, 1).expand_as(y), atol=1e-12, rtol=0, msg=tag)
+
+
+@pytest.mark.parametrize("version", ["v0", "v1", "max", "gauss"])
+def test_constant_input_gives_sum_of_kernel_plus_bias_inside(version):
+    """A constant input c: every output whose window lies inside the input is c * sum(K) + bias, on
+    every route (positions random, so the kernel is not trivial)."""
+    for tag, layer in _every_route(version):
+        with torch.no_grad():
+            layer.P.normal_(0, 1.2)
+        x = torch.full((1, layer.in_channels, *(9,) * len(layer.padding)), 1.75, dtype=torch.float64)
+        y = layer(x)
+        K = layer.DCK(layer.weight, layer.P, layer.SIG)
+        want = 1.75 * K.sum(dim=tuple(range(1, K.dim()))) + layer.bias
+        inner = y[..., 2:-2] if y.dim() == 3 else y[..., 2:-2, 2:-2]
+        torch.testing.assert_close(inner, want.view(1, -1, *(1,) * (inner.dim() - 2)).expand_as(inner), msg=tag)
+
+
+NONFINITE_PARAMS = [(v, p) for v in ("v0", "v1", "max", "gauss") for p in ("weight", "P", "SIG")
+                    if p != "SIG" or v in ("max", "gauss")]
+
+
+@pytest.mark.parametrize("version,param", NONFINITE_PARAMS, ids=[f"{v}-{p}" for v, p in NONFINITE_PARAMS])
+def test_nonfinite_parameter_reaches_its_channel_on_every_route(version, param):
+    """A NaN in one element's weight, P or SIG makes every output of its output channel NaN, and no
+    other channel's, on every route (dense, direct and banded)."""
+    if version == "v0" and param == "P":
+        pytest.xfail("v0 with a NaN position: the fused construction op (also used by the banded route) drops "
+                     "the element (0 NaN), the reference, dcls 0.1.1 and the direct kernels give NaN; op-level, "
+                     "reported to the ops' owner")
+    for tag, layer in _every_route(version):
+        hit = 1  # output channel 1, its first element
+        with torch.no_grad():
+            t = getattr(layer, param)
+            if param == "weight":
+                t[hit, 0, 0] = float("nan")
+            else:
+                t[0, hit, 0, 0] = float("nan")
+        y = layer(_x(layer))
+        assert y[:, hit].isnan().all(), tag
+        others = [c for c in range(layer.out_channels) if c != hit]
+        assert not y[:, others].isnan().any(), tag

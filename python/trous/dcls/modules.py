@@ -415,6 +415,9 @@ class _DclsNd(Module):
             _check_param(owner, "bias", bias, (self.out_channels,), "out_channels")
         extent = self._kernel_extent()
         spatial = input.shape[input.dim() - nd:]
+        if any(n == 0 for n in spatial):
+            raise RuntimeError(f"{owner}: input must have non-empty spatial axes (as torch.nn.Conv{nd}d), got shape "
+                               f"{_shape_str(input.shape)}")
         if any(spatial[i] + 2 * self.padding[i] < extent[i] for i in range(nd)):
             raise RuntimeError(f"{owner}: input's spatial size {_shape_str(spatial)} plus 2 * padding "
                                f"{_shape_str(self.padding)} must be at least the kernel's size "
@@ -551,7 +554,9 @@ _ARGS_DOC = """
     are exactly zero (0 * NaN = NaN). The direct routes ("direct" and the "banded" Dcls1d route) visit
     only the taps inside the kernel's support, so a NaN in x does not reach outputs through taps
     outside it: NaN sets (and so results) can differ between routes for non-finite inputs.
-    Non-finite parameters (P, SIG, weight) reach the outputs on every route.
+    A NaN in one element's weight (any version) or P / SIG (v1, max, gauss) makes every output of its
+    output channel NaN, on every route. An empty batch gives an empty output; an empty spatial axis
+    is refused (as torch.nn.ConvNd); positions far outside the window give the bias.
 """
 
 
