@@ -80,11 +80,12 @@ def _ops_in_graph(fn, *args, **compile_kw):
     return out, seen
 
 
-@pytest.mark.parametrize("strategy", ["auto", "construct", "direct"])
-@pytest.mark.parametrize("name", list(CASES))
+COMPILED = [(n, s) for n in CASES for s in ("auto", "construct", "direct")
+            if s != "direct" or n in ("Dcls1d", "Dcls1d-depthwise", "Dcls2d")]  # those with a direct route
+
+
+@pytest.mark.parametrize("name,strategy", COMPILED, ids=[f"{n}-{s}" for n, s in COMPILED])
 def test_torch_compile_fullgraph_dynamic_matches_eager(name, strategy):
-    if strategy == "direct" and name not in ("Dcls1d", "Dcls1d-depthwise", "Dcls2d"):
-        pytest.skip("no direct route for this layer")
     layer, x = _case(name, strategy)
     compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend=BACKEND)
     want = layer(x)
