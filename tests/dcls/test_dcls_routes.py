@@ -223,10 +223,6 @@ NONFINITE_PARAMS = [(v, p) for v in ("v0", "v1", "max", "gauss") for p in ("weig
 def test_nonfinite_parameter_reaches_its_channel_on_every_route(version, param):
     """A NaN in one element's weight, P or SIG makes every output of its output channel NaN, and no
     other channel's, on every route (dense, direct and banded)."""
-    if version == "v0" and param == "P":
-        pytest.xfail("v0 with a NaN position: the fused construction op (also used by the banded route) drops "
-                     "the element (0 NaN), the reference, dcls 0.1.1 and the direct kernels give NaN; op-level, "
-                     "reported to the ops' owner")
     for tag, layer in _every_route(version):
         hit = 1  # output channel 1, its first element
         with torch.no_grad():
@@ -236,6 +232,10 @@ def test_nonfinite_parameter_reaches_its_channel_on_every_route(version, param):
             else:
                 t[0, hit, 0, 0] = float("nan")
         y = layer(_x(layer))
+        if version == "v0" and param == "P" and not y[:, hit].isnan().all():
+            # fixed in the ops by issue 9's op part (dclsops: non-finite parameters poison their channel)
+            pytest.xfail(f"{tag}: v0 with a NaN position: the fused construction op (also the banded route's) "
+                         "drops the element, the reference, dcls 0.1.1 and the direct kernels give NaN")
         assert y[:, hit].isnan().all(), tag
         others = [c for c in range(layer.out_channels) if c != hit]
         assert not y[:, others].isnan().any(), tag
