@@ -1,0 +1,14 @@
+"""Partial convolutions. Channel-partial (FasterNet PConv): ``channel_partial_conv2d``, ``PConv2d``,
+``convert_fasternet``.
+
+``channel_partial`` holds the function and the op's autograd, ``modules`` the nn.Modules,
+``reference`` the slow reference written from the spec, ``bench`` and ``smoke`` the cases of
+``python -m trous.bench --family pconv`` / ``trous.smoke``.
+"""
+from .channel_partial import channel_partial_conv2d
+from .modules import PConv2d, convert_fasternet
+
+# Exported by trous itself (trous.PConv2d, trous.convert_fasternet) until a trous.nn namespace exists.
+TOP_LEVEL = ("PConv2d", "convert_fasternet")
+
+__all__ = ["channel_partial_conv2d", "PConv2d", "convert_fasternet"]

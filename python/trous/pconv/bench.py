@@ -1,0 +1,113 @@
+"""Partial-convolution cases: trous' channel_partial_conv2d against FasterNet's split_cat and
+slicing+clone forms, and against the convolution of the first cp channels alone on a contiguous
+input (the floor), forward and forward+backward; plus the direct kernel against the ATen route.
+
+Bytes per op (``bytes``): x read once, the output written once (2 N C H W elements) plus weights.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..bench.harness import Case
+from . import reference as ref
+
+FAMILY = "pconv"
+SHAPE = (8, 96, 56, 56)  # FasterNet stage 1 at batch 8 (partial_conv.md's CPU reference shape)
+N_DIV = 4
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def targets(device: str) -> dict:
+    """Issue 10: faster than split_cat and slicing+clone (speed-up >= 1), within 1.1x of the cp
+    channel conv alone (speed-up >= 1 / 1.1 against the floor)."""
+    return {"speedup": 1.0}
+
+
+FLOOR_TARGET = {"speedup": 1 / 1.1}
+
+
+def _inputs(shape, dtype, device, seed, grad: bool):
+    g = torch.Generator().manual_seed(2000 + seed)
+    N, C, H, W = shape
+    cp = C // N_DIV
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(cp, cp, 3, 3, generator=g) / (9 * cp) ** 0.5).to(device=device, dtype=dtype)
+    x1 = x[:, :cp].contiguous()
+    go = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    if grad:
+        x.requires_grad_()
+        w.requires_grad_()
+        x1.requires_grad_()
+    return x, w, x1, go
+
+
+def _fwd(fn):
+    def run(x, w, x1, go):
+        with torch.no_grad():
+            return fn(x, w, x1)
+    return run
+
+
+def _fwd_bwd(fn, floor: bool = False):
+    def run(x, w, x1, go):
+        y = fn(x, w, x1)
+        return torch.autograd.grad(y, (x1 if floor else x, w), go[:, :y.shape[1]] if floor else go)
+    return run
+
+
+def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> List[Case]:
+    import trous  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.trous
+    shape = tuple(int(s) for s in shape) if shape is not None else SHAPE
+    if len(shape) != 4:
+        raise SystemExit("pconv --shape is N,C,H,W")
+    dts = ["fp32"] if device != "cuda" else ["fp16", "bf16"]
+    out: List[Case] = []
+    N, C, H, W = shape
+    for dt in dts:
+        dtype = _DTYPES[dt]
+        elt = torch.empty((), dtype=dtype).element_size()
+        nbytes = 2 * N * C * H * W * elt
+        in_bytes = 2 * N * C * H * W * elt + N * (C // N_DIV) * H * W * elt
+
+        def trous_fn(x, w, x1):
+            return ops.channel_partial_conv2d(x, w, [1, 1], [1, 1], "auto")
+
+        def split_cat(x, w, x1):
+            return ref.split_cat(x, w)
+
+        def slicing(x, w, x1):
+            return ref.slicing(x, w)
+
+        def floor(x, w, x1):
+            return ref.cp_conv(x1, w)
+
+        def direct(x, w, x1):
+            return ops.channel_partial_conv2d(x, w, [1, 1], [1, 1], "direct")
+
+        def aten(x, w, x1):
+            return ops.channel_partial_conv2d(x, w, [1, 1], [1, 1], "aten")
+
+        sh = "x".join(map(str, shape)) + f" n_div {N_DIV}"
+        modes = [("fwd", False)] if quick else [("fwd", False), ("fwd+bwd", True)]
+        for mode, grad in modes:
+            wrap = _fwd_bwd if grad else _fwd
+
+            def make(i, grad=grad, dtype=dtype):
+                return _inputs(shape, dtype, device, i, grad)
+
+            rows = [("split_cat", split_cat, targets(device), False),
+                    ("slicing+clone", slicing, targets(device), False),
+                    ("cp conv floor", floor, dict(FLOOR_TARGET), True)]
+            if not quick:
+                rows.append(("aten route (direct kernel timed)", aten, {}, False))
+            for base_name, base, tg, is_floor in rows:
+                fn = direct if base is aten else trous_fn
+                op = f"channel_partial {mode} vs {base_name}"
+                out.append(Case(family=FAMILY, op=op, shape=sh, dtype=dt, make_inputs=make, fn=wrap(fn),
+                                baseline=_fwd_bwd(base, is_floor) if grad else _fwd(base), bytes_moved=nbytes,
+                                input_bytes=in_bytes, baseline_name=base_name, targets=dict(tg)))
+    return out
