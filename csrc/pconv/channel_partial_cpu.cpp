@@ -5,9 +5,10 @@
 //     rows are contiguous);
 //   * convolution (rows contiguous in w): the kh input rows of each of the cp input channels that the
 //     output row reads are converted to fp32 into a zero-padded scratch (padding on both sides and up
-//     to a whole vector past the end), so every tap is one plain vector load; then blocks of 4 output
+//     to whole vectors past the end), so every tap is one plain vector load; then blocks of 6 output
 //     channels x 16 columns accumulate in registers (GCC vectors, cloned for AVX2/FMA with a portable
-//     default) over i < cp, kernel rows and columns, each loaded input vector used for 4 channels;
+//     default) over i < cp, kernel rows and columns, each loaded input vector used for 6 channels (the last
+//     8 columns in a one-vector block);
 //   * any other strides (channels_last, transposed views): the scalar twin, one output at a time
 //     (the op routes channels_last through oneDNN by default).
 // fp16/bf16 accumulate in fp32. TROUS_CPU_SIMD=0 forces the scalar twin.
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "trous/simd_cpu.h"
@@ -29,7 +31,7 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int kCols = 16;  // columns per register block (2 vectors of 8)
-constexpr int kOcBlock = 4;
+constexpr int kOcBlock = 6;
 
 inline v8 loadu(const float* p) {
   v8 v;
@@ -39,13 +41,16 @@ inline v8 loadu(const float* p) {
 inline void storeu(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // acc[j][0..Wr) for J output channels starting at oc of one output row, from the padded rows
-// buf[(i * kh + r) * Wp + ...] (column 0 of buf is input column -pw).
-template <int J>
+// buf[(i * kh + r) * Wp + ...] (column 0 of buf is input column -pw). KW > 0: the kernel width as a
+// compile-time constant (the tap loop unrolled); KW == 0: a.kw at run time. J <= 6 keeps the 2 J
+// accumulators, two input vectors and a broadcast in the 16 AVX2 registers.
+template <int J, int KW>
 TROUS_CPU_CLONES void conv_row_block(const float* buf, index_t Wp, const float* wt, const ChannelPartialArgs& a,
                                      index_t oc, float* acc, index_t Wr) {
-  const int kh = a.kh, kw = a.kw, dw = a.dw;
+  const int kh = a.kh, kw = KW > 0 ? KW : a.kw, dw = a.dw;
   const index_t cp = a.cp;
-  for (index_t x0 = 0; x0 < Wr; x0 += kCols) {
+  index_t x0 = 0;
+  for (; x0 + kCols <= Wr; x0 += kCols) {
     v8 s0[J], s1[J];
     for (int j = 0; j < J; ++j) s0[j] = s1[j] = v8{};
     for (index_t i = 0; i < cp; ++i) {
@@ -53,6 +58,7 @@ TROUS_CPU_CLONES void conv_row_block(const float* buf, index_t Wp, const float* 
         const float* row = buf + (i * kh + r) * Wp + x0;
         // wt is [i][r][s][oc]: the J weights of one tap are adjacent.
         const float* wtap = wt + ((i * kh + r) * kw) * cp + oc;
+#pragma GCC unroll 8
         for (int s = 0; s < kw; ++s) {
           const v8 x_lo = loadu(row + s * dw), x_hi = loadu(row + s * dw + 8);
           for (int j = 0; j < J; ++j) {
@@ -67,6 +73,35 @@ TROUS_CPU_CLONES void conv_row_block(const float* buf, index_t Wp, const float* 
       storeu(acc + j * Wr + x0, s0[j]);
       storeu(acc + j * Wr + x0 + 8, s1[j]);
     }
+  }
+  if (x0 < Wr) {  // the last 8 columns (Wr is a multiple of 8)
+    v8 s0[J];
+    for (int j = 0; j < J; ++j) s0[j] = v8{};
+    for (index_t i = 0; i < cp; ++i) {
+      for (int r = 0; r < kh; ++r) {
+        const float* row = buf + (i * kh + r) * Wp + x0;
+        const float* wtap = wt + ((i * kh + r) * kw) * cp + oc;
+#pragma GCC unroll 8
+        for (int s = 0; s < kw; ++s) {
+          const v8 xv = loadu(row + s * dw);
+          for (int j = 0; j < J; ++j) s0[j] += wtap[s * cp + j] * xv;
+        }
+      }
+    }
+    for (int j = 0; j < J; ++j) storeu(acc + j * Wr + x0, s0[j]);
+  }
+}
+
+template <int KW>
+void conv_row(const float* buf, index_t Wp, const float* wt, const ChannelPartialArgs& a, index_t oc, float* acc,
+              index_t Wr, index_t J) {
+  switch (J) {
+    case 6: conv_row_block<6, KW>(buf, Wp, wt, a, oc, acc, Wr); break;
+    case 5: conv_row_block<5, KW>(buf, Wp, wt, a, oc, acc, Wr); break;
+    case 4: conv_row_block<4, KW>(buf, Wp, wt, a, oc, acc, Wr); break;
+    case 3: conv_row_block<3, KW>(buf, Wp, wt, a, oc, acc, Wr); break;
+    case 2: conv_row_block<2, KW>(buf, Wp, wt, a, oc, acc, Wr); break;
+    default: conv_row_block<1, KW>(buf, Wp, wt, a, oc, acc, Wr); break;
   }
 }
 
@@ -120,22 +155,30 @@ void run(const T* x, const T* weight, T* out, const ChannelPartialArgs& a) {
             std::fill(dst, dst + a.W, 0.f);
           } else {
             const T* src = x + n * a.xs.n + i * a.xs.c + y * a.xs.h;
-            for (index_t w = 0; w < a.W; ++w) dst[w] = static_cast<float>(src[w]);
+            if constexpr (std::is_same_v<T, float>) {
+              std::memcpy(dst, src, sizeof(float) * a.W);
+            } else {
+              for (index_t w = 0; w < a.W; ++w) dst[w] = static_cast<float>(src[w]);
+            }
           }
         }
       }
       for (index_t oc = 0; oc < a.cp; oc += kOcBlock) {
         const index_t J = std::min<index_t>(kOcBlock, a.cp - oc);
-        switch (J) {
-          case 4: conv_row_block<4>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr); break;
-          case 3: conv_row_block<3>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr); break;
-          case 2: conv_row_block<2>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr); break;
-          default: conv_row_block<1>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr); break;
+        switch (a.kw) {
+          case 1: conv_row<1>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr, J); break;
+          case 3: conv_row<3>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr, J); break;
+          case 5: conv_row<5>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr, J); break;
+          default: conv_row<0>(buf.data(), Wp, wt.data(), a, oc, acc.data(), Wr, J); break;
         }
         for (index_t j = 0; j < J; ++j) {
           T* dst = out + n * a.os.n + (oc + j) * a.os.c + h * a.os.h;
           const float* src = acc.data() + j * Wr;
-          for (index_t w = 0; w < a.W; ++w) dst[w] = static_cast<T>(src[w]);
+          if constexpr (std::is_same_v<T, float>) {
+            std::memcpy(dst, src, sizeof(float) * a.W);
+          } else {
+            for (index_t w = 0; w < a.W; ++w) dst[w] = static_cast<T>(src[w]);
+          }
         }
       }
     }

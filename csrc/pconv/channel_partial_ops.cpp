@@ -4,10 +4,10 @@
 //
 // Routes (`algo`):
 //   "direct": one trous kernel writes the convolved channels and copies the others (one pass).
-//   "aten":   the cp-channel convolution runs in oneDNN / cuDNN on the view x[:, :cp] (no copy of the
-//             input), its result is copied into out[:, :cp] and the other channels are copied once.
-//   "auto":   the direct kernel on CPU for fp16 and for contiguous NCHW rows when cp is small
-//             (measured: python -m trous.bench --family pconv), otherwise ATen.
+//   "aten":   the cp-channel convolution runs in oneDNN / cuDNN on the view x[:, :cp], then one
+//             concatenation writes out (FasterNet's split_cat, into out's memory format).
+//   "auto":   CPU: the direct kernel when x's rows are contiguous (NCHW), oneDNN for channels_last;
+//             CUDA: cuDNN until the direct CUDA kernel is measured on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
@@ -88,9 +88,10 @@ ChannelPartialArgs make_args(const at::Tensor& x, const at::Tensor& weight, cons
 bool use_direct(Algo algo, const at::Tensor& x) {
   if (algo != Algo::kAuto) return algo == Algo::kDirect;
   if (x.scalar_type() == at::kDouble) return false;
-  if (!x.device().is_cpu()) return false;         // CUDA: cuDNN until the direct kernel is measured on a GPU
-  if (x.scalar_type() == at::kHalf) return true;  // ATen's CPU fp16 conv is its slow path
-  return false;
+  if (!x.device().is_cpu()) return false;  // CUDA: cuDNN until the direct kernel is measured on a GPU
+  // CPU: the direct kernel where its rows are contiguous (NCHW-like); channels_last goes to oneDNN,
+  // whose NHWC path is its fastest (the direct kernel's strided twin is scalar).
+  return x.stride(3) == 1 || x.size(3) == 1;
 }
 
 // The direct kernel into `out` (C channels: conv + pass-through; cp channels: conv only).
@@ -125,8 +126,11 @@ at::Tensor channel_partial_conv2d(const at::Tensor& x, const at::Tensor& weight,
     return out;
   }
   const int64_t cp = weight.size(0), C = x.size(1);
-  out.narrow(1, 0, cp).copy_(aten_conv(x, weight, dilation));
-  if (C > cp) out.narrow(1, cp, C - cp).copy_(x.narrow(1, cp, C - cp));
+  if (C == cp) {
+    out.copy_(aten_conv(x, weight, dilation));
+  } else {
+    at::cat_out(out, {aten_conv(x, weight, dilation), x.narrow(1, cp, C - cp)}, 1);  // one pass over out
+  }
   return out;
 }
 

@@ -299,3 +299,35 @@ def test_convert_fasternet_same_outputs_and_gradients():
     ref_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref_model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("algo", ["direct", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_accumulates_in_fp32_and_overflows_to_inf(dtype, algo):
+    # Partial sums beyond fp16's range (65504) stay finite: 60000 + 60000 - 60000 = 60000.
+    x = torch.zeros(1, 4, 1, 3)
+    x[0, 0, 0] = torch.tensor([60000.0, 60000.0, -60000.0])
+    w = torch.zeros(1, 1, 1, 3)
+    w[0, 0, 0] = torch.tensor([1.0, 1.0, 1.0])
+    out = channel_partial_conv2d(x.to(dtype), w.to(dtype), algo=algo)
+    assert float(out[0, 0, 0, 1]) == float(torch.tensor(60000.0).to(dtype))
+    # A result beyond the type's range rounds to +Inf (fp16) like any fp32 -> fp16 conversion.
+    big = torch.zeros(1, 2, 1, 3)
+    big[0, 0, 0] = 60000.0
+    res = channel_partial_conv2d(big.to(dtype), w.to(dtype), algo=algo)
+    want = torch.tensor(180000.0).to(dtype)  # 3 taps of 60000: +Inf in fp16
+    assert float(res[0, 0, 0, 1]) == float(want)
+    if dtype == torch.float16:
+        assert res[0, 0, 0, 1] == float("inf")
+
+
+def test_inplace_refuses_x_with_shared_elements_and_outofplace_accepts_it():
+    base = torch.randn(1, 6, 5, 7)
+    x = base.expand(3, 6, 5, 7)  # stride 0 over the batch
+    w = torch.randn(2, 2, 3, 3)
+    with pytest.raises(RuntimeError, match=r"channel_partial_conv2d_: x is overwritten in place and must not have "
+                                           r"overlapping elements"):
+        with torch.no_grad():
+            channel_partial_conv2d(x, w, inplace=True)
+    out = channel_partial_conv2d(x, w)
+    _close(out, ref.channel_partial_conv2d(x, w), torch.float32)
