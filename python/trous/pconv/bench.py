@@ -26,6 +26,7 @@ def targets(device: str) -> dict:
 
 
 FLOOR_TARGET = {"speedup": 1 / 1.1}
+POINTWISE_TARGET = {"speedup": 1.3}  # issue 10: fused PConv + 1x1 >= 1.3x the unfused pair
 
 
 def _inputs(shape, dtype, device, seed, grad: bool):
@@ -110,4 +111,38 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
                 out.append(Case(family=FAMILY, op=op, shape=sh, dtype=dt, make_inputs=make, fn=wrap(fn),
                                 baseline=_fwd_bwd(base, is_floor) if grad else _fwd(base), bytes_moved=nbytes,
                                 input_bytes=in_bytes, baseline_name=base_name, targets=dict(tg)))
+            if not quick:
+                out.append(_pointwise_case(shape, dtype, dt, device, grad, mode, sh, nbytes, in_bytes))
     return out
+
+
+def _pointwise_case(shape, dtype, dt, device, grad, mode, sh, nbytes, in_bytes) -> Case:
+    """PConv + 1x1 (C -> 2C, FasterNet's mlp[0]) through pconv_pointwise against the unfused pair
+    (trous' PConv, then F.conv2d 1x1)."""
+    import torch.nn.functional as F
+
+    from .channel_partial import channel_partial_conv2d
+    from .pointwise import pconv_pointwise
+
+    C = shape[1]
+
+    def make(i):
+        x, w, _, _ = _inputs(shape, dtype, device, i, grad)
+        g = torch.Generator().manual_seed(3000 + i)
+        pw = (torch.randn(2 * C, C, 1, 1, generator=g) / C ** 0.5).to(device=device, dtype=dtype)
+        gz = torch.randn((shape[0], 2 * C, shape[2], shape[3]), generator=g).to(device=device, dtype=dtype)
+        return x, w, pw.requires_grad_(grad), gz
+
+    def run(fn):
+        def call(x, w, pw, gz):
+            if not grad:
+                with torch.no_grad():
+                    return fn(x, w, pw)
+            return torch.autograd.grad(fn(x, w, pw), (x, w, pw), gz)
+        return call
+
+    return Case(family=FAMILY, op=f"pconv+1x1 {mode} vs unfused pair", shape=sh, dtype=dt, make_inputs=make,
+                fn=run(lambda x, w, pw: pconv_pointwise(x, w, pw)),
+                baseline=run(lambda x, w, pw: F.conv2d(channel_partial_conv2d(x, w), pw)),
+                bytes_moved=nbytes * 3 // 2, input_bytes=in_bytes * 2, baseline_name="unfused pair",
+                targets=dict(POINTWISE_TARGET))
