@@ -1,5 +1,6 @@
 """Partial convolutions. Channel-partial (FasterNet PConv): ``channel_partial_conv2d``, ``PConv2d``,
-``convert_fasternet``; PConv + pointwise 1x1 without the PConv output: ``pconv_pointwise``.
+``convert_fasternet``; PConv + pointwise 1x1 without the PConv output: ``pconv_pointwise``;
+PATNet blocks ``PATChannel``, ``PATSpatial``, ``PATSelf`` (``patnet``).
 
 ``channel_partial`` holds the function and the op's autograd, ``modules`` the nn.Modules,
 ``reference`` the slow reference written from the spec, ``bench`` and ``smoke`` the cases of
@@ -7,9 +8,11 @@
 """
 from .channel_partial import channel_partial_conv2d
 from .modules import PConv2d, convert_fasternet
+from .patnet import PATChannel, PATSelf, PATSpatial
 from .pointwise import pconv_pointwise
 
 # Exported by trous itself (trous.PConv2d, trous.convert_fasternet) until a trous.nn namespace exists.
-TOP_LEVEL = ("PConv2d", "convert_fasternet")
+TOP_LEVEL = ("PConv2d", "convert_fasternet", "PATChannel", "PATSpatial", "PATSelf")
 
-__all__ = ["channel_partial_conv2d", "pconv_pointwise", "PConv2d", "convert_fasternet"]
+__all__ = ["channel_partial_conv2d", "pconv_pointwise", "PConv2d", "convert_fasternet", "PATChannel", "PATSpatial",
+           "PATSelf"]
