@@ -113,7 +113,59 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
                                 input_bytes=in_bytes, baseline_name=base_name, targets=dict(tg)))
             if not quick:
                 out.append(_pointwise_case(shape, dtype, dt, device, grad, mode, sh, nbytes, in_bytes))
+    if not quick and shape == SHAPE:
+        out += _fasternet_cases(device, dts[0])
     return out
+
+
+def _fasternet_cases(device: str, dt: str) -> List[Case]:
+    """timm FasterNet-T0 at batch 32, 224x224, converted with convert_fasternet, against the
+    unconverted model: inference, and one training step (forward, backward of a sum loss). Skipped
+    (no rows) when timm or the model is missing."""
+    import copy
+
+    try:
+        import timm
+
+        base = timm.create_model("fasternet_t0", pretrained=False)
+    except Exception:  # noqa: BLE001 - timm missing or without fasternet: no rows
+        return []
+    from .modules import convert_fasternet
+
+    dtype = _DTYPES[dt]
+    base = base.to(device=device, dtype=dtype)
+    conv = convert_fasternet(copy.deepcopy(base))
+    shape = (32, 3, 224, 224)
+    elt = torch.empty((), dtype=dtype).element_size()
+
+    def make(i):
+        g = torch.Generator().manual_seed(4000 + i)
+        return (torch.randn(shape, generator=g).to(device=device, dtype=dtype),)
+
+    def infer(model):
+        model = copy.deepcopy(model).eval()
+
+        def run(x):
+            with torch.no_grad():
+                return model(x)
+        return run
+
+    def train_step(model):
+        model = copy.deepcopy(model).train()
+
+        def run(x):
+            model.zero_grad(set_to_none=True)
+            model(x).float().sum().backward()
+        return run
+
+    tg = {"speedup": 1.0}
+    nbytes = 32 * 3 * 224 * 224 * elt
+    common = dict(family=FAMILY, shape="fasternet_t0 b32 224x224", dtype=dt, bytes_moved=nbytes, input_bytes=nbytes,
+                  baseline_name="timm fasternet_t0 (split_cat)", targets=dict(tg))
+    return [Case(op="fasternet_t0 inference, converted vs timm", make_inputs=make, fn=infer(conv),
+                 baseline=infer(base), **common),
+            Case(op="fasternet_t0 train step, converted vs timm", make_inputs=make, fn=train_step(conv),
+                 baseline=train_step(base), **common)]
 
 
 def _pointwise_case(shape, dtype, dt, device, grad, mode, sh, nbytes, in_bytes) -> Case:
