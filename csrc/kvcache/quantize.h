@@ -116,6 +116,17 @@ TROUS_INLINE float param_below(float s, ParamType t) {
                                   : bits_float_(float_bits_(s) - 1u);
 }
 
+// The scale rounded to its storage type, upwards: s >= the exact scale, so no element of a group is
+// clamped by more than half a step (matters for fp16 subnormal scales, whose nearest rounding can
+// lose a third of the step). fp32 parameters are the fp32 quotient itself.
+template <typename Round>
+TROUS_INLINE float round_scale_up(float exact, Round round) {
+  const float s = round(exact);
+  return s < exact ? (round.t == ParamType::kFloat16 ? half_bits_to_float((uint16_t)(float_to_half_bits(s) + 1u))
+                                                     : bits_float_(float_bits_(s) + 1u))
+                   : s;
+}
+
 // The largest magnitude whose conversion from fp32 to the input dtype stays finite (exclusive):
 // reconstructions are kept below it, so a finite group always dequantizes to finite values of the
 // dtype it was quantized from. fp32: any finite value; fp16: below 65520 (rounds to 65504);
@@ -125,7 +136,7 @@ TROUS_INLINE float finite_limit(DType d) {
 }
 
 // Scale of a finite group: s = (mx / 2 - mn / 2) / L * 2 (the same bits as (mx - mn) / L, without
-// overflow for a group spanning [-FLT_MAX, FLT_MAX]), rounded to its storage type, floored at
+// overflow for a group spanning [-FLT_MAX, FLT_MAX]), rounded up to its storage type, floored at
 // min_scale, then stepped down (at most twice; rounding moves it by half an ulp) while the top code
 // would reconstruct at or beyond `limit`: fma(L, s, zero) < limit, so every code reconstructs finitely.
 template <typename Round>
@@ -138,7 +149,7 @@ TROUS_INLINE AsymParams asym_params_rounded(float mn, float mx, bool finite, int
   }
   const float L = (float)max_code(bits);
   const float floor_s = min_scale(round.t);
-  float s = fmaxf(round(fmaf(mx, 0.5f, -(mn * 0.5f)) / L * 2.f), floor_s);
+  float s = fmaxf(round_scale_up(fmaf(mx, 0.5f, -(mn * 0.5f)) / L * 2.f, round), floor_s);
   p.zero = round(mn);
   for (int i = 0; i < 2 && !(fmaf(L, s, p.zero) < limit) && s > floor_s; ++i) s = param_below(s, round.t);
   p.scale = s;
@@ -173,13 +184,13 @@ TROUS_INLINE uint32_t asym_code(float x, AsymParams p, int bits) {
 // reconstructs below the dtype's limit, see asym_params_rounded) never overflows.
 TROUS_INLINE float asym_decode(uint32_t q, float scale, float zero) { return fmaf((float)q, scale, zero); }
 
-// Symmetric int8: s = amax / 127 (rounded, floored at min_scale, stepped down while 127 s would
+// Symmetric int8: s = amax / 127 (rounded up, floored at min_scale, stepped down while 127 s would
 // reach `limit`), q in [-127, 127].
 template <typename Round>
 TROUS_INLINE float sym_scale_rounded(float amax, bool finite, float limit, Round round) {
   if (!finite) return NAN;
   const float floor_s = min_scale(round.t);
-  float s = fmaxf(round(amax / 127.f), floor_s);
+  float s = fmaxf(round_scale_up(amax / 127.f, round), floor_s);
   for (int i = 0; i < 2 && !(127.f * s < limit) && s > floor_s; ++i) s = param_below(s, round.t);
   return s;
 }

@@ -113,8 +113,9 @@ def fp8_scale(x: torch.Tensor, fmt: str = "e4m3", per_head: bool = False) -> tor
     a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
     # A zero column makes the reduction well defined for empty tensors (B = 0, T = 0).
     if per_head:
-        a = a.transpose(0, 1).reshape(x.shape[1], -1)
-        amax = torch.cat([a, a.new_zeros((x.shape[1], 1))], dim=1).amax(dim=1)
+        B, H, T, D = x.shape
+        a = a.transpose(0, 1).reshape(H, B * T * D)
+        amax = torch.cat([a, a.new_zeros((H, 1))], dim=1).amax(dim=1)
     else:
         amax = torch.cat([a.reshape(-1), a.new_zeros(1)]).amax()
     scale = amax / FP8_MAX[fmt]

@@ -35,6 +35,15 @@ def _below(s, param_dtype):
     return (bits - 1).view(param_dtype).float()
 
 
+def _round_up(s, param_dtype):
+    """s rounded to param_dtype upwards (the stored scale is never below the exact one)."""
+    r = s.to(param_dtype)
+    if param_dtype == torch.float32:
+        return r
+    up = (r.view(torch.int16) + 1).view(param_dtype)
+    return torch.where(r.float() < s, up, r).float()
+
+
 def _fit_scale(s, z, top, limit, param_dtype):
     """Floors s at MIN_SCALE, then steps it down (twice at most) while fma(top, s, z) >= limit."""
     floor = MIN_SCALE[param_dtype]
@@ -52,7 +61,7 @@ def _asym(x, dim, bits, param_dtype, limit):
     mn = x.amin(dim=dim, keepdim=True)
     mx = x.amax(dim=dim, keepdim=True)
     zero = mn.to(param_dtype).float()
-    scale = ((mx * 0.5 - mn * 0.5) / L * 2).to(param_dtype).float()  # (mx - mn) / L without overflow
+    scale = _round_up((mx * 0.5 - mn * 0.5) / L * 2, param_dtype)  # (mx - mn) / L without overflow
     scale = _fit_scale(scale, zero, L, limit, param_dtype)
     nan = torch.full_like(scale, float("nan"))
     scale = torch.where(finite, scale, nan)
@@ -70,7 +79,7 @@ def quantize_per_token(x, bits, group_size, symmetric=False, param_dtype=torch.f
     xg = x.float().reshape(B, H, T, D // group_size, group_size)
     if symmetric:
         finite = torch.isfinite(xg).all(-1, keepdim=True)
-        scale = (xg.abs().amax(-1, keepdim=True) / 127).to(param_dtype).float()
+        scale = _round_up(xg.abs().amax(-1, keepdim=True) / 127, param_dtype)
         scale = _fit_scale(scale, torch.zeros_like(scale), 127, limit, param_dtype)
         scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
         inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
@@ -119,7 +128,8 @@ def dequantize_per_channel(codes, params, bits, group_size, dtype=torch.float32)
 
 
 def _scale_view(scale, x):
-    return scale.float().reshape(1, -1, 1, 1) if scale.numel() > 1 else scale.float().reshape(())
+    per_head = scale.dim() == 1 and scale.shape[0] != 1
+    return scale.float().reshape(1, scale.shape[0], 1, 1) if per_head else scale.float().reshape(())
 
 
 def quantize_fp8(x, scale, fmt):
