@@ -18,7 +18,7 @@ float16 input). bfloat16 parameters are refused (their error on the minimum exce
 and so are float16 parameters for float32 / bfloat16 input (they cannot hold its range). Codes are
 computed with the stored, rounded parameters.
 
-Supported range: every finite input. The scale is ``(max/2 - min/2) / L * 2`` (no overflow for a
+Supported range: every finite input. The scale is ``(max/2 - min/2) / L * 2`` rounded up (no overflow for a
 group spanning [-FLT_MAX, FLT_MAX]), at least the smallest positive scale of the parameter dtype
 (float32: 2^-126, float16: 2^-24, so a tiny or constant group never gets scale 0), and stepped down
 by an ulp when the top code would reconstruct beyond the input dtype's range; codes are
@@ -109,15 +109,12 @@ def fp8_scale(x: torch.Tensor, fmt: str = "e4m3", per_head: bool = False) -> tor
     _check_x(x, "kv_quantize_fp8")
     if fmt not in FP8_MAX:
         raise ValueError(f"trous.kv_quantize_fp8: format must be one of {sorted(FP8_MAX)}, got {fmt!r}")
-    a = x.detach().float().abs()
-    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    # A zero column makes the reduction well defined for empty tensors (B = 0, T = 0).
-    if per_head:
-        B, H, T, D = x.shape
-        a = a.transpose(0, 1).reshape(H, B * T * D)
-        amax = torch.cat([a, a.new_zeros((H, 1))], dim=1).amax(dim=1)
+    # In x's own dtype (the amax of its values is one of them, exactly): no float32 copy of the cache.
+    a = x.detach().abs().nan_to_num(nan=0.0, posinf=0.0)
+    if a.numel() == 0:  # B = 0, T = 0 or H = 0: no value decides the scale
+        amax = a.new_zeros((x.shape[1],) if per_head else (), dtype=torch.float32)
     else:
-        amax = torch.cat([a.reshape(-1), a.new_zeros(1)]).amax()
+        amax = (a.amax(dim=(0, 2, 3)) if per_head else a.amax()).float()
     scale = amax / FP8_MAX[fmt]
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
