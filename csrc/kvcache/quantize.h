@@ -149,7 +149,8 @@ TROUS_INLINE AsymParams asym_params_rounded(float mn, float mx, bool finite, int
   }
   const float L = (float)max_code(bits);
   const float floor_s = min_scale(round.t);
-  float s = fmaxf(round_scale_up(fmaf(mx, 0.5f, -(mn * 0.5f)) / L * 2.f, round), floor_s);
+  float s = round_scale_up(fmaf(mx, 0.5f, -(mn * 0.5f)) / L * 2.f, round);
+  s = s > floor_s ? s : floor_s;  // not fmaxf: a libm call on the host
   p.zero = round(mn);
   for (int i = 0; i < 2 && !(fmaf(L, s, p.zero) < limit) && s > floor_s; ++i) s = param_below(s, round.t);
   p.scale = s;
@@ -190,7 +191,8 @@ template <typename Round>
 TROUS_INLINE float sym_scale_rounded(float amax, bool finite, float limit, Round round) {
   if (!finite) return NAN;
   const float floor_s = min_scale(round.t);
-  float s = fmaxf(round_scale_up(amax / 127.f, round), floor_s);
+  float s = round_scale_up(amax / 127.f, round);
+  s = s > floor_s ? s : floor_s;
   for (int i = 0; i < 2 && !(127.f * s < limit) && s > floor_s; ++i) s = param_below(s, round.t);
   return s;
 }

@@ -394,6 +394,33 @@ void channel_codes_scalar(const float* v, const float* zero_half, const float* i
   }
 }
 
+// The D channels' parameters of one token group (first parameter index 2 * p0), and the code constants
+// zero_half / inv2 per channel. A non-finite channel encodes as 0: inv2 is 0 and zero_half 0, so
+// t = x / 2 * 0 is 0 or NaN (x = +-Inf or NaN), which asym_code and the AVX2 clamp turn into 0.
+template <typename Ops>
+TROUS_FORCE_INLINE void channel_params(const float* mn, const float* mx, const uint32_t* bad, const ChannelQuantArgs& a,
+                                       void* params, index_t p0, float* zero_half, float* inv2) {
+  for (index_t c = 0; c < a.in.D; ++c) {
+    const AsymParams p =
+        asym_params_rounded(mn[c], mx[c], bad[c] == 0, a.bits, a.limit, typename Ops::Rounding{a.ptype});
+    Ops::store_param(params, (p0 + c) * 2, p.scale, a.ptype);
+    Ops::store_param(params, (p0 + c) * 2 + 1, p.zero, a.ptype);
+    zero_half[c] = bad[c] ? 0.f : p.zero_half;
+    inv2[c] = p.inv2;
+  }
+}
+
+void channel_params_scalar(const float* mn, const float* mx, const uint32_t* bad, const ChannelQuantArgs& a,
+                           void* params, index_t p0, float* zero_half, float* inv2) {
+  channel_params<ScalarOps>(mn, mx, bad, a, params, p0, zero_half, inv2);
+}
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 void channel_params_avx2(const float* mn, const float* mx, const uint32_t* bad, const ChannelQuantArgs& a,
+                                    void* params, index_t p0, float* zero_half, float* inv2) {
+  channel_params<Avx2Ops>(mn, mx, bad, a, params, p0, zero_half, inv2);
+}
+#endif
+
 // KIVI keys: one task = one token group of one (b, h), G rows reduced channel-wise.
 template <typename T>
 void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const ChannelQuantArgs& a) {
@@ -401,10 +428,12 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
   const index_t code_bytes = D * a.bits / 8;
   auto* minmax_fn = &channel_minmax_scalar;
   auto* codes_fn = &channel_codes_scalar;
+  auto* params_fn = &channel_params_scalar;
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
     minmax_fn = &channel_minmax_avx2;
     codes_fn = &channel_codes_avx2;
+    params_fn = &channel_params_avx2;
   }
 #endif
   at::parallel_for(0, a.in.B * a.in.H * token_groups, 1, [&](int64_t t0, int64_t t1) {
@@ -420,15 +449,7 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
       std::copy(tile.data(), tile.data() + D, mx.data());
       std::fill(bad.begin(), bad.end(), 0u);
       for (index_t t = 0; t < G; ++t) minmax_fn(tile.data() + t * D, mn.data(), mx.data(), bad.data(), D);
-      for (index_t c = 0; c < D; ++c) {
-        const AsymParams p = asym_params(mn[c], mx[c], bad[c] == 0, a.bits, a.ptype, a.limit);
-        store_param_cpu(params, (task * D + c) * 2, p.scale, a.ptype);
-        store_param_cpu(params, (task * D + c) * 2 + 1, p.zero, a.ptype);
-        // A non-finite channel encodes as 0: inv2 is 0 and zero_half 0, so t = x / 2 * 0 is 0 or
-        // NaN (x = +-Inf or NaN), which asym_code and the AVX2 clamp turn into 0.
-        zero[c] = bad[c] ? 0.f : p.zero_half;
-        inv[c] = p.inv2;
-      }
+      params_fn(mn.data(), mx.data(), bad.data(), a, params, task * D, zero.data(), inv.data());
       for (index_t t = 0; t < G; ++t) {
         codes_fn(tile.data() + t * D, zero.data(), inv.data(), a.bits, D, codes + (row0 + t) * code_bytes);
       }
