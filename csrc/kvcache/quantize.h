@@ -96,9 +96,11 @@ TROUS_INLINE int max_code(int bits) { return (1 << bits) - 1; }
 // A group holding NaN or +-Inf gets NaN parameters: the whole group dequantizes to NaN, so the
 // poison stays visible instead of silently becoming finite numbers. Its codes are 0.
 // Rounds a parameter to its storage type; CPU kernels may pass a faster equivalent (F16C).
+// up(v): rounded upwards (round_scale_up).
 struct ParamRounding {
   ParamType t;
   TROUS_HOST_DEVICE float operator()(float v) const { return round_param(v, t); }
+  TROUS_HOST_DEVICE float up(float v) const;
 };
 
 // The smallest scale a finite group gets: a constant or tiny group never gets scale 0 (which would
@@ -119,13 +121,14 @@ TROUS_INLINE float param_below(float s, ParamType t) {
 // The scale rounded to its storage type, upwards: s >= the exact scale, so no element of a group is
 // clamped by more than half a step (matters for fp16 subnormal scales, whose nearest rounding can
 // lose a third of the step). fp32 parameters are the fp32 quotient itself.
-template <typename Round>
-TROUS_INLINE float round_scale_up(float exact, Round round) {
-  const float s = round(exact);
-  return s < exact ? (round.t == ParamType::kFloat16 ? half_bits_to_float((uint16_t)(float_to_half_bits(s) + 1u))
-                                                     : bits_float_(float_bits_(s) + 1u))
+TROUS_INLINE float round_scale_up(float exact, ParamType t) {
+  const float s = round_param(exact, t);
+  return s < exact ? (t == ParamType::kFloat16 ? half_bits_to_float((uint16_t)(float_to_half_bits(s) + 1u))
+                                               : bits_float_(float_bits_(s) + 1u))
                    : s;
 }
+
+TROUS_HOST_DEVICE inline float ParamRounding::up(float v) const { return round_scale_up(v, t); }
 
 // The largest magnitude whose conversion from fp32 to the input dtype stays finite (exclusive):
 // reconstructions are kept below it, so a finite group always dequantizes to finite values of the
@@ -149,12 +152,15 @@ TROUS_INLINE AsymParams asym_params_rounded(float mn, float mx, bool finite, int
   }
   const float L = (float)max_code(bits);
   const float floor_s = min_scale(round.t);
-  float s = round_scale_up(fmaf(mx, 0.5f, -(mn * 0.5f)) / L * 2.f, round);
+  float s = round.up(fmaf(mx, 0.5f, -(mn * 0.5f)) / L * 2.f);
   s = s > floor_s ? s : floor_s;  // not fmaxf: a libm call on the host
   p.zero = round(mn);
-  for (int i = 0; i < 2 && !(fmaf(L, s, p.zero) < limit) && s > floor_s; ++i) s = param_below(s, round.t);
-  p.scale = s;
   p.inv = 1.f / s;
+  if (!(fmaf(L, s, p.zero) < limit)) {  // rare (groups near the dtype's limit): off the common path
+    for (int i = 0; i < 2 && !(fmaf(L, s, p.zero) < limit) && s > floor_s; ++i) s = param_below(s, round.t);
+    p.inv = 1.f / s;
+  }
+  p.scale = s;
   p.zero_half = p.zero * 0.5f;
   p.inv2 = p.inv * 2.f;
   return p;
@@ -191,7 +197,7 @@ template <typename Round>
 TROUS_INLINE float sym_scale_rounded(float amax, bool finite, float limit, Round round) {
   if (!finite) return NAN;
   const float floor_s = min_scale(round.t);
-  float s = round_scale_up(amax / 127.f, round);
+  float s = round.up(amax / 127.f);
   s = s > floor_s ? s : floor_s;
   for (int i = 0; i < 2 && !(127.f * s < limit) && s > floor_s; ++i) s = param_below(s, round.t);
   return s;

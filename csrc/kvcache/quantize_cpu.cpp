@@ -256,6 +256,11 @@ struct Avx2Ops {
                  ? _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT)))
                  : v;
     }
+    // Rounded upwards (the same bits as round_scale_up: the smallest fp16 >= v).
+    TROUS_AVX2 float up(float v) const {
+      return t == ParamType::kFloat16 ? _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_POS_INF)))
+                                      : v;
+    }
   };
   TROUS_AVX2 static void store_param(void* params, index_t i, float v, ParamType t) {
     if (t == ParamType::kFloat16) {
