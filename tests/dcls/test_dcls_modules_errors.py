@@ -190,7 +190,7 @@ def test_forward_wrong_rank_and_channels_name_input(name):
         assert f"{nd + 2}-D or {nd + 1}-D), got a {bad.dim()}-D tensor" in msg
     msg = assert_refused(layer, [_input(name, channels=5)], names=["in_channels", "input"])
     assert "in_channels=4" in msg and "got 5" in msg
-    # unbatched input works (as torch.nn.ConvNd)
+    # unbatched input works (as torch.nn.Conv2d and its kin)
     x = _input(name)
     torch.testing.assert_close(layer(x[0]), layer(x)[0], rtol=1e-5, atol=1e-6)
 

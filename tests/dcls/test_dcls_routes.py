@@ -178,7 +178,7 @@ def test_empty_batch_and_empty_spatial_every_route(version):
     for tag, layer in _every_route(version):
         y = layer(_x(layer, batch=0))
         assert y.shape == (0, layer.out_channels, *(7,) * len(layer.padding)), tag
-    # an empty spatial axis: refused naming input (torch.nn.ConvNd refuses it too), even where
+    # an empty spatial axis: refused naming input (torch.nn.Conv2d and its kin refuses it too), even where
     # 2 * padding covers the kernel
     for layer in (trous.Dcls2d(3, 3, 3, dilated_kernel_size=5, padding=3, groups=3, version=version),
                   trous.Dcls1d(2, 3, 3, dilated_kernel_size=5, padding=3, version=version)):

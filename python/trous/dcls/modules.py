@@ -251,7 +251,7 @@ class _DclsNd(Module):
     """Common part of Dcls1d/2d/3d, Dcls3_1d and Dcls2dK1d (dcls 0.1.1's ``_DclsNd`` / ``_DclsN_Md``).
 
     Every constructor argument is checked here, in signature order, before anything is allocated:
-    a ValueError names the argument, what is expected and what was got (as torch.nn.ConvNd).
+    a ValueError names the argument, what is expected and what was got (as torch.nn.Conv2d and its kin).
     ``forward`` checks the input and the parameters it is given (RuntimeError naming input / weight
     / P / SIG / bias) before any op runs.
     """
@@ -556,7 +556,7 @@ _ARGS_DOC = """
     outside it: NaN sets (and so results) can differ between routes for non-finite inputs.
     A NaN in one element's weight (any version) or P / SIG (v1, max, gauss) makes every output of its
     output channel NaN, on every route. An empty batch gives an empty output; an empty spatial axis
-    is refused (as torch.nn.ConvNd); positions far outside the window give the bias.
+    is refused (as torch.nn.Conv2d and its kin); positions far outside the window give the bias.
 """
 
 
