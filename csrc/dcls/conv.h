@@ -307,10 +307,39 @@ TROUS_INLINE AxisSummary<Acc> element_axis(const ConvGeom& g, const Params<Acc>&
 
 // Builds the profiles of element k of channel c: f (and dmu / dsig when not null) each g.dsum()
 // long, axis j at g.axis_base(j); ax gets the 3 summaries. Returns the coefficient w / norm.
+// An element with a non-finite weight or a poisoning P / SIG (params.h) gets NaN profiles over the
+// whole window on every axis: its channel's window is NaN everywhere, so every output is NaN.
+template <typename Acc>
+TROUS_INLINE bool element_poisoned(const ConvGeom& g, const Params<Acc>& p, index_t ck) {
+  if (!acc_finite(p.w[ck])) return true;
+  const index_t row_stride = g.C * g.kc;
+  bool bad = false;
+  TROUS_DCLS_UNROLL
+  for (int j = 0; j < kAxes; ++j) {
+    const int r = g.prow[j];
+    if (r < 0) continue;
+    const Acc pv = p.P[r * row_stride + ck];
+    const Acc sv = p.SIG ? p.SIG[r * row_stride + ck] : Acc(0);
+    bad = bad || axis_poisons(g.version, pv, sv);
+  }
+  return bad;
+}
+
 template <typename Acc>
 TROUS_INLINE Acc element_profiles(const ConvGeom& g, const Params<Acc>& p, index_t c, int k, Acc* f, Acc* dmu,
                                   Acc* dsig, AxisSummary<Acc>* ax) {
   const index_t ck = c * g.kc + k;
+  if (element_poisoned(g, p, ck)) {
+    const Acc nan = acc_nan<Acc>();
+    for (int i = 0; i < g.dsum(); ++i) {
+      f[i] = nan;
+      if (dmu) dmu[i] = nan;
+      if (dsig) dsig[i] = nan;
+    }
+    TROUS_DCLS_UNROLL
+    for (int j = 0; j < kAxes; ++j) ax[j] = AxisSummary<Acc>{0, g.dks[j], nan, nan, nan};
+    return nan;
+  }
   ax[0] = element_axis<Acc>(g, p, ck, 0, f, dmu, dsig);
   ax[1] = element_axis<Acc>(g, p, ck, 1, f, dmu, dsig);
   ax[2] = element_axis<Acc>(g, p, ck, 2, f, dmu, dsig);
