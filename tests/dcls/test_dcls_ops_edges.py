@@ -462,6 +462,18 @@ def test_positions_far_outside_the_window_give_the_bias(version):
     assert (K == 0).all()
 
 
+def test_banded_wrapper_names_weight_not_K():
+    """Issue 9: the op sees the constructed K; a weight that does not fit x is reported as weight,
+    with the same message on meta."""
+    x = torch.randn(2, 4, 11)
+    w = torch.randn(6, 3, 2)
+    P = torch.rand(1, 6, 3, 2)
+    msg = assert_refused(db.dcls_banded_conv1d, [x, w, P, None, 5, "v1", 1, 2, 2], names=["weight"])
+    assert "C_in / groups = 2" in msg and "got [6, 3, 2]" in msg
+    args = [x, torch.randn(5, 2, 2), torch.rand(1, 5, 2, 2), None, 5, "v1", 1, 2, 2]
+    assert_refused(db.dcls_banded_conv1d, args, names=["weight"])
+
+
 def test_band_is_the_whole_window_for_rows_with_nonfinite_taps():
     x = torch.randn(1, 2, 9, dtype=torch.float64)
     K = torch.zeros(2, 2, 5, dtype=torch.float64)

@@ -90,6 +90,13 @@ def dcls_banded_conv1d(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, S
     NaN); a non-finite parameter makes every output of its output channel non-finite."""
     d = int(dilated_kernel_size)
     sig = SIG if version in SIG_VERSIONS else None
+    # The op sees K, built from weight: a weight that does not fit x is reported as weight (the same
+    # check on meta tensors, before any kernel runs).
+    if x.dim() == 3 and weight.dim() == 3 and int(groups) >= 1 and x.shape[1] % int(groups) == 0:
+        if weight.shape[1] != x.shape[1] // int(groups) or weight.shape[0] % int(groups) != 0:
+            raise ValueError(f"trous.dcls_banded_conv1d: weight must have shape [C_out, C_in / groups = "
+                             f"{x.shape[1] // int(groups)}, kernel_count] with C_out a multiple of groups = {groups} "
+                             f"(C_in = x.size(1) = {x.shape[1]}), got {list(weight.shape)}")
     K = _ops.dcls_construct_kernel(weight, P, sig, [d], version)
     if band is None:
         band = dcls_band1d(P, sig, d, version)
