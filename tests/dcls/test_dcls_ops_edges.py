@@ -170,6 +170,11 @@ def test_meta_shapes_match_cpu(op, args):
 
 
 @pytest.mark.parametrize("op, args", [g[1:] for g in GOOD], ids=[g[0] for g in GOOD])
+def test_opcheck_every_op(op, args):
+    torch.library.opcheck(op.default, tuple(args))
+
+
+@pytest.mark.parametrize("op, args", [g[1:] for g in GOOD], ids=[g[0] for g in GOOD])
 def test_mixed_devices_name_the_stray_argument(op, args):
     """Every tensor argument in turn on meta (the others on CPU): refused before any kernel runs,
     naming it (as the stray argument, or as the device reference the others are compared with)."""
