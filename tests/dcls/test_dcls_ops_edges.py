@@ -313,6 +313,7 @@ def test_v0_infinite_position_gives_nan_not_zero():
         assert torch.isnan(ops.dcls_construct_kernel(w, P, None, dks, "v0")).all()
         x = torch.randn(2, 1, 9, dtype=torch.float64)
         assert torch.isnan(ops.dcls_conv(x, w, P, None, None, dks, "v0", [1], [2])).all()
+        assert ops.dcls_conv_tap_counts(w, P, None, dks, "v0").tolist() == [5]  # the whole window
 
 
 def test_infinite_positions_that_the_reference_keeps_finite():
