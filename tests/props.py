@@ -61,8 +61,10 @@ def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _broadcast_along(t: torch.Tensor, dim: int) -> torch.Tensor:
     # A stride-0 view along `dim` reproduces t only where t is constant along it.
+    if t.shape[dim] < 2:
+        return t.contiguous()
     first = t.narrow(dim, 0, 1)
-    if t.shape[dim] < 2 or not bool(((t == first) | (t.isnan() & first.isnan())).all()):
+    if not bool(((t == first) | (t.isnan() & first.isnan())).all()):
         return t.contiguous()
     base = first.contiguous()
     strides = list(base.stride())

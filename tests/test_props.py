@@ -82,3 +82,10 @@ def test_mixed_devices_moves_only_the_chosen_tensors():
 def test_run_isolated_reports_a_crash():
     assert run_isolated("import os; os.abort()").returncode != 0
     assert run_isolated("print(1 + 1)").stdout.strip() == "2"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_with_layout_takes_empty_and_size_one_dimensions(layout):
+    for shape in [(0, 3, 4), (2, 0, 4), (1, 1, 1), (3, 4, 0)]:
+        t = torch.randn(shape)
+        assert torch.equal(with_layout(t, layout), t)

@@ -1,5 +1,5 @@
 // KV-cache quantization ops: argument checks (one place per op), dtype mapping, and the call into the
-// CPU kernel or the CUDA launcher on the current stream. Schemas are in ops.cpp.
+// CPU kernel or the CUDA launcher on the current stream, and the schemas.
 #include <torch/library.h>
 
 #include "trous/checks_ops.h"
@@ -13,70 +13,100 @@ namespace trous {
 namespace kv {
 namespace {
 
-DType float_dtype(const at::Tensor& t, const char* op, const char* name) {
-  return trous::float_dtype(t.scalar_type(), op, name);
-}
+// Every op below is ONE function registered for CPU, CUDA and Meta: check_devices first, then every
+// argument validated from sym sizes, dtypes and the non-tensor arguments only (symbolic shapes of
+// torch.compile(dynamic=True) pass), outputs allocated with empty_symint, and a return before any
+// data is read when the tensors are meta. The fake kernel therefore refuses exactly what the real
+// kernel refuses, with the same message.
 
 DType out_dtype(at::ScalarType t, const char* op) { return trous::float_dtype(t, op, "dtype"); }
 
-ParamType param_type(at::ScalarType t, const char* op, const char* name = "param_dtype") {
-  // bf16 parameters are refused: their error on the minimum exceeds an 8-bit step (kvcache.md).
+// Parameters are fp32, or fp16 for fp16 input only: bf16 parameters are refused (their error on the
+// minimum exceeds an 8-bit step, kvcache.md) and fp16 ones cannot hold the range of fp32 or bf16
+// input (a group above 65504 would get an infinite minimum or scale).
+ParamType param_type(at::ScalarType t, const char* op, const char* name) {
   TORCH_CHECK(t == at::kFloat || t == at::kHalf, op, ": ", name, " must be float32 or float16, got ", t);
   return t == at::kHalf ? ParamType::kFloat16 : ParamType::kFloat32;
 }
 
-at::ScalarType param_scalar_type(ParamType t) { return t == ParamType::kFloat16 ? at::kHalf : at::kFloat; }
+ParamType quant_param_type(at::ScalarType t, at::ScalarType x, const char* op) {
+  const ParamType p = param_type(t, op, "param_dtype");
+  TORCH_CHECK(p == ParamType::kFloat32 || x == at::kHalf, op,
+              ": param_dtype float16 cannot hold the range of x's dtype ", x,
+              " (values beyond 65504 would overflow the scale and minimum); use float32, got param_dtype ", t,
+              " for x of dtype ", x);
+  return p;
+}
 
 void check_bits(int64_t bits, const char* op) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, op, ": bits must be 2, 4 or 8, got ", bits);
 }
 
-// x is [B, H, T, D] with D contiguous (stride 1) and D % 8 == 0; other strides are free. Inputs whose
-// last dimension is strided are copied once into a contiguous tensor.
-at::Tensor rows_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 4, op, ": x must have shape [B, H, T, D], got ", x.dim(), " dimensions ", x.sizes());
-  float_dtype(x, op, "x");
-  TORCH_CHECK(x.size(3) % 8 == 0, op, ": head dimension D = x.size(3) must be a multiple of 8, got ", x.size(3));
-  return x.stride(3) == 1 || x.size(3) == 1 ? x : x.contiguous();
+void check_symmetric(bool symmetric, int64_t bits, const char* op) {
+  TORCH_CHECK(!symmetric || bits == 8, op, ": symmetric quantization is int8 only, got bits = ", bits);
 }
+
+// x: [B, H, T, D] fp32/fp16/bf16 with D a positive multiple of 8 (any strides).
+DType check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape [B, H, T, D], got ", x.dim(), " dimensions ", x.sym_sizes());
+  const DType dt = trous::float_dtype(x.scalar_type(), op, "x");
+  TORCH_CHECK(x.sym_size(3) > 0 && x.sym_size(3) % 8 == 0, op,
+              ": head dimension D = x.size(3) must be a positive multiple of 8, got ", x.sym_size(3));
+  return dt;
+}
+
+// Rows with the last dimension contiguous (other strides free); a strided last dimension is copied once.
+at::Tensor rows_input(const at::Tensor& x) { return x.stride(3) == 1 || x.size(3) == 1 ? x : x.contiguous(); }
 
 RowLayout row_layout(const at::Tensor& x) {
   return RowLayout{x.size(0), x.size(1), x.size(2), x.size(3), RowStrides{x.stride(0), x.stride(1), x.stride(2)}};
 }
 
-void check_codes(const at::Tensor& codes, const char* op, at::ScalarType dtype, int64_t last) {
-  TORCH_CHECK(codes.dim() == 4, op, ": codes must have shape [B, H, T, D_packed], got ", codes.sizes());
+void check_codes(const at::Tensor& codes, const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(codes.dim() == 4, op, ": codes must have shape [B, H, T, D_packed], got ", codes.dim(), " dimensions ",
+              codes.sym_sizes());
   TORCH_CHECK(codes.scalar_type() == dtype, op, ": codes must be ", dtype, ", got ", codes.scalar_type());
   TORCH_CHECK(codes.is_contiguous(), op, ": codes must be contiguous (as produced by the quantize op)");
-  TORCH_CHECK(last < 0 || codes.size(3) == last, op, ": codes.size(3) must be ", last, ", got ", codes.size(3));
 }
 
-void check_params(const at::Tensor& params, const at::Tensor& codes, const char* op, at::IntArrayRef expected) {
-  check_same_device(params, codes, op, "params");
-  TORCH_CHECK(params.sizes() == expected, op, ": params must have shape ", expected, ", got ", params.sizes());
+// D of packed codes: codes.size(3) * 8 / bits (symmetric int8: codes.size(3)), a positive multiple of 8.
+c10::SymInt codes_head_dim(const at::Tensor& codes, int64_t bits, bool unpacked, const char* op) {
+  const c10::SymInt D = unpacked ? codes.sym_size(3) : codes.sym_size(3) * 8 / bits;
+  TORCH_CHECK(D > 0 && D % 8 == 0, op, ": head dimension D = codes.size(3)", unpacked ? "" : " * 8 / bits",
+              " must be a positive multiple of 8, got ", D);
+  return D;
+}
+
+void check_params(const at::Tensor& params, const char* op, c10::SymIntArrayRef expected) {
+  TORCH_CHECK(params.sym_sizes() == expected, op, ": params must have shape ", expected, ", got ", params.sym_sizes());
   TORCH_CHECK(params.is_contiguous(), op, ": params must be contiguous");
-  param_type(params.scalar_type(), op, "params");
 }
 
-void check_group(int64_t group, int64_t extent, const char* what, const char* op) {
+void check_token_group(int64_t group, const c10::SymInt& D, const char* what, const char* op) {
   TORCH_CHECK(group > 0 && group % 8 == 0, op, ": group_size must be a positive multiple of 8, got ", group);
-  TORCH_CHECK(extent % group == 0, op, ": group_size ", group, " must divide ", what, " = ", extent);
+  TORCH_CHECK(D % group == 0, op, ": group_size ", group, " must divide ", what, " = ", D);
 }
 
 std::tuple<at::Tensor, at::Tensor> kv_quantize(const at::Tensor& x_in, int64_t bits, int64_t group_size, bool symmetric,
                                                at::ScalarType param_dtype) {
   const char* op = "trous.kv_quantize";
-  const at::Tensor x = rows_input(x_in, op);
+  check_devices(op, {{"x", x_in}});
+  const DType dt = check_x(x_in, op);
   check_bits(bits, op);
-  TORCH_CHECK(!symmetric || bits == 8, op, ": symmetric quantization is int8 only, got bits = ", bits);
-  check_group(group_size, x.size(3), "D = x.size(3)", op);
-  const TokenQuantArgs a{row_layout(x), (int)bits, (int)group_size, symmetric, param_type(param_dtype, op)};
-  auto codes = at::empty({x.size(0), x.size(1), x.size(2), symmetric ? x.size(3) : x.size(3) * bits / 8},
-                         x.options().dtype(symmetric ? at::kChar : at::kByte));
-  auto params = at::empty({x.size(0), x.size(1), x.size(2), x.size(3) / group_size, symmetric ? 1 : 2},
-                          x.options().dtype(param_dtype));
+  check_symmetric(symmetric, bits, op);
+  const c10::SymInt D = x_in.sym_size(3);
+  check_token_group(group_size, D, "D = x.size(3)", op);
+  const ParamType pt = quant_param_type(param_dtype, x_in.scalar_type(), op);
+  const auto sz = x_in.sym_sizes();
+  auto codes = at::empty_symint({sz[0], sz[1], sz[2], symmetric ? D : D * bits / 8},
+                                x_in.options().dtype(symmetric ? at::kChar : at::kByte));
+  auto params =
+      at::empty_symint({sz[0], sz[1], sz[2], D / group_size, symmetric ? 1 : 2}, x_in.options().dtype(param_dtype));
+  if (x_in.is_meta()) return {codes, params};
+  const at::Tensor x = rows_input(x_in);
+  TokenQuantArgs a{row_layout(x), (int)bits, (int)group_size, symmetric, pt};
+  a.limit = finite_limit(dt);
   auto* codes_ptr = static_cast<uint8_t*>(codes.data_ptr());
-  const DType dt = float_dtype(x, op, "x");
   run_on_device(
       x, op, [&] { cpu_quantize_token(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a); },
       [&](void* stream) {
@@ -88,18 +118,24 @@ std::tuple<at::Tensor, at::Tensor> kv_quantize(const at::Tensor& x_in, int64_t b
 at::Tensor kv_dequantize(const at::Tensor& codes, const at::Tensor& params, int64_t bits, int64_t group_size,
                          bool symmetric, at::ScalarType dtype) {
   const char* op = "trous.kv_dequantize";
+  check_devices(op, {{"codes", codes}, {"params", params}});
   check_bits(bits, op);
-  TORCH_CHECK(!symmetric || bits == 8, op, ": symmetric quantization is int8 only, got bits = ", bits);
-  check_codes(codes, op, symmetric ? at::kChar : at::kByte, -1);
-  TORCH_CHECK((codes.size(3) * 8) % bits == 0, op, ": codes.size(3) * 8 must be a multiple of bits");
-  const int64_t D = symmetric ? codes.size(3) : codes.size(3) * 8 / bits;
-  TORCH_CHECK(D % 8 == 0, op, ": head dimension D must be a multiple of 8, got ", D);
-  check_group(group_size, D, "D", op);
-  check_params(params, codes, op, {codes.size(0), codes.size(1), codes.size(2), D / group_size, symmetric ? 1 : 2});
-  const TokenDequantArgs a{codes.size(0) * codes.size(1) * codes.size(2), D, (int)bits, (int)group_size, symmetric,
-                           param_type(params.scalar_type(), op)};
+  check_symmetric(symmetric, bits, op);
+  check_codes(codes, op, symmetric ? at::kChar : at::kByte);
+  const c10::SymInt D = codes_head_dim(codes, bits, symmetric, op);
+  check_token_group(group_size, D, "D", op);
+  const auto sz = codes.sym_sizes();
+  check_params(params, op, {sz[0], sz[1], sz[2], D / group_size, symmetric ? 1 : 2});
+  const ParamType pt = param_type(params.scalar_type(), op, "params");
   const DType dt = out_dtype(dtype, op);
-  auto out = at::empty({codes.size(0), codes.size(1), codes.size(2), D}, codes.options().dtype(dtype));
+  auto out = at::empty_symint({sz[0], sz[1], sz[2], D}, codes.options().dtype(dtype));
+  if (codes.is_meta()) return out;
+  const TokenDequantArgs a{codes.size(0) * codes.size(1) * codes.size(2),
+                           codes.size(3) * (symmetric ? 1 : 8 / bits),
+                           (int)bits,
+                           (int)group_size,
+                           symmetric,
+                           pt};
   auto* codes_ptr = static_cast<const uint8_t*>(codes.data_ptr());
   run_on_device(
       codes, op, [&] { cpu_dequantize_token(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a); },
@@ -109,19 +145,28 @@ at::Tensor kv_dequantize(const at::Tensor& codes, const at::Tensor& params, int6
   return out;
 }
 
+void check_channel_group(int64_t group, const c10::SymInt& T, const char* what, const char* op) {
+  TORCH_CHECK(group > 0, op, ": group_size must be positive, got ", group);
+  TORCH_CHECK(T % group == 0, op, ": T = ", what, " = ", T, " must be a multiple of group_size ", group,
+              " (KIVI quantizes complete token groups only; keep the rest as the full-precision residual)");
+}
+
 std::tuple<at::Tensor, at::Tensor> kv_quantize_channel(const at::Tensor& x_in, int64_t bits, int64_t group_size,
                                                        at::ScalarType param_dtype) {
   const char* op = "trous.kv_quantize_channel";
-  const at::Tensor x = rows_input(x_in, op);
+  check_devices(op, {{"x", x_in}});
+  const DType dt = check_x(x_in, op);
   check_bits(bits, op);
-  TORCH_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
-  TORCH_CHECK(x.size(2) % group_size == 0, op, ": T = x.size(2) = ", x.size(2), " must be a multiple of group_size ",
-              group_size, " (KIVI quantizes complete token groups only; keep the rest as the full-precision residual)");
-  const ChannelQuantArgs a{row_layout(x), (int)bits, (int)group_size, param_type(param_dtype, op)};
-  auto codes = at::empty({x.size(0), x.size(1), x.size(2), x.size(3) * bits / 8}, x.options().dtype(at::kByte));
-  auto params = at::empty({x.size(0), x.size(1), x.size(2) / group_size, x.size(3), 2}, x.options().dtype(param_dtype));
+  const auto sz = x_in.sym_sizes();
+  check_channel_group(group_size, sz[2], "x.size(2)", op);
+  const ParamType pt = quant_param_type(param_dtype, x_in.scalar_type(), op);
+  auto codes = at::empty_symint({sz[0], sz[1], sz[2], sz[3] * bits / 8}, x_in.options().dtype(at::kByte));
+  auto params = at::empty_symint({sz[0], sz[1], sz[2] / group_size, sz[3], 2}, x_in.options().dtype(param_dtype));
+  if (x_in.is_meta()) return {codes, params};
+  const at::Tensor x = rows_input(x_in);
+  ChannelQuantArgs a{row_layout(x), (int)bits, (int)group_size, pt};
+  a.limit = finite_limit(dt);
   auto* codes_ptr = static_cast<uint8_t*>(codes.data_ptr());
-  const DType dt = float_dtype(x, op, "x");
   run_on_device(
       x, op, [&] { cpu_quantize_channel(dt, x.data_ptr(), codes_ptr, params.data_ptr(), a); },
       [&](void* stream) {
@@ -133,18 +178,23 @@ std::tuple<at::Tensor, at::Tensor> kv_quantize_channel(const at::Tensor& x_in, i
 at::Tensor kv_dequantize_channel(const at::Tensor& codes, const at::Tensor& params, int64_t bits, int64_t group_size,
                                  at::ScalarType dtype) {
   const char* op = "trous.kv_dequantize_channel";
+  check_devices(op, {{"codes", codes}, {"params", params}});
   check_bits(bits, op);
-  check_codes(codes, op, at::kByte, -1);
-  const int64_t D = codes.size(3) * 8 / bits;
-  TORCH_CHECK(D % 8 == 0, op, ": head dimension D must be a multiple of 8, got ", D);
-  TORCH_CHECK(group_size > 0 && codes.size(2) % group_size == 0, op, ": T = codes.size(2) = ", codes.size(2),
-              " must be a multiple of group_size ", group_size);
-  check_params(params, codes, op, {codes.size(0), codes.size(1), codes.size(2) / group_size, D, 2});
-  const ChannelDequantArgs a{
-      codes.size(0) * codes.size(1) * codes.size(2), codes.size(2), D, (int)bits, (int)group_size,
-      param_type(params.scalar_type(), op)};
+  check_codes(codes, op, at::kByte);
+  const c10::SymInt D = codes_head_dim(codes, bits, false, op);
+  const auto sz = codes.sym_sizes();
+  check_channel_group(group_size, sz[2], "codes.size(2)", op);
+  check_params(params, op, {sz[0], sz[1], sz[2] / group_size, D, 2});
+  const ParamType pt = param_type(params.scalar_type(), op, "params");
   const DType dt = out_dtype(dtype, op);
-  auto out = at::empty({codes.size(0), codes.size(1), codes.size(2), D}, codes.options().dtype(dtype));
+  auto out = at::empty_symint({sz[0], sz[1], sz[2], D}, codes.options().dtype(dtype));
+  if (codes.is_meta()) return out;
+  const ChannelDequantArgs a{codes.size(0) * codes.size(1) * codes.size(2),
+                             codes.size(2),
+                             codes.size(3) * 8 / bits,
+                             (int)bits,
+                             (int)group_size,
+                             pt};
   auto* codes_ptr = static_cast<const uint8_t*>(codes.data_ptr());
   run_on_device(
       codes, op, [&] { cpu_dequantize_channel(dt, codes_ptr, params.data_ptr(), out.data_ptr(), a); },
@@ -154,38 +204,47 @@ at::Tensor kv_dequantize_channel(const at::Tensor& codes, const at::Tensor& para
   return out;
 }
 
-Fp8Format fp8_format(const std::string& f, const char* op) {
+Fp8Format fp8_format(c10::string_view format, const char* op) {
+  const std::string f(format);
   TORCH_CHECK(f == "e4m3" || f == "e5m2", op, ": format must be \"e4m3\" or \"e5m2\", got \"", f, "\"");
   return f == "e4m3" ? Fp8Format::kE4M3 : Fp8Format::kE5M2;
 }
 
-// scale: fp32, one value ([] or [1]) or one per head ([H]); returns whether it is per head.
-bool check_fp8_scale(const at::Tensor& scale, const at::Tensor& data, int64_t H, const char* op) {
+// scale: fp32, one value ([] or [1]) or one per head ([H]), any strides; returns whether it is per head.
+bool check_fp8_scale(const at::Tensor& scale, const c10::SymInt& H, const char* op) {
   TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
-  check_same_device(scale, data, op, "scale");
-  TORCH_CHECK(scale.is_contiguous(), op, ": scale must be contiguous");
-  const bool per_tensor = scale.numel() == 1 && scale.dim() <= 1;
-  TORCH_CHECK(per_tensor || (scale.dim() == 1 && scale.size(0) == H), op,
-              ": scale must have shape [] or [1] (per tensor) or [H] = [", H, "] (per head), got ", scale.sizes());
+  const bool per_tensor = scale.dim() == 0 || (scale.dim() == 1 && scale.sym_size(0) == 1);
+  TORCH_CHECK(per_tensor || (scale.dim() == 1 && scale.sym_size(0) == H), op,
+              ": scale must have shape [] or [1] (per tensor) or [H] = [", H, "] (per head), got ", scale.sym_sizes());
   return !per_tensor;
+}
+
+// The scale's values (data, so after the meta return): on CPU every value must be finite and positive.
+// On CUDA reading them would cost a host sync per call: the kernels turn an invalid scale into NaN
+// codes / outputs instead (fp8_scale_ok).
+const float* fp8_scale_values(const at::Tensor& scale_c, const char* op) {
+  const float* s = scale_c.data_ptr<float>();
+  if (scale_c.device().is_cpu()) {
+    for (int64_t i = 0; i < scale_c.numel(); ++i) {
+      TORCH_CHECK_VALUE(fp8_scale_ok(s[i]), op, ": scale must be finite and positive, got scale[", i, "] = ", s[i]);
+    }
+  }
+  return s;
 }
 
 at::Tensor kv_quantize_fp8(const at::Tensor& x_in, const at::Tensor& scale, c10::string_view format) {
   const char* op = "trous.kv_quantize_fp8";
   check_devices(op, {{"x", x_in}, {"scale", scale}});
-  TORCH_CHECK(x_in.dim() == 4, op, ": x must have shape [B, H, T, D], got ", x_in.dim(), " dimensions ",
-              x_in.sym_sizes());
-  const DType dt = float_dtype(x_in, op, "x");
-  TORCH_CHECK(x_in.sym_size(3) % 8 == 0, op, ": head dimension D = x.size(3) must be a multiple of 8, got ",
-              x_in.sym_size(3));
-  const Fp8Format f = fp8_format(std::string(format), op);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
+  const DType dt = check_x(x_in, op);
+  const Fp8Format f = fp8_format(format, op);
+  const bool per_head = check_fp8_scale(scale, x_in.sym_size(1), op);
   auto codes = at::empty_symint(x_in.sym_sizes(), x_in.options().dtype(at::kByte));
   if (x_in.is_meta()) return codes;
-  const at::Tensor x = rows_input(x_in, op);
-  const Fp8Args a{row_layout(x), f, check_fp8_scale(scale, x, x.size(1), op)};
+  const at::Tensor x = rows_input(x_in);
+  const at::Tensor scale_c = scale.contiguous();
+  const float* s = fp8_scale_values(scale_c, op);
+  const Fp8Args a{row_layout(x), f, per_head};
   auto* codes_ptr = static_cast<uint8_t*>(codes.data_ptr());
-  const float* s = scale.data_ptr<float>();
   run_on_device(
       x, op, [&] { cpu_quantize_fp8(dt, x.data_ptr(), s, codes_ptr, a); },
       [&](void* stream) { TROUS_CUDA_ONLY(launch_quantize_fp8(dt, x.data_ptr(), s, codes_ptr, a, stream)); });
@@ -195,16 +254,18 @@ at::Tensor kv_quantize_fp8(const at::Tensor& x_in, const at::Tensor& scale, c10:
 at::Tensor kv_dequantize_fp8(const at::Tensor& codes, const at::Tensor& scale, c10::string_view format,
                              at::ScalarType dtype) {
   const char* op = "trous.kv_dequantize_fp8";
-  check_codes(codes, op, at::kByte, -1);
-  TORCH_CHECK(codes.size(3) % 8 == 0, op, ": head dimension D = codes.size(3) must be a multiple of 8, got ",
-              codes.size(3));
-  const Fp8Format f = fp8_format(std::string(format), op);
-  const bool per_head = check_fp8_scale(scale, codes, codes.size(1), op);
+  check_devices(op, {{"codes", codes}, {"scale", scale}});
+  check_codes(codes, op, at::kByte);
+  codes_head_dim(codes, 8, true, op);
+  const Fp8Format f = fp8_format(format, op);
+  const bool per_head = check_fp8_scale(scale, codes.sym_size(1), op);
   const DType dt = out_dtype(dtype, op);
-  auto out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  auto out = at::empty_symint(codes.sym_sizes(), codes.options().dtype(dtype));
+  if (codes.is_meta()) return out;
+  const at::Tensor scale_c = scale.contiguous();
+  const float* s = fp8_scale_values(scale_c, op);
   const int64_t rows = codes.size(0) * codes.size(1) * codes.size(2);
   auto* codes_ptr = static_cast<const uint8_t*>(codes.data_ptr());
-  const float* s = scale.data_ptr<float>();
   run_on_device(
       codes, op,
       [&] {
@@ -246,8 +307,26 @@ TORCH_LIBRARY_IMPL(trous, CPU, m) {
   m.impl("kv_dequantize_fp8", &kv_dequantize_fp8);
 }
 
-TORCH_LIBRARY_IMPL(trous, Meta, m) { m.impl("kv_quantize_fp8", &kv_quantize_fp8); }
-TORCH_LIBRARY_IMPL(trous, Autograd, m) { TROUS_NO_AUTOGRAD(m, "kv_quantize_fp8"); }
+// The fake kernels are the ops themselves (they return before reading data on meta tensors).
+TORCH_LIBRARY_IMPL(trous, Meta, m) {
+  m.impl("kv_quantize", &kv_quantize);
+  m.impl("kv_dequantize", &kv_dequantize);
+  m.impl("kv_quantize_channel", &kv_quantize_channel);
+  m.impl("kv_dequantize_channel", &kv_dequantize_channel);
+  m.impl("kv_quantize_fp8", &kv_quantize_fp8);
+  m.impl("kv_dequantize_fp8", &kv_dequantize_fp8);
+}
+
+// No KV op has a derivative: inputs that require grad are refused (instead of an output whose
+// backward silently leaves their .grad None).
+TORCH_LIBRARY_IMPL(trous, Autograd, m) {
+  TROUS_NO_AUTOGRAD(m, "kv_quantize");
+  TROUS_NO_AUTOGRAD(m, "kv_dequantize");
+  TROUS_NO_AUTOGRAD(m, "kv_quantize_channel");
+  TROUS_NO_AUTOGRAD(m, "kv_dequantize_channel");
+  TROUS_NO_AUTOGRAD(m, "kv_quantize_fp8");
+  TROUS_NO_AUTOGRAD(m, "kv_dequantize_fp8");
+}
 
 #ifdef TROUS_WITH_CUDA
 TORCH_LIBRARY_IMPL(trous, CUDA, m) {

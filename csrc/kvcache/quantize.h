@@ -6,19 +6,37 @@
 #include <cstring>
 
 #include "trous/common.h"
+#include "trous/dtype.h"
 
 namespace trous {
 namespace kv {
+
+TROUS_INLINE uint32_t float_bits_(float v) {
+  uint32_t x;
+  memcpy(&x, &v, 4);
+  return x;
+}
+
+TROUS_INLINE float bits_float_(uint32_t x) {
+  float v;
+  memcpy(&v, &x, 4);
+  return v;
+}
 
 // How a group's parameters are stored (fp16 or fp32). Codes are computed with the stored
 // (rounded) values, so dequantization reproduces exactly what the quantizer optimised.
 enum class ParamType : int { kFloat32 = 0, kFloat16 = 1 };
 
-// Asymmetric min-max parameters of one group, rounded to their storage type.
+// Asymmetric min-max parameters of one group, rounded to their storage type, and the two constants
+// of the code formula t = (x / 2 - zero / 2) * (2 / scale), which cannot overflow for finite x
+// (the plain (x - zero) / scale overflows once a group spans more than FLT_MAX) and gives the same
+// bits as (x - zero) * inv wherever x / 2 is exact.
 struct AsymParams {
   float scale;
-  float zero;  // the group minimum
-  float inv;   // 1 / scale, or 0 for a constant group (never NaN)
+  float zero;       // the group minimum
+  float inv;        // 1 / scale (scale >= min_scale, so finite), or 0 for a non-finite group (never NaN)
+  float zero_half;  // zero / 2
+  float inv2;       // 2 / scale
 };
 
 // Round-to-nearest-even fp32 -> fp16 -> fp32, written with integer ops so it is bit-identical on
@@ -78,27 +96,78 @@ TROUS_INLINE int max_code(int bits) { return (1 << bits) - 1; }
 // A group holding NaN or +-Inf gets NaN parameters: the whole group dequantizes to NaN, so the
 // poison stays visible instead of silently becoming finite numbers. Its codes are 0.
 // Rounds a parameter to its storage type; CPU kernels may pass a faster equivalent (F16C).
+// up(v): rounded upwards (round_scale_up).
 struct ParamRounding {
   ParamType t;
   TROUS_HOST_DEVICE float operator()(float v) const { return round_param(v, t); }
+  TROUS_HOST_DEVICE float up(float v) const;
 };
 
+// The smallest scale a finite group gets: a constant or tiny group never gets scale 0 (which would
+// lose it to underflow), and 1 / scale stays finite in fp32. fp16 parameters: the smallest subnormal
+// 2^-24 (subnormal scales keep the absolute error of tiny groups below 2^-25 per step, better than
+// flooring at the smallest normal 2^-14); fp32: the smallest normal 2^-126 (1 / a subnormal
+// overflows).
+TROUS_INLINE float min_scale(ParamType t) {
+  return t == ParamType::kFloat16 ? 5.9604644775390625e-8f : 1.17549435082228750797e-38f;
+}
+
+// The representable value just below a positive parameter s (one ulp down in its storage type).
+TROUS_INLINE float param_below(float s, ParamType t) {
+  return t == ParamType::kFloat16 ? half_bits_to_float((uint16_t)(float_to_half_bits(s) - 1u))
+                                  : bits_float_(float_bits_(s) - 1u);
+}
+
+// The scale rounded to its storage type, upwards: s >= the exact scale, so no element of a group is
+// clamped by more than half a step (matters for fp16 subnormal scales, whose nearest rounding can
+// lose a third of the step). fp32 parameters are the fp32 quotient itself.
+TROUS_INLINE float round_scale_up(float exact, ParamType t) {
+  const float s = round_param(exact, t);
+  return s < exact ? (t == ParamType::kFloat16 ? half_bits_to_float((uint16_t)(float_to_half_bits(s) + 1u))
+                                               : bits_float_(float_bits_(s) + 1u))
+                   : s;
+}
+
+TROUS_HOST_DEVICE inline float ParamRounding::up(float v) const { return round_scale_up(v, t); }
+
+// The largest magnitude whose conversion from fp32 to the input dtype stays finite (exclusive):
+// reconstructions are kept below it, so a finite group always dequantizes to finite values of the
+// dtype it was quantized from. fp32: any finite value; fp16: below 65520 (rounds to 65504);
+// bf16: below 0x7f7f8000 (rounds to 3.3895e38).
+TROUS_INLINE float finite_limit(DType d) {
+  return d == DType::kFloat16 ? 65520.f : d == DType::kBFloat16 ? bits_float_(0x7f7f8000u) : INFINITY;
+}
+
+// Scale of a finite group: s = (mx / 2 - mn / 2) / L * 2 (the same bits as (mx - mn) / L, without
+// overflow for a group spanning [-FLT_MAX, FLT_MAX]), rounded up to its storage type, floored at
+// min_scale, then stepped down (at most twice; rounding moves it by half an ulp) while the top code
+// would reconstruct at or beyond `limit`: fma(L, s, zero) < limit, so every code reconstructs finitely.
 template <typename Round>
-TROUS_INLINE AsymParams asym_params_rounded(float mn, float mx, bool finite, int bits, Round round) {
+TROUS_INLINE AsymParams asym_params_rounded(float mn, float mx, bool finite, int bits, float limit, Round round) {
   AsymParams p;
   if (!finite) {
-    p.scale = p.zero = NAN;
-    p.inv = 0.f;
+    p.scale = p.zero = p.zero_half = NAN;
+    p.inv = p.inv2 = 0.f;
     return p;
   }
-  p.scale = round((mx - mn) / (float)max_code(bits));
+  const float L = (float)max_code(bits);
+  const float floor_s = min_scale(round.t);
+  float s = round.up(fmaf(mx, 0.5f, -(mn * 0.5f)) / L * 2.f);
+  s = s > floor_s ? s : floor_s;  // not fmaxf: a libm call on the host
   p.zero = round(mn);
-  p.inv = p.scale > 0.f ? 1.f / p.scale : 0.f;
+  p.inv = 1.f / s;
+  if (!(fmaf(L, s, p.zero) < limit)) {  // rare (groups near the dtype's limit): off the common path
+    for (int i = 0; i < 2 && !(fmaf(L, s, p.zero) < limit) && s > floor_s; ++i) s = param_below(s, round.t);
+    p.inv = 1.f / s;
+  }
+  p.scale = s;
+  p.zero_half = p.zero * 0.5f;
+  p.inv2 = p.inv * 2.f;
   return p;
 }
 
-TROUS_INLINE AsymParams asym_params(float mn, float mx, bool finite, int bits, ParamType t) {
-  return asym_params_rounded(mn, mx, finite, bits, ParamRounding{t});
+TROUS_INLINE AsymParams asym_params(float mn, float mx, bool finite, int bits, ParamType t, float limit = INFINITY) {
+  return asym_params_rounded(mn, mx, finite, bits, limit, ParamRounding{t});
 }
 
 // Round half to even for |t| < 2^22, identical to rintf/cvt.rni but vectorisable without SSE4.1:
@@ -109,23 +178,33 @@ TROUS_INLINE float round_half_even(float t) {
   return (t + kMagic) - kMagic;
 }
 
+// t = fma(x, 1/2, -zero/2) * (2 / scale), clamped to [0, L]; NaN (only in a non-finite group, whose
+// codes are 0) becomes 0 before the integer conversion.
 TROUS_INLINE uint32_t asym_code(float x, AsymParams p, int bits) {
   const float max_q = (float)max_code(bits);
-  float t = (x - p.zero) * p.inv;
-  t = t < 0.f ? 0.f : (t > max_q ? max_q : t);
+  float t = fmaf(x, 0.5f, -p.zero_half) * p.inv2;
+  t = t > 0.f ? (t < max_q ? t : max_q) : 0.f;
   return (uint32_t)round_half_even(t);
 }
 
-TROUS_INLINE float asym_decode(uint32_t q, float scale, float zero) { return (float)q * scale + zero; }
+// fma(q, s, z): the product q * s is exact inside the fma, so a finite group (whose top code
+// reconstructs below the dtype's limit, see asym_params_rounded) never overflows.
+TROUS_INLINE float asym_decode(uint32_t q, float scale, float zero) { return fmaf((float)q, scale, zero); }
 
-// Symmetric int8: s = amax / 127, q in [-127, 127].
+// Symmetric int8: s = amax / 127 (rounded up, floored at min_scale, stepped down while 127 s would
+// reach `limit`), q in [-127, 127].
 template <typename Round>
-TROUS_INLINE float sym_scale_rounded(float amax, bool finite, Round round) {
-  return finite ? round(amax / 127.f) : NAN;
+TROUS_INLINE float sym_scale_rounded(float amax, bool finite, float limit, Round round) {
+  if (!finite) return NAN;
+  const float floor_s = min_scale(round.t);
+  float s = round.up(amax / 127.f);
+  s = s > floor_s ? s : floor_s;
+  for (int i = 0; i < 2 && !(127.f * s < limit) && s > floor_s; ++i) s = param_below(s, round.t);
+  return s;
 }
 
-TROUS_INLINE float sym_scale(float amax, bool finite, ParamType t) {
-  return sym_scale_rounded(amax, finite, ParamRounding{t});
+TROUS_INLINE float sym_scale(float amax, bool finite, ParamType t, float limit = INFINITY) {
+  return sym_scale_rounded(amax, finite, limit, ParamRounding{t});
 }
 
 // `inv` = 1 / scale, or 0 for a zero or NaN scale (all codes 0).
@@ -137,6 +216,11 @@ TROUS_INLINE int32_t sym_code(float x, float inv) {
   t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
   return (int32_t)round_half_even(t);
 }
+
+// An explicit fp8 scale is usable iff finite and positive. The CPU op refuses others; the CUDA
+// kernels (which cannot read it without a host sync) turn every code / output of an invalid scale
+// into NaN.
+TROUS_INLINE bool fp8_scale_ok(float s) { return s > 0.f && s <= 3.40282346638528859812e38f; }
 
 // ---- fp8 (OCP e4m3fn and e5m2), round-to-nearest-even with saturation to the largest finite
 // value (satfinite). NaN stays NaN; +-Inf saturates to +-max.
@@ -209,6 +293,7 @@ struct TokenQuantArgs {
   int group;       // G channels per group, G % 8 == 0, G divides D
   bool symmetric;  // int8 symmetric: params hold the scale only
   ParamType ptype;
+  float limit = INFINITY;  // finite_limit of the input dtype
 };
 
 struct TokenDequantArgs {
@@ -223,6 +308,7 @@ struct ChannelQuantArgs {
   int bits;
   int group;  // G tokens per group
   ParamType ptype;
+  float limit = INFINITY;  // finite_limit of the input dtype
 };
 
 struct ChannelDequantArgs {

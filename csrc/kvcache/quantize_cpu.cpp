@@ -121,10 +121,12 @@ TROUS_AVX2 GroupStats group_stats_avx2(const float* v, index_t n) {
   return {hmin(mn), hmax(mx), hmax(amax), _mm256_testz_si256(bad, bad) != 0};
 }
 
-// Same steps as asym_code: one rounded subtract, one rounded multiply, clamp, then cvtps (round to
-// nearest even in the default MXCSR mode).
+// Same steps as asym_code: fma(x, 1/2, -zero/2), one rounded multiply by 2 / scale, clamp (NaN
+// becomes 0: max_ps returns its second operand), then cvtps (round to nearest even in the default
+// MXCSR mode).
 TROUS_AVX2 uint64_t asym_codes8_avx2(const float* v, AsymParams p, int bits) {
-  __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v), _mm256_set1_ps(p.zero)), _mm256_set1_ps(p.inv));
+  __m256 t = _mm256_mul_ps(_mm256_fmsub_ps(_mm256_loadu_ps(v), _mm256_set1_ps(0.5f), _mm256_set1_ps(p.zero_half)),
+                           _mm256_set1_ps(p.inv2));
   t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), _mm256_set1_ps((float)max_code(bits)));
   return cpu::low_bytes(_mm256_cvtps_epi32(t));
 }
@@ -135,12 +137,12 @@ TROUS_AVX2 uint64_t sym_codes8_avx2(const float* v, float inv) {
   return cpu::low_bytes(_mm256_cvtps_epi32(t));
 }
 
-// q * s + z with a separate rounded multiply and add, as the reference formula.
+// fma(q, s, z), as asym_decode (the product is exact, so a finite group cannot overflow).
 template <typename T>
 TROUS_AVX2 void decode8_avx2(uint64_t b, bool is_signed, float s, float z, T* out) {
   const __m128i bytes = _mm_cvtsi64_si128((long long)b);
   const __m256i q = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
-  cpu::store8(out, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s)), _mm256_set1_ps(z)));
+  cpu::store8(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s), _mm256_set1_ps(z)));
 }
 
 // KIVI: per-channel running min / max over tokens (elementwise, 8 channels at a time).
@@ -154,12 +156,14 @@ TROUS_AVX2 void channel_minmax_avx2(const float* v, float* mn, float* mx, uint32
   }
 }
 
-TROUS_AVX2 void channel_codes_avx2(const float* v, const float* zero, const float* inv, int bits, index_t D,
+// zero_half / inv2: per channel, as AsymParams (asym_code's steps, 8 channels at a time).
+TROUS_AVX2 void channel_codes_avx2(const float* v, const float* zero_half, const float* inv2, int bits, index_t D,
                                    uint8_t* dst) {
   const __m256 max_q = _mm256_set1_ps((float)max_code(bits));
+  const __m256 half = _mm256_set1_ps(0.5f);
   for (index_t c = 0; c < D; c += 8) {
-    __m256 t =
-        _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(zero + c)), _mm256_loadu_ps(inv + c));
+    __m256 t = _mm256_mul_ps(_mm256_fmsub_ps(_mm256_loadu_ps(v + c), half, _mm256_loadu_ps(zero_half + c)),
+                             _mm256_loadu_ps(inv2 + c));
     t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), max_q);
     store_packed8(dst + c / 8 * bits, cpu::low_bytes(_mm256_cvtps_epi32(t)), bits);
   }
@@ -252,6 +256,11 @@ struct Avx2Ops {
                  ? _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT)))
                  : v;
     }
+    // Rounded upwards (the same bits as round_scale_up: the smallest fp16 >= v).
+    TROUS_AVX2 float up(float v) const {
+      return t == ParamType::kFloat16 ? _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_POS_INF)))
+                                      : v;
+    }
   };
   TROUS_AVX2 static void store_param(void* params, index_t i, float v, ParamType t) {
     if (t == ParamType::kFloat16) {
@@ -287,7 +296,7 @@ TROUS_FORCE_INLINE void quantize_row(const float* row, const TokenQuantArgs& a, 
     const index_t gi = row_index * n_groups + g;
     const GroupStats st = Ops::stats(v, G);
     if (a.symmetric) {
-      const float s = sym_scale_rounded(st.amax, st.finite, typename Ops::Rounding{a.ptype});
+      const float s = sym_scale_rounded(st.amax, st.finite, a.limit, typename Ops::Rounding{a.ptype});
       const float inv = sym_inv(s);
       Ops::store_param(params, gi, s, a.ptype);
       for (index_t c = 0; c < G; c += 8) {
@@ -296,7 +305,7 @@ TROUS_FORCE_INLINE void quantize_row(const float* row, const TokenQuantArgs& a, 
       }
       continue;
     }
-    const AsymParams p = asym_params_rounded(st.mn, st.mx, st.finite, a.bits, typename Ops::Rounding{a.ptype});
+    const AsymParams p = asym_params_rounded(st.mn, st.mx, st.finite, a.bits, a.limit, typename Ops::Rounding{a.ptype});
     Ops::store_param(params, 2 * gi, p.scale, a.ptype);
     Ops::store_param(params, 2 * gi + 1, p.zero, a.ptype);
     for (index_t c = 0; c < G; c += 8) {
@@ -376,14 +385,46 @@ void channel_minmax_scalar(const float* v, float* mn, float* mx, uint32_t* bad, 
   }
 }
 
-void channel_codes_scalar(const float* v, const float* zero, const float* inv, int bits, index_t D, uint8_t* dst) {
+void channel_codes_scalar(const float* v, const float* zero_half, const float* inv2, int bits, index_t D,
+                          uint8_t* dst) {
   for (index_t c = 0; c < D; c += 8) {
     uint64_t b = 0;
-    for (int k = 0; k < 8; ++k)
-      b |= (uint64_t)asym_code(v[c + k], AsymParams{0.f, zero[c + k], inv[c + k]}, bits) << (8 * k);
+    for (int k = 0; k < 8; ++k) {
+      AsymParams p{};
+      p.zero_half = zero_half[c + k];
+      p.inv2 = inv2[c + k];
+      b |= (uint64_t)asym_code(v[c + k], p, bits) << (8 * k);
+    }
     store_packed8(dst + c / 8 * bits, b, bits);
   }
 }
+
+// The D channels' parameters of one token group (first parameter index 2 * p0), and the code constants
+// zero_half / inv2 per channel. A non-finite channel encodes as 0: inv2 is 0 and zero_half 0, so
+// t = x / 2 * 0 is 0 or NaN (x = +-Inf or NaN), which asym_code and the AVX2 clamp turn into 0.
+template <typename Ops>
+TROUS_FORCE_INLINE void channel_params(const float* mn, const float* mx, const uint32_t* bad, const ChannelQuantArgs& a,
+                                       void* params, index_t p0, float* zero_half, float* inv2) {
+  for (index_t c = 0; c < a.in.D; ++c) {
+    const AsymParams p =
+        asym_params_rounded(mn[c], mx[c], bad[c] == 0, a.bits, a.limit, typename Ops::Rounding{a.ptype});
+    Ops::store_param(params, (p0 + c) * 2, p.scale, a.ptype);
+    Ops::store_param(params, (p0 + c) * 2 + 1, p.zero, a.ptype);
+    zero_half[c] = bad[c] ? 0.f : p.zero_half;
+    inv2[c] = p.inv2;
+  }
+}
+
+void channel_params_scalar(const float* mn, const float* mx, const uint32_t* bad, const ChannelQuantArgs& a,
+                           void* params, index_t p0, float* zero_half, float* inv2) {
+  channel_params<ScalarOps>(mn, mx, bad, a, params, p0, zero_half, inv2);
+}
+#if TROUS_HAVE_AVX2_PATH
+TROUS_AVX2 void channel_params_avx2(const float* mn, const float* mx, const uint32_t* bad, const ChannelQuantArgs& a,
+                                    void* params, index_t p0, float* zero_half, float* inv2) {
+  channel_params<Avx2Ops>(mn, mx, bad, a, params, p0, zero_half, inv2);
+}
+#endif
 
 // KIVI keys: one task = one token group of one (b, h), G rows reduced channel-wise.
 template <typename T>
@@ -392,10 +433,12 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
   const index_t code_bytes = D * a.bits / 8;
   auto* minmax_fn = &channel_minmax_scalar;
   auto* codes_fn = &channel_codes_scalar;
+  auto* params_fn = &channel_params_scalar;
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
     minmax_fn = &channel_minmax_avx2;
     codes_fn = &channel_codes_avx2;
+    params_fn = &channel_params_avx2;
   }
 #endif
   at::parallel_for(0, a.in.B * a.in.H * token_groups, 1, [&](int64_t t0, int64_t t1) {
@@ -411,13 +454,7 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
       std::copy(tile.data(), tile.data() + D, mx.data());
       std::fill(bad.begin(), bad.end(), 0u);
       for (index_t t = 0; t < G; ++t) minmax_fn(tile.data() + t * D, mn.data(), mx.data(), bad.data(), D);
-      for (index_t c = 0; c < D; ++c) {
-        const AsymParams p = asym_params(mn[c], mx[c], bad[c] == 0, a.bits, a.ptype);
-        store_param_cpu(params, (task * D + c) * 2, p.scale, a.ptype);
-        store_param_cpu(params, (task * D + c) * 2 + 1, p.zero, a.ptype);
-        zero[c] = bad[c] ? 0.f : p.zero;  // a non-finite channel encodes as 0 (inv is 0 too)
-        inv[c] = p.inv;
-      }
+      params_fn(mn.data(), mx.data(), bad.data(), a, params, task * D, zero.data(), inv.data());
       for (index_t t = 0; t < G; ++t) {
         codes_fn(tile.data() + t * D, zero.data(), inv.data(), a.bits, D, codes + (row0 + t) * code_bytes);
       }
@@ -441,8 +478,7 @@ TROUS_AVX2 void channel_decode_row_avx2(const uint8_t* src, const float* scale, 
                                         T* out) {
   for (index_t c = 0; c < D; c += 8) {
     const __m256i q = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)load_packed8(src + c / 8 * bits, bits)));
-    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(scale + c));
-    cpu::store8(out + c, _mm256_add_ps(v, _mm256_loadu_ps(zero + c)));
+    cpu::store8(out + c, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(scale + c), _mm256_loadu_ps(zero + c)));
   }
 }
 #endif

@@ -152,13 +152,13 @@ __global__ void __launch_bounds__(kThreads) quantize_token_lanes(const T* __rest
   const bool leader = (j % LANES) == 0;
   uint32_t q[kPack];
   if (a.symmetric) {
-    const float s = sym_scale(amax, finite, a.ptype);
+    const float s = sym_scale(amax, finite, a.ptype, a.limit);
     const float inv = sym_inv(s);
 #pragma unroll
     for (int i = 0; i < kPack; ++i) q[i] = finite ? (uint32_t)(sym_code(v[i], inv) & 0xff) : 0u;
     if (leader) store_param(params, group_index, s, a.ptype);
   } else {
-    const AsymParams pr = asym_params(mn, mx, finite, a.bits, a.ptype);
+    const AsymParams pr = asym_params(mn, mx, finite, a.bits, a.ptype, a.limit);
 #pragma unroll
     for (int i = 0; i < kPack; ++i) q[i] = finite ? asym_code(v[i], pr, a.bits) : 0u;
     if (leader) {
@@ -192,10 +192,10 @@ __global__ void __launch_bounds__(kThreads) quantize_token_serial(const T* __res
   float s = 0.f;
   AsymParams pr{};
   if (a.symmetric) {
-    s = sym_scale(amax, finite, a.ptype);
+    s = sym_scale(amax, finite, a.ptype, a.limit);
     store_param(params, gi, s, a.ptype);
   } else {
-    pr = asym_params(mn, mx, finite, a.bits, a.ptype);
+    pr = asym_params(mn, mx, finite, a.bits, a.ptype, a.limit);
     store_param(params, 2 * gi, pr.scale, a.ptype);
     store_param(params, 2 * gi + 1, pr.zero, a.ptype);
   }
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) quantize_channel(const T* __restrict
   const index_t param0 = ((bh * token_groups + tg) * a.in.D + j * kPack) * 2;
 #pragma unroll
   for (int i = 0; i < kPack; ++i) {
-    pr[i] = asym_params(mn[i], mx[i], finite[i], a.bits, a.ptype);
+    pr[i] = asym_params(mn[i], mx[i], finite[i], a.bits, a.ptype, a.limit);
     store_param(params, param0 + 2 * i, pr[i].scale, a.ptype);
     store_param(params, param0 + 2 * i + 1, pr[i].zero, a.ptype);
   }
@@ -313,11 +313,12 @@ __global__ void __launch_bounds__(kThreads)
   const index_t row = p / packs_per_row;
   const index_t j = p % packs_per_row;
   const float s = scale[a.per_head ? (row / a.in.T) % a.in.H : 0];
+  const bool ok = fp8_scale_ok(s);  // an invalid explicit scale gives NaN codes (0x7f in both formats)
   float v[kPack];
   load_pack<T, VEC>(x + row_offset(row, a.in.H, a.in.T, a.in.stride) + j * kPack, v);
   uint32_t q[kPack];
 #pragma unroll
-  for (int i = 0; i < kPack; ++i) q[i] = float_to_fp8(v[i] / s, a.format);
+  for (int i = 0; i < kPack; ++i) q[i] = ok ? float_to_fp8(v[i] / s, a.format) : 0x7fu;
   store_codes(codes + p * kPack, q, 8);
 }
 
@@ -329,7 +330,8 @@ __global__ void __launch_bounds__(kThreads)
   const index_t p = (index_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= rows * packs_per_row) return;
   const index_t row = p / packs_per_row;
-  const float s = scale[per_head ? (row / T_len) % H : 0];
+  const float s_in = scale[per_head ? (row / T_len) % H : 0];
+  const float s = fp8_scale_ok(s_in) ? s_in : NAN;  // an invalid scale decodes to NaN
   uint32_t q[kPack];
   load_codes(codes + p * kPack, q, 8);
   float v[kPack];

@@ -20,10 +20,10 @@ import trous
 class Block(nn.Module):
     """ConvNeXt block with a DCLS depthwise convolution (as in ConvNeXt-dcls)."""
 
-    def __init__(self, dim, kernel_count=6, dks=7, version="gauss"):
+    def __init__(self, dim, kernel_count=6, dks=7, version="gauss", strategy="auto"):
         super().__init__()
         self.dwconv = trous.Dcls2d(dim, dim, kernel_count, dilated_kernel_size=dks, padding=dks // 2, groups=dim,
-                                   version=version)
+                                   version=version, strategy=strategy)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.pwconv2 = nn.Linear(4 * dim, dim)
@@ -34,10 +34,11 @@ class Block(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
-def make_model(seed=0, dim=16, classes=5, version="gauss"):
+def make_model(seed=0, dim=16, classes=5, version="gauss", strategy="auto"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, dim, 2, stride=2), Block(dim, version=version), Block(dim, version=version),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, classes))
+    return nn.Sequential(nn.Conv2d(3, dim, 2, stride=2), Block(dim, version=version, strategy=strategy),
+                         Block(dim, version=version, strategy=strategy), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(dim, classes))
 
 
 def make_data(n=16, seed=1, classes=5):
@@ -108,3 +109,30 @@ def test_ddp_gradients_equal_single_process():
     for name, g in want.items():
         torch.testing.assert_close(got[0][name], got[1][name], rtol=0, atol=0)  # replicas agree exactly
         torch.testing.assert_close(got[0][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("version,inference_route", [("gauss", "construct"), ("v1", "direct")])
+def test_eager_training_takes_the_direct_route_with_the_construct_gradients(version, inference_route):
+    """In eager training on CPU "auto" runs the direct depthwise kernels (the cost model's training
+    choice); in inference on this small image gauss builds the kernel and v1 (4 taps per element)
+    stays direct; both give the outputs and gradients of strategy="construct", and a few steps train."""
+    x, y = make_data()
+    auto, dense = make_model(version=version), make_model(version=version, strategy="construct")
+    h = auto[0](x)
+    assert auto[1].dwconv.route(h) == "direct"
+    with torch.no_grad():
+        assert auto[1].dwconv.route(h) == inference_route
+        torch.testing.assert_close(auto(x), dense(x), rtol=1e-5, atol=1e-5)
+    F.cross_entropy(auto(x), y).backward()
+    F.cross_entropy(dense(x), y).backward()
+    for (name, a), (_, b) in zip(auto.named_parameters(), dense.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    opt = torch.optim.AdamW(auto.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = F.cross_entropy(auto(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses

@@ -73,6 +73,14 @@ float read_param(const std::vector<uint8_t>& buf, size_t i, ParamType t) {
   return __half2float(h);
 }
 
+// The smallest scale of a finite group (kvcache: a tiny or constant group never gets scale 0):
+// fp16 parameters 2^-24, fp32 2^-126.
+// Scales round UP to fp16 (so no element is clamped by more than half a step).
+float floor_scale(float s, ParamType t) {
+  const float r = t == ParamType::kFloat16 ? __half2float(__float2half_ru(s)) : s;
+  return std::max(r, t == ParamType::kFloat16 ? 0x1p-24f : 0x1p-126f);
+}
+
 bool same(float a, float b) { return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, 4) == 0; }
 bool close(float a, float b) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
@@ -101,7 +109,7 @@ RefGroup ref_asym(const std::vector<float>& x, int bits, ParamType pt) {
     return g;
   }
   const int qmax = (1 << bits) - 1;
-  g.s = round_to((mx - mn) / (float)qmax, pt);
+  g.s = floor_scale((mx - mn) / (float)qmax, pt);
   g.z = round_to(mn, pt);
   const float inv = g.s > 0.f ? 1.f / g.s : 0.f;
   for (size_t i = 0; i < x.size(); ++i) {
@@ -124,7 +132,7 @@ RefGroup ref_sym(const std::vector<float>& x, ParamType pt) {
     g.s = NAN;
     return g;
   }
-  g.s = round_to(amax / 127.f, pt);
+  g.s = floor_scale(amax / 127.f, pt);
   const float inv = g.s > 0.f ? 1.f / g.s : 0.f;
   for (size_t i = 0; i < x.size(); ++i) {
     const float q = std::nearbyint(x[i] * inv);
@@ -244,7 +252,7 @@ void test_token(const TokenCase& k) {
           chk.fail("row " + std::to_string(r) + " col " + std::to_string(col) + " (x=" + std::to_string(xs[c]) +
                    ") code " + std::to_string(q) + " != " + std::to_string(ref.q[c]));
         ref_out[r * k.D + col] =
-            k.symmetric ? (float)(int8_t)(uint8_t)ref.q[c] * ref.s : (float)ref.q[c] * ref.s + ref.z;
+            k.symmetric ? (float)(int8_t)(uint8_t)ref.q[c] * ref.s : std::fma((float)ref.q[c], ref.s, ref.z);
       }
     }
   }
@@ -310,7 +318,7 @@ void test_channel(const ChannelCase& k) {
           if (q != ref.q[t])
             chk.fail("row " + std::to_string(row0 + t) + " col " + std::to_string(c) + " code " + std::to_string(q) +
                      " != " + std::to_string(ref.q[t]));
-          ref_out[(row0 + t) * k.D + c] = (float)ref.q[t] * ref.s + ref.z;
+          ref_out[(row0 + t) * k.D + c] = std::fma((float)ref.q[t], ref.s, ref.z);
         }
       }
     }
@@ -348,6 +356,7 @@ void test_fp8(const Fp8Case& k) {
   // values are tiny (subnormal codes). Special values: NaN, +-Inf, -0.
   std::vector<float> scale(k.per_head ? k.H : 1, 8.f / fmax);
   if (k.per_head && k.H > 1) scale[1] /= 64.f;
+  if (k.per_head && k.H > 3) scale[3] = 0.f;  // invalid: the kernels give NaN codes and values
   if (k.per_head && k.H > 2)
     for (index_t t = 0; t < k.T; ++t)
       for (index_t c = 0; c < k.D; ++c) in.at(2 * k.T + t, c) = from_f<T>(std::ldexp(in.get(2 * k.T + t, c), -14));
@@ -371,8 +380,13 @@ void test_fp8(const Fp8Case& k) {
     const float s = scale[k.per_head ? (r / k.T) % k.H : 0];
     for (index_t c = 0; c < k.D; ++c) {
       const float v = in.get(r, c) / s;
-      const uint8_t want = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, interp);
       const uint8_t got = codes[r * k.D + c];
+      if (!(s > 0.f && std::isfinite(s))) {
+        if (got != 0x7f) chk.fail("row " + std::to_string(r) + ": invalid scale, code " + std::to_string(got));
+        ref_out[r * k.D + c] = NAN;
+        continue;
+      }
+      const uint8_t want = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, interp);
       // NaN: any NaN encoding (CUDA's host conversion drops the sign, the kernel keeps it).
       const bool ok = std::isnan(v) ? std::isnan(decode(got)) : got == want;
       if (!ok)

@@ -61,6 +61,10 @@ def test_per_token_matches_reference(device, bits, D, group):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_per_token_dtypes(device, dtype, param_dtype, bits):
     x = gaussian((1, 4, 33, 128), dtype, device, seed=bits, scale=3.0, shift=0.5)
+    if param_dtype == torch.float16 and dtype != torch.float16:  # fp16 cannot hold fp32 / bf16 ranges
+        with pytest.raises(RuntimeError, match=r"param_dtype float16 cannot hold the range of x's dtype"):
+            kv.quantize_per_token(x, bits, 32, param_dtype=param_dtype)
+        return
     q = kv.quantize_per_token(x, bits, 32, param_dtype=param_dtype)
     assert q.params.dtype == param_dtype
     codes, params = ref.quantize_per_token(x.cpu(), bits, 32, param_dtype=param_dtype)
@@ -212,7 +216,7 @@ def test_empty(device):
     (lambda x: torch.ops.trous.kv_quantize(x, 4, 12, False, torch.float16), r"group_size must be a positive multiple of 8, got 12"),
     (lambda x: torch.ops.trous.kv_quantize(x, 4, 32, True, torch.float16), r"symmetric quantization is int8 only, got bits = 4"),
     (lambda x: torch.ops.trous.kv_quantize(x, 8, 32, False, torch.bfloat16), r"param_dtype must be float32 or float16, got BFloat16"),
-    (lambda x: torch.ops.trous.kv_quantize(x[..., :60], 8, 20, False, torch.float16), r"D = x.size\(3\) must be a multiple of 8, got 60"),
+    (lambda x: torch.ops.trous.kv_quantize(x[..., :60], 8, 20, False, torch.float16), r"D = x.size\(3\) must be a positive multiple of 8, got 60"),
     (lambda x: torch.ops.trous.kv_quantize(x[0], 8, 32, False, torch.float16), r"x must have shape \[B, H, T, D\], got 3 dimensions"),
     (lambda x: torch.ops.trous.kv_quantize(x.int(), 8, 32, False, torch.float16), r"x must be float32, float16 or bfloat16, got Int"),
     (lambda x: torch.ops.trous.kv_quantize_fp8(x, torch.ones(3), "e4m3"), r"scale must have shape \[\] or \[1\] \(per tensor\) or \[H\] = \[2\]"),
@@ -245,7 +249,8 @@ def _samples(device):
     return [
         (torch.ops.trous.kv_quantize.default, (x16, 4, 32, False, torch.float16)),
         (torch.ops.trous.kv_quantize.default, (x32, 8, 80, True, torch.float32)),
-        (torch.ops.trous.kv_quantize.default, (x32, 2, 16, False, torch.float16)),
+        (torch.ops.trous.kv_quantize.default, (x32, 2, 16, False, torch.float32)),
+        (torch.ops.trous.kv_quantize.default, (x16, 8, 16, True, torch.float16)),
         (torch.ops.trous.kv_dequantize.default, (codes, params, 4, 32, False, torch.bfloat16)),
         (torch.ops.trous.kv_quantize_channel.default, (x32[:, :, :16], 2, 16, torch.float32)),
         (torch.ops.trous.kv_dequantize_channel.default, (ccodes, cparams, 2, 16, torch.float16)),
@@ -267,8 +272,10 @@ def test_torch_compile_fullgraph(device):
         return kv.dequantize(q, torch.float32) + kv.dequantize(k, torch.float32) + kv.dequantize(f, torch.float32)
 
     x = gaussian((1, 2, 16, 64), torch.float16, device, seed=4)
-    compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(roundtrip, fullgraph=True, dynamic=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), roundtrip(x), rtol=0, atol=0)
+    y = gaussian((2, 3, 24, 96), torch.float16, device, seed=5)  # other sizes: the same symbolic graph
+    torch.testing.assert_close(compiled(y), roundtrip(y), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CPU and GPU codes bit-identical")

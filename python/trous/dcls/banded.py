@@ -110,22 +110,56 @@ def dcls_banded_conv1d(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, S
 
 
 def banded_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
-                     dilated_kernel_size: int, version: str, stride: int, padding: int, groups: int) -> bool:
-    """Whether :func:`dcls_banded_conv1d` accepts these arguments (never raises)."""
+                     dilated_kernel_size: int, version: str, stride: int, padding: int, groups: int,
+                     reasons: Optional[list] = None) -> bool:
+    """Whether :func:`dcls_banded_conv1d` accepts these arguments (never raises).
+
+    ``reasons``: a list that receives one sentence per actual cause of a refusal (every failing
+    check, and only those), for the error of ``strategy="direct"``."""
+    why = []
     try:
         d = int(dilated_kernel_size)
-        if x.dim() != 3 or weight.dim() != 3 or P.dim() != 4 or P.shape[0] != 1 or d < 1:
-            return False
-        if x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] != x.shape[1] // groups:
-            return False
-        if tuple(P.shape[1:]) != tuple(weight.shape) or stride < 1 or padding < 0 or x.shape[2] + 2 * padding < d:
-            return False
+        if d < 1:
+            why.append(f"dilated_kernel_size must be >= 1, got {d}")
+        if stride < 1:
+            why.append(f"stride must be >= 1, got {stride}")
+        if padding < 0:
+            why.append(f"padding must be >= 0, got {padding}")
+        if groups < 1:
+            why.append(f"groups must be >= 1, got {groups}")
+        if x.dim() != 3:
+            why.append(f"x must be batched [N, C_in, L] (3-D), got a {x.dim()}-D x of shape {list(x.shape)}")
+        if weight.dim() != 3:
+            why.append(f"weight must be [C_out, C_in / groups, kernel_count], got {list(weight.shape)}")
+        if P.dim() != 4 or P.shape[0] != 1 or (weight.dim() == 3 and tuple(P.shape[1:]) != tuple(weight.shape)):
+            why.append(f"P must have shape [1, *weight.shape] = {[1, *weight.shape]}, got {list(P.shape)}")
         if version in SIG_VERSIONS and (SIG is None or SIG.shape != P.shape):
-            return False
-        tensors = [x, weight, P] + ([SIG] if version in SIG_VERSIONS else [])
-        return inputs_supported(x, tensors, "dcls_banded_conv1d")
-    except Exception:
-        return False
+            why.append(f"SIG must have the shape of P {list(P.shape)} for version {version!r}, got "
+                       f"{None if SIG is None else list(SIG.shape)}")
+        if x.dim() == 3 and weight.dim() == 3 and groups >= 1:
+            if x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] != x.shape[1] // groups:
+                why.append(f"x's {x.shape[1]} channels, weight {list(weight.shape)} and groups={groups} do not "
+                           f"match (weight.shape[1] must be C_in / groups)")
+            if padding >= 0 and d >= 1 and x.shape[2] + 2 * padding < d:
+                why.append(f"x's length {x.shape[2]} plus 2 * padding {padding} is smaller than dilated_kernel_size "
+                           f"{d}")
+        tensors = [("x", x), ("weight", weight), ("P", P)] + ([("SIG", SIG)] if version in SIG_VERSIONS and
+                                                                SIG is not None else [])
+        if not inputs_supported(x, [t for _, t in tensors], "dcls_banded_conv1d"):
+            stray = [f"{n} on {t.device}" for n, t in tensors[1:] if t.device != x.device]
+            ints = [f"{n} is {t.dtype}" for n, t in tensors if not t.is_floating_point()]
+            if stray:
+                why.append(f"x is on {x.device} but " + ", ".join(stray))
+            if ints:
+                why.append("the tensors must be floating point: " + ", ".join(ints))
+            if not stray and not ints:
+                why.append(f"no banded kernels for x of dtype {x.dtype} on {x.device} in this build (CPU: float32, "
+                           "float64, float16, bfloat16; CUDA: float32, float16, bfloat16 when built with CUDA)")
+    except Exception as e:  # malformed arguments (not tensors, wrong types): refused with the cause
+        why.append(f"{type(e).__name__}: {e}")
+    if reasons is not None:
+        reasons.extend(why)
+    return not why
 
 
 # Relative cost of one banded multiply-add against one multiply-add of the dense route (oneDNN's

@@ -98,38 +98,78 @@ def _cuda_supported(device: int, channels: int, kc: int, dks: Tuple[int, ...]) -
 
 def dcls_direct_supported(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
                           dilated_kernel_size: IntOrSeq, version: str, stride: IntOrSeq = 1,
-                          padding: IntOrSeq = 0) -> bool:
-    """Whether :func:`dcls_depthwise_conv` accepts these arguments (never raises)."""
+                          padding: IntOrSeq = 0, reasons: Optional[list] = None) -> bool:
+    """Whether :func:`dcls_depthwise_conv` accepts these arguments (never raises).
+
+    ``reasons``: a list that receives one sentence per actual cause of a refusal (every failing
+    check, and only those), for the error of ``strategy="direct"``."""
+    why = []
     try:
         if version not in VERSIONS:
-            return False
+            why.append(f"version must be one of {VERSIONS}, got {version!r}")
         nd = P.shape[0] if isinstance(dilated_kernel_size, int) else len(dilated_kernel_size)
-        if not 1 <= nd <= 3 or x.dim() != nd + 2:
-            return False
+        if not 1 <= nd <= 3:
+            why.append(f"dilated_kernel_size must have 1, 2 or 3 entries, got {nd}")
+            raise StopIteration
         dks = _per_axis(dilated_kernel_size, nd, "dilated_kernel_size")
         st = _per_axis(stride, nd, "stride")
         pd = _per_axis(padding, nd, "padding")
-        c = x.shape[1]
-        if weight.dim() != 3 or weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] < 1:
-            return False
-        kc = weight.shape[2]
-        if tuple(P.shape) != (nd, c, 1, kc):
-            return False
-        if version in SIG_VERSIONS and (SIG is None or tuple(SIG.shape) != tuple(P.shape)):
-            return False
-        if any(d < 1 or d >= 1024 for d in dks) or any(s < 1 for s in st) or any(p < 0 for p in pd):
-            return False
-        if any(x.shape[2 + i] < 1 or x.shape[2 + i] + 2 * pd[i] < dks[i] for i in range(nd)):
-            return False
-        tensors = [x, weight, P] + ([SIG] if version in SIG_VERSIONS else [])
-        if not inputs_supported(x, tensors, "dcls_conv"):
-            return False
-        if x.device.type == "cuda":
-            return _cuda_supported(x.device.index if x.device.index is not None else torch.cuda.current_device(),
-                                   int(c), int(kc), tuple(int(d) for d in dks))
-        return True
-    except Exception:
-        return False
+        if any(d < 1 or d >= 1024 for d in dks):
+            why.append(f"dilated_kernel_size must be in [1, 1023] on every axis, got {list(dks)}")
+        if any(s < 1 for s in st):
+            why.append(f"stride must be >= 1 on every axis, got {list(st)}")
+        if any(p < 0 for p in pd):
+            why.append(f"padding must be >= 0 on every axis, got {list(pd)}")
+        if x.dim() != nd + 2:
+            why.append(f"x must be batched [N, C, *spatial] with {nd} spatial axes ({nd + 2}-D), got a "
+                       f"{x.dim()}-D x of shape {list(x.shape)}")
+        else:
+            c = x.shape[1]
+            if weight.dim() != 3 or weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] < 1:
+                why.append(f"weight must be [C, 1, kernel_count] with C = {c} (depthwise), got {list(weight.shape)}")
+            elif tuple(P.shape) != (nd, c, 1, weight.shape[2]):
+                why.append(f"P must have shape {[nd, c, 1, weight.shape[2]]}, got {list(P.shape)}")
+            elif version in SIG_VERSIONS and (SIG is None or tuple(SIG.shape) != tuple(P.shape)):
+                why.append(f"SIG must have the shape of P {list(P.shape)} for version {version!r}, got "
+                           f"{None if SIG is None else list(SIG.shape)}")
+            spatial = [x.shape[2 + i] for i in range(nd)]
+            if any(n < 1 for n in spatial):
+                why.append(f"x has an empty spatial axis: {spatial}")
+            elif len(pd) == nd and len(dks) == nd and any(spatial[i] + 2 * pd[i] < dks[i] for i in range(nd)):
+                why.append(f"x's spatial size {spatial} plus 2 * padding {list(pd)} is smaller than "
+                           f"dilated_kernel_size {list(dks)}")
+        tensors = [("x", x), ("weight", weight), ("P", P)] + ([("SIG", SIG)] if version in SIG_VERSIONS and
+                                                                SIG is not None else [])
+        if not inputs_supported(x, [t for _, t in tensors], "dcls_conv"):
+            from ..ops import has_cuda_kernel
+
+            stray = [f"{n} on {t.device}" for n, t in tensors[1:] if t.device != x.device]
+            ints = [f"{n} is {t.dtype}" for n, t in tensors if not t.is_floating_point()]
+            if stray:
+                why.append(f"x is on {x.device} but " + ", ".join(stray))
+            if ints:
+                why.append("the tensors must be floating point: " + ", ".join(ints))
+            if not stray and not ints:
+                if x.device.type == "cpu":
+                    why.append(f"x has dtype {x.dtype}; the CPU kernels take float32, float64, float16, bfloat16")
+                elif x.device.type == "cuda" and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    why.append(f"x has dtype {x.dtype}; the CUDA kernels take float32, float16, bfloat16")
+                elif x.device.type == "cuda" and not has_cuda_kernel("dcls_conv"):
+                    why.append("this build of trous has no CUDA kernels (built with TROUS_CUDA=0 or without nvcc)")
+                else:
+                    why.append(f"there are no direct kernels for device type {x.device.type!r}")
+        elif x.device.type == "cuda" and not why:
+            dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            if not _cuda_supported(dev, int(c), int(weight.shape[2]), tuple(int(d) for d in dks)):
+                why.append(f"the CUDA kernels' limits (shared memory per block, tap packing, grid) refuse "
+                           f"C={int(c)}, kernel_count={int(weight.shape[2])}, dilated_kernel_size={list(dks)}")
+    except StopIteration:
+        pass
+    except Exception as e:  # malformed arguments (not tensors, wrong lengths): refused with the cause
+        why.append(f"{type(e).__name__}: {e}")
+    if reasons is not None:
+        reasons.extend(why)
+    return not why
 
 
 def _expected_taps(kc: int, dks: Sequence[int], version: str) -> float:

@@ -2,7 +2,7 @@
 (:mod:`trous.kvcache.reference`).
 
 Every case times the raw registered op (``torch.ops.trous.kv_*``) and its reference with the same
-arguments: same parameter dtype (fp16 for 16-bit caches, fp32 for fp32 ones, as trous.kvcache picks),
+arguments: same parameter dtype (fp16 for fp16 caches, fp32 for fp32 and bf16 ones, as trous.kvcache picks),
 and for fp8 the same precomputed scale (the dynamic amax scale is a separate reduction, not timed).
 Dequantize cases decode codes made by the trous quantizer, to the dtype of the original cache.
 
@@ -35,7 +35,7 @@ def targets(device: str) -> dict:
 
 
 def _param_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.float32 else torch.float16
+    return torch.float16 if dtype == torch.float16 else torch.float32
 
 
 def _nbytes(numel: int, dtype: torch.dtype) -> int:

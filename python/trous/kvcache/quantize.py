@@ -13,12 +13,24 @@ fp8                    uint8 bits ``[B, H, T, D]``       fp32 scale ``[]`` or ``
 =====================  ================================  ====================================
 
 Codes are packed LSB-first (4-bit: ``byte = e[2k] | e[2k+1] << 4``), bit-identical to KIVI's packing.
-Parameters are stored in float16 or float32 (never bfloat16: its error on the minimum exceeds an
-8-bit step) and codes are computed with the stored, rounded parameters.
+Parameters are stored in float32 (the default) or, for float16 input only, float16 (the default for
+float16 input). bfloat16 parameters are refused (their error on the minimum exceeds an 8-bit step),
+and so are float16 parameters for float32 / bfloat16 input (they cannot hold its range). Codes are
+computed with the stored, rounded parameters.
+
+Supported range: every finite input. The scale is ``(max/2 - min/2) / L * 2`` rounded up (no overflow for a
+group spanning [-FLT_MAX, FLT_MAX]), at least the smallest positive scale of the parameter dtype
+(float32: 2^-126, float16: 2^-24, so a tiny or constant group never gets scale 0), and stepped down
+by an ulp when the top code would reconstruct beyond the input dtype's range; codes are
+``(x/2 - min/2) * (2/scale)`` and dequantization is ``fma(q, scale, min)``: a finite group always
+dequantizes to finite values of its dtype. Error per element <= scale/2 (+ parameter rounding).
 
 Non-finite input: a group holding NaN or +-Inf gets NaN scale and min and codes 0, so the whole group
 dequantizes to NaN (the poison stays visible; nothing silently becomes finite). fp8: NaN stays NaN,
-+-Inf and values beyond the format's range saturate to +-max (448 for e4m3, 57344 for e5m2).
++-Inf and values beyond the format's range saturate to +-max (448 for e4m3, 57344 for e5m2); the
+dynamic scale is the amax of the finite values (NaN and +-Inf ignored) / max. An explicit scale must
+be finite and positive: the CPU op refuses others (ValueError); on CUDA, where checking would need a
+host sync, an invalid scale gives NaN codes (quantize) and NaN values (dequantize).
 """
 from typing import NamedTuple, Optional
 
@@ -46,12 +58,18 @@ class QuantizedKV(NamedTuple):
     bits: int
     group_size: int
     format: str = ""
+    dtype: Optional[torch.dtype] = None  # the dtype that was quantized: what dequantize() returns
+
+
+def _check_x(x: torch.Tensor, op: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"trous.{op}: x must have shape [B, H, T, D], got {x.dim()} dimensions {list(x.shape)}")
 
 
 def _default_param_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp16 parameters for 16-bit caches (half the parameter bytes); fp32 inputs keep fp32 so values
-    # beyond fp16's range stay representable.
-    return torch.float32 if x.dtype == torch.float32 else torch.float16
+    # fp16 parameters for fp16 caches (half the parameter bytes, and fp16 holds fp16's range); fp32
+    # for everything else: fp16 parameters cannot hold bf16 or fp32 values beyond 65504.
+    return torch.float16 if x.dtype == torch.float16 else torch.float32
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = False,
@@ -61,10 +79,11 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, group_size: Optional[int]
     x: [B, H, T, D]. group_size defaults to D (TurboMind int8/int4). ``symmetric`` is int8 only.
     Returns codes [B, H, T, D*bits/8] (int8 [B, H, T, D] if symmetric) and params [B, H, T, D/G, 2|1].
     """
+    _check_x(x, "kv_quantize")
     group_size = x.shape[-1] if group_size is None else group_size
     param_dtype = param_dtype or _default_param_dtype(x)
     codes, params = _ops.kv_quantize(x, bits, group_size, symmetric, param_dtype)
-    return QuantizedKV(codes, params, "symmetric" if symmetric else "token", bits, group_size)
+    return QuantizedKV(codes, params, "symmetric" if symmetric else "token", bits, group_size, "", x.dtype)
 
 
 def quantize_per_channel(x: torch.Tensor, bits: int = 2, group_size: int = 32,
@@ -74,20 +93,28 @@ def quantize_per_channel(x: torch.Tensor, bits: int = 2, group_size: int = 32,
     x: [B, H, T, D] with T a multiple of group_size (KIVI keeps the incomplete tail group, the
     residual, in full precision). Returns codes [B, H, T, D*bits/8] and params [B, H, T/G, D, 2].
     """
+    _check_x(x, "kv_quantize_channel")
     param_dtype = param_dtype or _default_param_dtype(x)
     codes, params = _ops.kv_quantize_channel(x, bits, group_size, param_dtype)
-    return QuantizedKV(codes, params, "channel", bits, group_size)
+    return QuantizedKV(codes, params, "channel", bits, group_size, "", x.dtype)
 
 
 def fp8_scale(x: torch.Tensor, fmt: str = "e4m3", per_head: bool = False) -> torch.Tensor:
     """Dynamic fp8 scale amax / max_fp8 as fp32: shape [] (per tensor) or [H] (per KV head).
 
-    An all-zero tensor (or head) gets scale 1 so that it still encodes exactly.
+    amax is over the finite values only: a NaN or +-Inf never decides the scale (NaN stays NaN
+    elementwise, +-Inf saturates to +-max). A tensor (or head) with no nonzero finite value, empty
+    ones included, gets scale 1 so that it still encodes exactly.
     """
+    _check_x(x, "kv_quantize_fp8")
     if fmt not in FP8_MAX:
-        raise ValueError(f"fp8 format must be one of {sorted(FP8_MAX)}, got {fmt!r}")
-    amax = x.detach().abs().float()
-    amax = amax.amax(dim=(0, 2, 3)) if per_head else amax.amax()
+        raise ValueError(f"trous.kv_quantize_fp8: format must be one of {sorted(FP8_MAX)}, got {fmt!r}")
+    # In x's own dtype (the amax of its values is one of them, exactly): no float32 copy of the cache.
+    a = x.detach().abs().nan_to_num(nan=0.0, posinf=0.0)
+    if a.numel() == 0:  # B = 0, T = 0 or H = 0: no value decides the scale
+        amax = a.new_zeros((x.shape[1],) if per_head else (), dtype=torch.float32)
+    else:
+        amax = (a.amax(dim=(0, 2, 3)) if per_head else a.amax()).float()
     scale = amax / FP8_MAX[fmt]
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -99,14 +126,21 @@ def quantize_fp8(x: torch.Tensor, scale: Optional[torch.Tensor] = None, fmt: str
 
     scale: fp32 [] or [H]; None computes the dynamic scale amax / max_fp8 (see :func:`fp8_scale`).
     """
+    _check_x(x, "kv_quantize_fp8")
     if scale is None:
         scale = fp8_scale(x, fmt, per_head)
     codes = _ops.kv_quantize_fp8(x, scale, fmt)
-    return QuantizedKV(codes, scale, "fp8", 8, 0, fmt)
+    return QuantizedKV(codes, scale, "fp8", 8, 0, fmt, x.dtype)
 
 
-def dequantize(q: QuantizedKV, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Decodes any :class:`QuantizedKV` to a [B, H, T, D] tensor of ``dtype`` (computed in fp32)."""
+def dequantize(q: QuantizedKV, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Decodes any :class:`QuantizedKV` to a [B, H, T, D] tensor of ``dtype`` (computed in fp32).
+
+    ``dtype`` defaults to the dtype that was quantized (``q.dtype``); a QuantizedKV built without
+    it decodes to float32 (which holds every value any parameter dtype can reconstruct).
+    """
+    if dtype is None:
+        dtype = q.dtype if q.dtype is not None else torch.float32
     if q.scheme in ("token", "symmetric"):
         return _ops.kv_dequantize(q.codes, q.params, q.bits, q.group_size, q.scheme == "symmetric", dtype)
     if q.scheme == "channel":
@@ -114,42 +148,3 @@ def dequantize(q: QuantizedKV, dtype: torch.dtype = torch.float16) -> torch.Tens
     if q.scheme == "fp8":
         return _ops.kv_dequantize_fp8(q.codes, q.params, q.format, dtype)
     raise ValueError(f"unknown quantization scheme {q.scheme!r}")
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export.
-
-def _packed(d: int, bits: int) -> int:
-    return d * bits // 8
-
-
-@torch.library.register_fake("trous::kv_quantize")
-def _(x, bits, group_size, symmetric, param_dtype):
-    b, h, t, d = x.shape
-    codes = x.new_empty((b, h, t, d if symmetric else _packed(d, bits)), dtype=torch.int8 if symmetric else torch.uint8)
-    params = x.new_empty((b, h, t, d // group_size, 1 if symmetric else 2), dtype=param_dtype)
-    return codes, params
-
-
-@torch.library.register_fake("trous::kv_dequantize")
-def _(codes, params, bits, group_size, symmetric, dtype):
-    b, h, t, dp = codes.shape
-    return codes.new_empty((b, h, t, dp if symmetric else dp * 8 // bits), dtype=dtype)
-
-
-@torch.library.register_fake("trous::kv_quantize_channel")
-def _(x, bits, group_size, param_dtype):
-    b, h, t, d = x.shape
-    codes = x.new_empty((b, h, t, _packed(d, bits)), dtype=torch.uint8)
-    params = x.new_empty((b, h, t // group_size, d, 2), dtype=param_dtype)
-    return codes, params
-
-
-@torch.library.register_fake("trous::kv_dequantize_channel")
-def _(codes, params, bits, group_size, dtype):
-    b, h, t, dp = codes.shape
-    return codes.new_empty((b, h, t, dp * 8 // bits), dtype=dtype)
-
-
-@torch.library.register_fake("trous::kv_dequantize_fp8")
-def _(codes, scale, format, dtype):
-    return codes.new_empty(codes.shape, dtype=dtype)

@@ -23,18 +23,51 @@ def unpack_lsb_first(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return q.reshape(*codes.shape[:-1], codes.shape[-1] * per_byte)
 
 
-def _asym(x, dim, bits, param_dtype):
+# The smallest scale of a finite group (a tiny or constant group never gets scale 0; 1 / scale is finite).
+MIN_SCALE = {torch.float16: 2.0**-24, torch.float32: 2.0**-126}
+# Reconstructions stay below this (exclusive) so that they convert to finite values of the input dtype.
+FINITE_LIMIT = {torch.float32: float("inf"), torch.float16: 65520.0, torch.bfloat16: 1.99609375 * 2.0**127}
+
+
+def _below(s, param_dtype):
+    """The representable value one ulp below each positive s in param_dtype (as fp32)."""
+    bits = s.to(param_dtype).view(torch.int16 if param_dtype == torch.float16 else torch.int32)
+    return (bits - 1).view(param_dtype).float()
+
+
+def _round_up(s, param_dtype):
+    """s rounded to param_dtype upwards (the stored scale is never below the exact one)."""
+    r = s.to(param_dtype)
+    if param_dtype == torch.float32:
+        return r
+    up = (r.view(torch.int16) + 1).view(param_dtype)
+    return torch.where(r.float() < s, up, r).float()
+
+
+def _fit_scale(s, z, top, limit, param_dtype):
+    """Floors s at MIN_SCALE, then steps it down (twice at most) while fma(top, s, z) >= limit."""
+    floor = MIN_SCALE[param_dtype]
+    s = torch.clamp(s, min=floor)
+    for _ in range(2):
+        hi = (top * s.double() + z.double()).float()  # the exact product, one rounding (as an fma)
+        s = torch.where(~(hi < limit) & (s > floor), _below(s, param_dtype), s)
+    return s
+
+
+def _asym(x, dim, bits, param_dtype, limit):
     """Min-max over `dim` (kept). Returns codes and stored (rounded) scale and min."""
+    L = 2**bits - 1
     finite = torch.isfinite(x).all(dim=dim, keepdim=True)
     mn = x.amin(dim=dim, keepdim=True)
     mx = x.amax(dim=dim, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).to(param_dtype).float()
     zero = mn.to(param_dtype).float()
+    scale = _round_up((mx * 0.5 - mn * 0.5) / L * 2, param_dtype)  # (mx - mn) / L without overflow
+    scale = _fit_scale(scale, zero, L, limit, param_dtype)
     nan = torch.full_like(scale, float("nan"))
     scale = torch.where(finite, scale, nan)
     zero = torch.where(finite, zero, nan)
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = torch.clamp(torch.round((x - zero) * inv), 0, 2**bits - 1)
+    q = torch.clamp(torch.round((x * 0.5 - zero * 0.5) * (2 * inv)), 0, 2**bits - 1)
     q = torch.where(finite, q, torch.zeros_like(q))
     return q.to(torch.int32), scale, zero
 
@@ -42,17 +75,25 @@ def _asym(x, dim, bits, param_dtype):
 def quantize_per_token(x, bits, group_size, symmetric=False, param_dtype=torch.float32):
     """Returns (codes, params) in the layouts of trous.kvcache.quantize_per_token."""
     B, H, T, D = x.shape
+    limit = FINITE_LIMIT[x.dtype]
     xg = x.float().reshape(B, H, T, D // group_size, group_size)
     if symmetric:
         finite = torch.isfinite(xg).all(-1, keepdim=True)
-        scale = (xg.abs().amax(-1, keepdim=True) / 127).to(param_dtype).float()
+        scale = _round_up(xg.abs().amax(-1, keepdim=True) / 127, param_dtype)
+        scale = _fit_scale(scale, torch.zeros_like(scale), 127, limit, param_dtype)
         scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
         inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
         q = torch.clamp(torch.round(xg * inv), -127, 127)
+        q = torch.where(finite, q, torch.zeros_like(q))
         return q.reshape(B, H, T, D).to(torch.int8), scale.to(param_dtype)
-    q, scale, zero = _asym(xg, -1, bits, param_dtype)
+    q, scale, zero = _asym(xg, -1, bits, param_dtype, limit)
     params = torch.cat([scale, zero], -1).to(param_dtype)
     return pack_lsb_first(q.reshape(B, H, T, D), bits), params
+
+
+def _fma(q, s, z):
+    """q * s + z with the exact product and one rounding (as the kernels' fma)."""
+    return (q.double() * s.double() + z.double()).float()
 
 
 def dequantize_per_token(codes, params, bits, group_size, symmetric=False, dtype=torch.float32):
@@ -65,14 +106,14 @@ def dequantize_per_token(codes, params, bits, group_size, symmetric=False, dtype
     q = unpack_lsb_first(codes, bits).float()
     D = q.shape[-1]
     q = q.reshape(B, H, T, D // group_size, group_size)
-    return (q * p[..., 0:1] + p[..., 1:2]).reshape(B, H, T, D).to(dtype)
+    return _fma(q, p[..., 0:1], p[..., 1:2]).reshape(B, H, T, D).to(dtype)
 
 
 def quantize_per_channel(x, bits, group_size, param_dtype=torch.float32):
     """KIVI keys: groups of G tokens per (head, channel). Returns (codes, params [B,H,T/G,D,2])."""
     B, H, T, D = x.shape
     xg = x.float().reshape(B, H, T // group_size, group_size, D)
-    q, scale, zero = _asym(xg, 3, bits, param_dtype)  # scale, zero: [B, H, T/G, 1, D]
+    q, scale, zero = _asym(xg, 3, bits, param_dtype, FINITE_LIMIT[x.dtype])  # scale, zero: [B, H, T/G, 1, D]
     params = torch.stack([scale.squeeze(3), zero.squeeze(3)], -1).to(param_dtype)
     return pack_lsb_first(q.reshape(B, H, T, D), bits), params
 
@@ -83,11 +124,12 @@ def dequantize_per_channel(codes, params, bits, group_size, dtype=torch.float32)
     D = q.shape[-1]
     q = q.reshape(B, H, T // group_size, group_size, D)
     p = params.float().unsqueeze(3)  # [B, H, T/G, 1, D, 2]
-    return (q * p[..., 0] + p[..., 1]).reshape(B, H, T, D).to(dtype)
+    return _fma(q, p[..., 0], p[..., 1]).reshape(B, H, T, D).to(dtype)
 
 
 def _scale_view(scale, x):
-    return scale.float().reshape(1, -1, 1, 1) if scale.numel() > 1 else scale.float().reshape(())
+    per_head = scale.dim() == 1 and scale.shape[0] != 1
+    return scale.float().reshape(1, scale.shape[0], 1, 1) if per_head else scale.float().reshape(())
 
 
 def quantize_fp8(x, scale, fmt):

@@ -62,7 +62,7 @@ def run(r, quick: bool):
                 for symmetric in ([False, True] if bits == 8 else [False]):
                     dtype = dtypes[k % 3]
                     layout = ["contiguous", "unaligned", "transposed"][(k // 3) % 3]
-                    pdt = [torch.float16, torch.float32][k % 2]
+                    pdt = [torch.float16, torch.float32][k % 2] if dtype == torch.float16 else torch.float32
                     k += 1
                     label = f"kv_quantize {shape} G={G} bits={bits} sym={symmetric} {dtype} {layout} {pdt}"
 
@@ -87,7 +87,7 @@ def run(r, quick: bool):
         for bits in bit_list:
             dtype = dtypes[k % 3]
             layout = ["contiguous", "unaligned", "transposed"][(k // 3) % 3]
-            pdt = [torch.float16, torch.float32][k % 2]
+            pdt = [torch.float16, torch.float32][k % 2] if dtype == torch.float16 else torch.float32
             k += 1
             label = f"kv_quantize_channel {shape} G={G} bits={bits} {dtype} {layout} {pdt}"
 

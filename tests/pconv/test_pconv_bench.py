@@ -1,0 +1,35 @@
+"""The pconv bench cases (python -m trous.bench --family pconv) build and compute what their
+baselines compute, on a tiny shape."""
+import torch
+
+from trous.bench import load_family
+
+
+def test_bench_cases_agree_with_their_baselines():
+    mod = load_family("pconv")
+    assert mod.FAMILY == "pconv"
+    cases = mod.cases("cpu", quick=False, shape=(2, 16, 7, 9))
+    names = {c.op for c in cases}
+    for mode in ("fwd", "fwd+bwd"):
+        for base in ("split_cat", "slicing+clone", "cp conv floor"):
+            assert f"channel_partial {mode} vs {base}" in names
+    assert "pconv+1x1 fwd vs unfused pair" in names and "pconv+1x1 fwd+bwd vs unfused pair" in names
+    for c in cases:
+        assert bool(c.targets) == ("aten route" not in c.op), c.op  # the route comparison is informative
+        inputs = c.make_inputs(0)
+        got, want = c.fn(*inputs), c.baseline(*inputs)
+        if c.op.startswith("pconv+1x1"):
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        elif "floor" in c.op:
+            cp = inputs[1].shape[0]
+            if "bwd" in c.op:  # grads of (x, w) vs the floor's (x1, w): the first cp channels of grad x
+                torch.testing.assert_close(got[0][:, :cp], want[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+            else:
+                torch.testing.assert_close(got[:, :cp], want, rtol=1e-4, atol=1e-4)
+        elif isinstance(got, tuple):
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,333 @@
+"""channel_partial_conv2d (FasterNet PConv): outputs and gradients against the float64 reference on
+random, odd shapes, every dtype, both routes, contiguous / channels_last / strided inputs; the
+in-place variant; NaN / Inf propagation; empty tensors; bad input (CPU and meta alike); opcheck;
+torch.compile(dynamic=True); PConv2d and convert_fasternet against timm."""
+import pytest
+import torch
+import torch.nn.functional as F
+from props import assert_refused, mixed_devices
+
+import trous
+from trous.pconv import PConv2d, channel_partial_conv2d, convert_fasternet
+from trous.pconv import reference as ref
+
+ops = torch.ops.trous
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+# (N, C, H, W, cp, (kh, kw), (dh, dw)): odd H and W, W not a multiple of 16, cp not of 4, cp == C.
+SHAPES = [
+    (2, 12, 9, 19, 3, (3, 3), (1, 1)),
+    (1, 5, 7, 33, 5, (3, 3), (2, 1)),
+    (3, 16, 6, 5, 4, (5, 3), (1, 2)),
+    (1, 9, 11, 17, 2, (1, 1), (1, 1)),
+    (2, 7, 4, 40, 7, (3, 5), (3, 2)),
+]
+
+
+def _make(shape, dtype, seed=0, layout="contiguous"):
+    N, C, H, W, cp, (kh, kw), _ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(cp, cp, kh, kw, generator=g, dtype=torch.float64) / (cp * kh * kw) ** 0.5
+    x, w = x.to(dtype), w.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        wide = torch.empty(N, C, H, 2 * W, dtype=dtype)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+    elif layout == "transposed":
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x, w
+
+
+def _close(out, want, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), want.double(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("algo", ["direct", "aten", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
+def test_forward_matches_reference(shape, dtype, algo, layout):
+    x, w = _make(shape, dtype, seed=hash((shape, layout)) % 1000, layout=layout)
+    dil = shape[6]
+    out = channel_partial_conv2d(x, w, dilation=dil, algo=algo)
+    want = ref.channel_partial_conv2d(x, w, dil)
+    assert out.dtype == dtype and out.shape == x.shape
+    _close(out, want, dtype)
+    cp = shape[4]
+    assert torch.equal(out[:, cp:], x[:, cp:]), "pass-through channels must be copied bit for bit"
+    if layout in ("contiguous", "channels_last"):
+        assert out.stride() == x.stride(), "the output keeps x's memory format"
+
+
+@pytest.mark.parametrize("algo", ["direct", "aten"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_matches_and_keeps_the_other_channels(dtype, algo):
+    shape = SHAPES[0]
+    x, w = _make(shape, dtype, seed=3)
+    want = ref.channel_partial_conv2d(x, w, shape[6])
+    y = x.clone()
+    ptr = y.data_ptr()
+    with torch.no_grad():
+        r = channel_partial_conv2d(y, w, dilation=shape[6], inplace=True, algo=algo)
+    assert r is y and y.data_ptr() == ptr
+    _close(y, want, dtype)
+    assert torch.equal(y[:, shape[4]:], x[:, shape[4]:])
+
+
+def test_inplace_refused_when_autograd_needs_x():
+    x, w = _make(SHAPES[0], torch.float32)
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"inplace=True.*x requires grad"):
+        channel_partial_conv2d(x, w, inplace=True)
+    # The registered op itself refuses too (its Autograd kernel), naming x.
+    with pytest.raises(RuntimeError, match=r"channel_partial_conv2d_: x requires grad"):
+        ops.channel_partial_conv2d_(x, w)
+    with torch.no_grad():
+        channel_partial_conv2d(x.detach().clone(), w, inplace=True)
+
+
+@pytest.mark.parametrize("algo", ["direct", "aten"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_gradients_match_reference(shape, dtype, algo):
+    x, w = _make(shape, dtype, seed=5, layout="channels_last" if algo == "aten" else "contiguous")
+    dil = shape[6]
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = channel_partial_conv2d(xl, wl, dilation=dil, algo=algo)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+    gx, gw = torch.autograd.grad(out, (xl, wl), g)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    cp = shape[4]
+    pad = (dil[0] * (w.shape[2] - 1) // 2, dil[1] * (w.shape[3] - 1) // 2)
+    outr = torch.cat([F.conv2d(xr[:, :cp], wr, None, 1, pad, dil), xr[:, cp:]], 1)
+    rgx, rgw = torch.autograd.grad(outr, (xr, wr), g.double())
+    assert gx.dtype == dtype and gw.dtype == dtype
+    _close(gx, rgx, dtype)
+    _close(gw, rgw, dtype if dtype == torch.float32 else torch.bfloat16)
+    assert torch.equal(gx[:, cp:], g[:, cp:])
+
+
+def test_gradcheck_float64():
+    x, w = _make((1, 6, 5, 7, 3, (3, 3), (2, 1)), torch.float64, seed=11)
+    x.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: channel_partial_conv2d(a, b, dilation=(2, 1)), (x, w))
+
+
+def test_nan_and_inf_reach_only_their_window():
+    N, C, H, W, cp = 1, 8, 9, 11, 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.rand(cp, cp, 3, 3, generator=g) + 0.1  # positive: an Inf stays an Inf
+    x[0, 1, 4, 5] = float("nan")
+    x[0, 0, 0, 0] = float("inf")
+    x[0, 5, 2, 3] = float("nan")  # pass-through channel
+    x[0, 6, 1, 1] = float("-inf")
+    for algo in ("direct", "aten"):
+        out = channel_partial_conv2d(x, w, algo=algo)
+        nan = out.isnan()
+        want_nan = torch.zeros_like(nan)
+        want_nan[0, :cp, 3:6, 4:7] = True
+        want_nan[0, 5, 2, 3] = True
+        assert torch.equal(nan, want_nan), algo
+        inf = out.isinf()
+        want_inf = torch.zeros_like(inf)
+        want_inf[0, :cp, 0:2, 0:2] = True
+        want_inf[0, 6, 1, 1] = True
+        assert torch.equal(inf & ~nan, want_inf & ~want_nan), algo
+        assert out[0, 6, 1, 1] == float("-inf") and bool((out[0, :cp, 0:2, 0:2] == float("inf")).all())
+
+
+@pytest.mark.parametrize("algo", ["direct", "aten"])
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5), (2, 8, 5, 0)], ids=str)
+def test_empty_inputs(shape, algo):
+    x = torch.randn(shape)
+    w = torch.randn(2, 2, 3, 3, requires_grad=True)
+    xl = x.clone().requires_grad_()
+    out = channel_partial_conv2d(xl, w, algo=algo)
+    assert out.shape == x.shape
+    gx, gw = torch.autograd.grad(out, (xl, w), torch.ones_like(out))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
+    with torch.no_grad():
+        assert channel_partial_conv2d(x.clone(), w, inplace=True, algo=algo).shape == x.shape
+
+
+def _bad_cases():
+    x = torch.randn(2, 8, 5, 5)
+    w = torch.randn(2, 2, 3, 3)
+    op = ops.channel_partial_conv2d
+    return [
+        ("stride", op, (x, w, [2, 2], [1, 1], "auto"), ["stride"]),
+        ("dilation", op, (x, w, [1, 1], [0, 1], "auto"), ["dilation"]),
+        ("cp > C", op, (x, torch.randn(9, 9, 3, 3), [1, 1], [1, 1], "auto"), ["cp", "weight"]),
+        ("cp = 0", op, (x, torch.randn(0, 0, 3, 3), [1, 1], [1, 1], "auto"), ["cp", "weight"]),
+        ("not square", op, (x, torch.randn(2, 3, 3, 3), [1, 1], [1, 1], "auto"), ["weight"]),
+        ("even kernel", op, (x, torch.randn(2, 2, 2, 3), [1, 1], [1, 1], "auto"), ["weight"]),
+        ("x rank", op, (x[0], w, [1, 1], [1, 1], "auto"), ["x"]),
+        ("weight rank", op, (x, w[0], [1, 1], [1, 1], "auto"), ["weight"]),
+        ("x dtype", op, (x.int(), w.int(), [1, 1], [1, 1], "auto"), ["x"]),
+        ("weight dtype", op, (x, w.half(), [1, 1], [1, 1], "auto"), ["weight"]),
+        ("algo", op, (x, w, [1, 1], [1, 1], "fast"), ["algo"]),
+        ("direct fp64", op, (x.double(), w.double(), [1, 1], [1, 1], "direct"), ["algo"]),
+        ("inplace stride", ops.channel_partial_conv2d_, (x.clone(), w, [1, 2], [1, 1], "auto"), ["stride"]),
+        ("inplace cp > C", ops.channel_partial_conv2d_, (x.clone(), torch.randn(9, 9, 1, 1), [1, 1], [1, 1], "auto"),
+         ["cp", "weight"]),
+        ("backward grad_out shape", ops.channel_partial_conv2d_backward,
+         (torch.randn(2, 8, 5, 4), x, w, [1, 1], [True, True]), ["grad_out"]),
+        ("backward grad_out dtype", ops.channel_partial_conv2d_backward,
+         (x.half(), x, w, [1, 1], [True, True]), ["grad_out"]),
+        ("backward weight", ops.channel_partial_conv2d_backward,
+         (x, x, torch.randn(2, 3, 3, 3), [1, 1], [True, True]), ["weight"]),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_refused_on_cpu_and_meta_alike(case):
+    _, fn, args, names = case
+    msg = assert_refused(fn, args, names=names)
+    assert "trous.channel_partial_conv2d" in msg
+
+
+def test_mixed_devices_name_the_stray_argument():
+    x, w = _make(SHAPES[0], torch.float32)
+    with pytest.raises(RuntimeError, match=r"channel_partial_conv2d: weight must be on the device of x \(cpu\)"):
+        ops.channel_partial_conv2d(*mixed_devices([x, w], [1]))
+    with pytest.raises(RuntimeError, match=r"channel_partial_conv2d_: weight must be on the device of x \(cpu\)"):
+        ops.channel_partial_conv2d_(*mixed_devices([x.clone(), w], [1]))
+    g = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match=r"channel_partial_conv2d_backward: x must be on the device of grad_out"):
+        ops.channel_partial_conv2d_backward(g, x.to("meta"), w, [1, 1], [True, True])
+
+
+def test_meta_gives_shape_dtype_and_strides():
+    x, w = _make(SHAPES[1], torch.bfloat16, layout="channels_last")
+    out = ops.channel_partial_conv2d(x.to("meta"), w.to("meta"), [1, 1], [2, 1], "auto")
+    real = ops.channel_partial_conv2d(x, w, [1, 1], [2, 1], "auto")
+    assert out.device.type == "meta" and out.shape == real.shape and out.stride() == real.stride()
+    assert out.dtype == real.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(dtype, layout):
+    x, w = _make(SHAPES[0], dtype, seed=2, layout=layout)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.library.opcheck(ops.channel_partial_conv2d, (xg, wg, [1, 1], [1, 1], "auto"))
+    torch.library.opcheck(ops.channel_partial_conv2d, (x, w, [1, 1], [1, 2], "aten"))
+    if dtype != torch.float64:
+        torch.library.opcheck(ops.channel_partial_conv2d, (x, w, [1, 1], [1, 1], "direct"))
+    torch.library.opcheck(ops.channel_partial_conv2d_, (x.clone(), w, [1, 1], [1, 1], "auto"))
+    g = torch.randn_like(x)
+    torch.library.opcheck(ops.channel_partial_conv2d_backward, (g, x, w, [1, 1], [True, True]))
+    torch.library.opcheck(ops.channel_partial_conv2d_backward, (g, x, w, [1, 1], [False, True]))
+
+
+def test_compile_dynamic_fullgraph_matches_eager():
+    torch._dynamo.reset()
+
+    def fn(x, w):
+        return channel_partial_conv2d(x, w) * 2 + 1
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for shape in SHAPES[:2]:
+        x, w = _make(shape, torch.float32, seed=4)
+        torch.testing.assert_close(compiled(x, w), fn(x, w))
+
+
+# ------------------------------------------------------------------ modules
+def test_pconv2d_state_dict_and_split_cat_equivalence():
+    m = PConv2d(40, n_div=4, kernel_size=3)
+    assert list(m.state_dict()) == ["partial_conv3.weight"]
+    assert tuple(m.partial_conv3.weight.shape) == (10, 10, 3, 3)
+    x = torch.randn(2, 40, 13, 11)
+    want = ref.split_cat(x, m.partial_conv3.weight.detach())
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="n_div"):
+        PConv2d(3, n_div=4)
+    with pytest.raises(ValueError, match="kernel_size"):
+        PConv2d(8, kernel_size=4)
+    with pytest.raises(ValueError, match=r"x must have shape \[N, 40"):
+        m(torch.randn(1, 39, 4, 4))
+    assert trous.PConv2d is PConv2d and trous.convert_fasternet is convert_fasternet
+
+
+def _timm():
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install trous[timm])")
+    try:
+        return timm.create_model("fasternet_t0", pretrained=False)
+    except Exception as e:  # pragma: no cover - an older timm without fasternet
+        pytest.skip(f"timm has no fasternet_t0: {e}")
+
+
+def test_pconv2d_loads_timm_partial_conv3_state_dict():
+    model = _timm()
+    blocks = [m for m in model.modules() if type(m).__name__ == "Partial_conv3"]
+    src = blocks[0]
+    dim = src.dim_conv3 + src.dim_untouched
+    m = PConv2d(dim, n_div=dim // src.dim_conv3)
+    m.load_state_dict(src.state_dict())
+    x = torch.randn(2, dim, 9, 9)
+    torch.testing.assert_close(m(x), src.forward_split_cat(x), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_fasternet_same_outputs_and_gradients():
+    model = _timm()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    ref_model = _timm()
+    ref_model.load_state_dict(model.state_dict())
+    keys = list(model.state_dict())
+    convert_fasternet(model)
+    assert list(model.state_dict()) == keys
+    n = sum(isinstance(m, PConv2d) for m in model.modules())
+    assert n == sum(type(m).__name__ == "Partial_conv3" for m in ref_model.modules()) and n > 0
+    assert not any(type(m).__name__ == "Partial_conv3" for m in model.modules())
+    for mdl in (model, ref_model):
+        mdl.train()
+    out, want = model(x), ref_model(x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    ref_params = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-3, atol=1e-4, msg=name)
+    model.eval()
+    ref_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref_model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("algo", ["direct", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_accumulates_in_fp32_and_overflows_to_inf(dtype, algo):
+    # Partial sums beyond fp16's range (65504) stay finite: 60000 + 60000 - 60000 = 60000.
+    x = torch.zeros(1, 4, 1, 3)
+    x[0, 0, 0] = torch.tensor([60000.0, 60000.0, -60000.0])
+    w = torch.zeros(1, 1, 1, 3)
+    w[0, 0, 0] = torch.tensor([1.0, 1.0, 1.0])
+    out = channel_partial_conv2d(x.to(dtype), w.to(dtype), algo=algo)
+    assert float(out[0, 0, 0, 1]) == float(torch.tensor(60000.0).to(dtype))
+    # A result beyond the type's range rounds to +Inf (fp16) like any fp32 -> fp16 conversion.
+    big = torch.zeros(1, 2, 1, 3)
+    big[0, 0, 0] = 60000.0
+    res = channel_partial_conv2d(big.to(dtype), w.to(dtype), algo=algo)
+    want = torch.tensor(180000.0).to(dtype)  # 3 taps of 60000: +Inf in fp16
+    assert float(res[0, 0, 0, 1]) == float(want)
+    if dtype == torch.float16:
+        assert res[0, 0, 0, 1] == float("inf")
+
+
+def test_inplace_refuses_x_with_shared_elements_and_outofplace_accepts_it():
+    base = torch.randn(1, 6, 5, 7)
+    x = base.expand(3, 6, 5, 7)  # stride 0 over the batch
+    w = torch.randn(2, 2, 3, 3)
+    with pytest.raises(RuntimeError, match=r"channel_partial_conv2d_: x is overwritten in place and must not have "
+                                           r"overlapping elements"):
+        with torch.no_grad():
+            channel_partial_conv2d(x, w, inplace=True)
+    out = channel_partial_conv2d(x, w)
+    _close(out, ref.channel_partial_conv2d(x, w), torch.float32)
