@@ -16,6 +16,52 @@ namespace trous {
 namespace dcls {
 namespace {
 
+using c10::SymInt;
+
+// Validated from sizes, dtypes and the non-tensor arguments only (sym sizes: the Meta kernel runs
+// the same checks as the real one). Each error names the argument that disagrees with x (then K).
+std::vector<SymInt> validate(const char* op, const at::Tensor& x, const at::Tensor& K, const at::Tensor& band,
+                             const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding, int64_t groups) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [N, C_in, L], got ", x.sym_sizes());
+  const bool cuda = x.device().is_cuda();
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16 || (xt == at::kDouble && !cuda), op,
+              ": x must be float32, float16 or bfloat16", cuda ? "" : " (or float64 on CPU)", ", got ", xt);
+  TORCH_CHECK(groups >= 1, op, ": groups must be positive, got ", groups);
+  TORCH_CHECK(stride >= 1 && stride < (1 << 20), op, ": stride must be in [1, 2^20), got ", stride);
+  TORCH_CHECK(padding >= 0 && padding < (1 << 20), op, ": padding must be in [0, 2^20), got ", padding);
+  const SymInt c_in = x.sym_size(1), l_in = x.sym_size(2);
+  TORCH_CHECK(c_in % groups == 0, op, ": C_in = x.size(1) = ", c_in, " must be divisible by groups = ", groups);
+  const SymInt i_per_g = c_in / groups;
+  TORCH_CHECK(K.dim() == 3 && K.sym_size(1) == i_per_g, op, ": K must have shape [C_out, C_in / groups = ", i_per_g,
+              ", dilated_kernel_size] (C_in = x.size(1)), got ", K.sym_sizes());
+  TORCH_CHECK(at::isFloatingType(K.scalar_type()), op, ": K must be floating point, got ", K.scalar_type());
+  const SymInt c_out = K.sym_size(0), dks = K.sym_size(2);
+  TORCH_CHECK(c_out >= 1 && c_out % groups == 0, op, ": K.size(0) = ", c_out,
+              " must be a positive multiple of groups = ", groups, " (K.size(0) is C_out)");
+  TORCH_CHECK(dks >= 1 && dks < (1 << 20), op, ": K.size(2) (dilated_kernel_size) must be in [1, 2^20), got ", dks);
+  TORCH_CHECK(band.scalar_type() == at::kInt, op, ": band must be int32, got ", band.scalar_type());
+  TORCH_CHECK(band.dim() == 3 && band.sym_size(0) == c_out && band.sym_size(1) == i_per_g && band.sym_size(2) == 2, op,
+              ": band must have shape [", c_out, ", ", i_per_g,
+              ", 2] ([C_out, C_in / groups, 2]: lo, hi per row of K), got ", band.sym_sizes());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == c_out, op, ": bias must have shape [", c_out, "], got ",
+                bias->sym_sizes(), " (C_out = K.size(0))");
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ",
+                bias->scalar_type());
+  }
+  TORCH_CHECK(l_in >= 1 && l_in < (1 << 30), op, ": L = x.size(2) must be in [1, 2^30), got ", l_in);
+  TORCH_CHECK(l_in + 2 * padding >= dks, op, ": the padded input length ", l_in + 2 * padding,
+              " is smaller than the dilated kernel size ", dks, " (x.size(2) + 2 padding < K.size(2))");
+  // The CPU kernels address one sample's (padded) plane with 32-bit offsets.
+  TORCH_CHECK(
+      c_in * (l_in + 2 * padding) < ((int64_t)1 << 31) && c_out * (l_in + 2 * padding + dks) < ((int64_t)1 << 31), op,
+      ": one sample of more than 2^31 elements (C x padded length) is not supported, got C_in = ", c_in,
+      ", C_out = ", c_out, ", padded length ", l_in + 2 * padding);
+  return {x.sym_size(0), c_out, (l_in + 2 * padding - dks) / stride + 1};
+}
+
+// The kernels' int geometry and contiguous K / band (after the meta return).
 struct Banded {
   BandedGeom g;
   at::ScalarType acc;  // accumulation type: double for fp64 x (CPU), float otherwise
@@ -24,52 +70,25 @@ struct Banded {
 
 Banded prepare_banded(const char* op, const at::Tensor& x, const at::Tensor& K, const at::Tensor& band, int64_t stride,
                       int64_t padding, int64_t groups) {
-  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [N, C_in, L], got ", x.sizes());
   const bool cuda = x.device().is_cuda();
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16 || (xt == at::kDouble && !cuda), op,
-              ": x must be float32, float16 or bfloat16", cuda ? "" : " (or float64 on CPU)", ", got ", xt);
-  TORCH_CHECK(groups >= 1, op, ": groups must be positive, got ", groups);
-  TORCH_CHECK(stride >= 1 && stride < (1 << 20), op, ": stride must be in [1, 2^20), got ", stride);
-  TORCH_CHECK(padding >= 0 && padding < (1 << 20), op, ": padding must be in [0, 2^20), got ", padding);
-  const int64_t c_in = x.size(1), l_in = x.size(2);
-  TORCH_CHECK(c_in % groups == 0, op, ": x.size(1) = ", c_in, " must be divisible by groups = ", groups);
-  TORCH_CHECK(K.dim() == 3 && K.size(1) == c_in / groups, op,
-              ": K must have shape [C_out, C_in / groups = ", c_in / groups, ", dilated_kernel_size], got ", K.sizes());
-  TORCH_CHECK(at::isFloatingType(K.scalar_type()), op, ": K must be floating point, got ", K.scalar_type());
-  const int64_t c_out = K.size(0), dks = K.size(2);
-  TORCH_CHECK(c_out % groups == 0 && c_out >= 1, op, ": K.size(0) = ", c_out,
-              " must be a positive multiple of groups = ", groups);
-  TORCH_CHECK(dks >= 1 && dks < (1 << 20), op, ": K.size(2) (dilated_kernel_size) must be in [1, 2^20), got ", dks);
-  TORCH_CHECK(band.scalar_type() == at::kInt, op, ": band must be int32, got ", band.scalar_type());
-  TORCH_CHECK(band.dim() == 3 && band.size(0) == c_out && band.size(1) == c_in / groups && band.size(2) == 2, op,
-              ": band must have shape [", c_out, ", ", c_in / groups, ", 2] (lo, hi per row of K), got ", band.sizes());
-  check_same_device(K, x, op, "K");
-  check_same_device(band, x, op, "band");
-  TORCH_CHECK(l_in >= 1 && l_in < (1 << 30), op, ": x.size(2) must be in [1, 2^30), got ", l_in);
-  TORCH_CHECK(l_in + 2 * padding >= dks, op, ": padded input length ", l_in + 2 * padding,
-              " is smaller than the dilated kernel size ", dks);
-  // The CPU kernels address one sample's (padded) plane with 32-bit offsets.
-  TORCH_CHECK(
-      c_in * (l_in + 2 * padding) < ((int64_t)1 << 31) && c_out * (l_in + 2 * padding + dks) < ((int64_t)1 << 31), op,
-      ": one sample of more than 2^31 elements (C x padded length) is not supported, got C_in = ", c_in,
-      ", C_out = ", c_out, ", padded length ", l_in + 2 * padding);
+  const int64_t dks = K.size(2);
   Banded r;
   BandedGeom& g = r.g;
   g.N = x.size(0);
-  g.c_in = (int)c_in;
-  g.c_out = (int)c_out;
+  g.c_in = (int)x.size(1);
+  g.c_out = (int)K.size(0);
   g.groups = (int)groups;
-  g.l_in = (int)l_in;
-  g.l_out = (int)((l_in + 2 * padding - dks) / stride + 1);
+  g.l_in = (int)x.size(2);
+  g.l_out = (int)((x.size(2) + 2 * padding - dks) / stride + 1);
   g.dks = (int)dks;
   g.stride = (int)stride;
   g.pad = (int)padding;
-  r.acc = xt == at::kDouble ? at::kDouble : at::kFloat;
+  r.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   r.K = K.to(r.acc).contiguous();
   r.band = band.contiguous();
   if (!cuda) {
-    // The kernels clamp bands for memory safety; on the CPU a wrong band is also reported.
+    // The kernels clamp bands for memory safety; on the CPU a wrong band is also reported (a check
+    // of values, which the meta kernel cannot make).
     const at::Tensor lo = r.band.select(2, 0), hi = r.band.select(2, 1);
     TORCH_CHECK(lo.ge(0).all().item<bool>() && lo.le(hi).all().item<bool>() && hi.le(dks).all().item<bool>(), op,
                 ": band entries must satisfy 0 <= lo <= hi <= dilated_kernel_size = ", dks);
@@ -89,17 +108,13 @@ void with_acc(const Banded& r, F&& f) {
 at::Tensor dcls_banded_conv1d(const at::Tensor& x, const at::Tensor& K, const at::Tensor& band,
                               const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding, int64_t groups) {
   const char* op = "trous.dcls_banded_conv1d";
+  check_devices(op, {{"x", x}, {"K", K}, {"band", band}, {"bias", defined_or_empty(bias)}});
+  const std::vector<SymInt> oshape = validate(op, x, K, band, bias, stride, padding, groups);
+  if (x.is_meta()) return at::empty_symint(oshape, x.options());
   const Banded r = prepare_banded(op, x, K, band, stride, padding, groups);
   const BandedGeom& g = r.g;
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.c_out, op, ": bias must have shape [", g.c_out, "], got ",
-                bias->sizes());
-    check_same_device(*bias, x, op, "bias");
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ",
-                bias->scalar_type());
-    b = bias->to(r.acc).contiguous();
-  }
+  if (bias.has_value() && bias->defined()) b = bias->to(r.acc).contiguous();
   at::Tensor out;
   run_on_device(
       x, op,
@@ -129,14 +144,20 @@ std::tuple<at::Tensor, at::Tensor> dcls_banded_conv1d_backward(const at::Tensor&
                                                                int64_t stride, int64_t padding, int64_t groups,
                                                                std::array<bool, 2> output_mask) {
   const char* op = "trous.dcls_banded_conv1d_backward";
-  const Banded r = prepare_banded(op, x, K, band, stride, padding, groups);
-  const BandedGeom& g = r.g;
-  const std::vector<int64_t> oshape{g.N, g.c_out, g.l_out};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(oshape), op, ": grad_out must have shape ", at::IntArrayRef(oshape),
-              ", got ", grad_out.sizes());
+  check_devices(op, {{"x", x}, {"grad_out", grad_out}, {"K", K}, {"band", band}});
+  const std::vector<SymInt> oshape = validate(op, x, K, band, std::nullopt, stride, padding, groups);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.sym_size(0) == oshape[0] && grad_out.sym_size(1) == oshape[1] &&
+                  grad_out.sym_size(2) == oshape[2],
+              op, ": grad_out must have shape ", c10::SymIntArrayRef(oshape), " (the output's), got ",
+              grad_out.sym_sizes());
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (", x.scalar_type(),
               "), got ", grad_out.scalar_type());
-  check_same_device(grad_out, x, op, "grad_out");
+  if (x.is_meta()) {
+    return {output_mask[0] ? at::empty_symint(x.sym_sizes(), x.options()) : at::empty({0}, x.options()),
+            output_mask[1] ? at::empty_symint(K.sym_sizes(), K.options()) : at::empty({0}, K.options())};
+  }
+  const Banded r = prepare_banded(op, x, K, band, stride, padding, groups);
+  const BandedGeom& g = r.g;
   const bool want_x = output_mask[0], want_k = output_mask[1];
   at::Tensor gx = at::empty({0}, x.options()), gK = at::empty({0}, K.options());
   run_on_device(
@@ -200,6 +221,15 @@ TORCH_LIBRARY_IMPL(trous, CPU, m) {
   m.impl("dcls_banded_conv1d", &dcls_banded_conv1d);
   m.impl("dcls_banded_conv1d_backward", &dcls_banded_conv1d_backward);
 }
+
+// The fake kernels are the real kernels' own validation (checks_ops.h).
+TORCH_LIBRARY_IMPL(trous, Meta, m) {
+  m.impl("dcls_banded_conv1d", &dcls_banded_conv1d);
+  m.impl("dcls_banded_conv1d_backward", &dcls_banded_conv1d_backward);
+}
+
+// dcls_banded_conv1d's derivative is python/trous/dcls/banded.py's register_autograd.
+TORCH_LIBRARY_IMPL(trous, Autograd, m) { TROUS_NO_AUTOGRAD(m, "dcls_banded_conv1d_backward"); }
 
 #ifdef TROUS_WITH_CUDA
 TORCH_LIBRARY_IMPL(trous, CUDA, m) {

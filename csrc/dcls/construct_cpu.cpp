@@ -117,6 +117,8 @@ void compute_profiles(const ConstructArgs& a, const T* w, const T* P, const T* S
   const index_t plane = a.channels * a.kc;
   for (int k = 0; k < a.kc; ++k) {
     A prod = A(1);
+    const A wk = static_cast<A>(w[c * a.kc + k]);
+    bool poisoned = !acc_finite(wk);
     for (int ax = 0; ax < kAxes; ++ax) {
       const size_t e = (size_t)k * kAxes + ax, row = pr.row(k, ax);
       A* g = pr.g.data() + row;
@@ -134,6 +136,7 @@ void compute_profiles(const ConstructArgs& a, const T* w, const T* P, const T* S
           axis_params(a.version, static_cast<A>(P[off]), SIG ? static_cast<A>(SIG[off]) : A(0), a.offset[j]);
       int lo, hi;
       tap_range(a.version, ap.mu, ap.sigma, a.size[ax], lo, hi);
+      if (axis_poisons(a.version, static_cast<A>(P[off]), SIG ? static_cast<A>(SIG[off]) : A(0))) poisoned = true;
       if (a.version == Version::kGauss) {  // dense: the vectorised row
         gauss_row(ap.mu, ap.inv_sigma, a.size[ax], g, dmu, dsig);
       } else {
@@ -149,7 +152,21 @@ void compute_profiles(const ConstructArgs& a, const T* w, const T* P, const T* S
       prod *= s;
     }
     pr.denom[k] = norm_denominator(a.version, prod);
-    pr.scale[k] = static_cast<A>(w[c * a.kc + k]) / pr.denom[k];
+    pr.scale[k] = wk / pr.denom[k];
+    if (poisoned) {  // params.h: NaN over the whole window (profiles, sums, derivatives)
+      const A nan = acc_nan<A>();
+      for (int ax = 0; ax < kAxes; ++ax) {
+        const size_t e = (size_t)k * kAxes + ax, row = pr.row(k, ax);
+        const int n = a.size[ax];
+        std::fill(pr.g.begin() + row, pr.g.begin() + row + n, nan);
+        if (derivs) {
+          std::fill(pr.dmu.begin() + row, pr.dmu.begin() + row + n, nan);
+          std::fill(pr.dsig.begin() + row, pr.dsig.begin() + row + n, nan);
+        }
+        pr.lo[e] = 0, pr.hi[e] = n, pr.sum[e] = nan;
+      }
+      pr.denom[k] = pr.scale[k] = nan;
+    }
   }
 }
 

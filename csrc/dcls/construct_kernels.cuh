@@ -80,8 +80,11 @@ TROUS_DEVICE inline A fill_profile(const ConstructArgs& a, const T* __restrict__
   const index_t off = ((index_t)j * a.channels + c) * a.kc + k;
   const AxisParams<A> ap = axis_params(a.version, to_acc<A>(P[off]), SIG ? to_acc<A>(SIG[off]) : A(0), a.off(j));
   A s = A(0);
+  // An element with a NaN (or, where the formula gives NaN, infinite) P / SIG: a NaN row (params.h).
+  const bool poison = axis_poisons(a.version, to_acc<A>(P[off]), SIG ? to_acc<A>(SIG[off]) : A(0));
   for (int t = 0; t < a.n(ax); ++t) {
-    const Tap<A> tp = tap(a.version, t, ap.mu, ap.sigma, ap.inv_sigma);
+    Tap<A> tp = tap(a.version, t, ap.mu, ap.sigma, ap.inv_sigma);
+    if (poison) tp.g = tp.dmu = tp.dsig = acc_nan<A>();
     g[t] = tp.g;
     if (dmu) dmu[t] = tp.dmu, dsig[t] = tp.dsig;
     s += tp.g;
@@ -120,7 +123,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = threadIdx.x; e < nch * nk; e += blockDim.x) {
       const A* s = sums + e * kAxes;
       const index_t c = c_first + e / nk;
-      smem[e * stride + taps] = to_acc<A>(w[c * a.kc + k0 + e % nk]) / norm_denominator(a.version, s[0] * s[1] * s[2]);
+      const A wk = to_acc<A>(w[c * a.kc + k0 + e % nk]);
+      // A non-finite weight poisons the whole window (params.h), not only the element's support.
+      smem[e * stride + taps] = acc_finite(wk) ? wk / norm_denominator(a.version, s[0] * s[1] * s[2]) : acc_nan<A>();
     }
     __syncthreads();
 #pragma unroll

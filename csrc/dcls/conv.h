@@ -295,10 +295,10 @@ struct ParamGrads {
 // long, axis j at g.axis_base(j); ax gets the 3 summaries. Returns the coefficient w / norm.
 template <typename Acc>
 TROUS_INLINE AxisSummary<Acc> element_axis(const ConvGeom& g, const Params<Acc>& p, index_t ck, int j, Acc* f, Acc* dmu,
-                                           Acc* dsig) {
+                                           Acc* dsig, bool poisoned) {
   const int r = g.prow[j];
   const index_t row_stride = g.C * g.kc;
-  const Acc pv = r >= 0 ? p.P[r * row_stride + ck] : Acc(0);
+  const Acc pv = r >= 0 ? (poisoned ? acc_nan<Acc>() : p.P[r * row_stride + ck]) : Acc(0);
   const Acc sv = (r >= 0 && p.SIG) ? p.SIG[r * row_stride + ck] : Acc(0);
   const int base = g.axis_base(j);
   return axis_profile<Acc>(g.version, r >= 0, g.dks[j], pv, sv, g.offset[j], f + base, dmu ? dmu + base : nullptr,
@@ -307,13 +307,33 @@ TROUS_INLINE AxisSummary<Acc> element_axis(const ConvGeom& g, const Params<Acc>&
 
 // Builds the profiles of element k of channel c: f (and dmu / dsig when not null) each g.dsum()
 // long, axis j at g.axis_base(j); ax gets the 3 summaries. Returns the coefficient w / norm.
+// An element with a non-finite weight or a poisoning P / SIG (params.h) gets NaN profiles over the
+// whole window on every learned axis (axis_profile's NaN path, fed a NaN position), so its channel's
+// window is NaN everywhere and every output is NaN.
+template <typename Acc>
+TROUS_INLINE bool element_poisoned(const ConvGeom& g, const Params<Acc>& p, index_t ck) {
+  if (!acc_finite(p.w[ck])) return true;
+  const index_t row_stride = g.C * g.kc;
+  bool bad = false;
+  TROUS_DCLS_UNROLL
+  for (int j = 0; j < kAxes; ++j) {
+    const int r = g.prow[j];
+    if (r < 0) continue;
+    const Acc pv = p.P[r * row_stride + ck];
+    const Acc sv = p.SIG ? p.SIG[r * row_stride + ck] : Acc(0);
+    bad = bad || axis_poisons(g.version, pv, sv);
+  }
+  return bad;
+}
+
 template <typename Acc>
 TROUS_INLINE Acc element_profiles(const ConvGeom& g, const Params<Acc>& p, index_t c, int k, Acc* f, Acc* dmu,
                                   Acc* dsig, AxisSummary<Acc>* ax) {
   const index_t ck = c * g.kc + k;
-  ax[0] = element_axis<Acc>(g, p, ck, 0, f, dmu, dsig);
-  ax[1] = element_axis<Acc>(g, p, ck, 1, f, dmu, dsig);
-  ax[2] = element_axis<Acc>(g, p, ck, 2, f, dmu, dsig);
+  const bool poisoned = element_poisoned(g, p, ck);
+  ax[0] = element_axis<Acc>(g, p, ck, 0, f, dmu, dsig, poisoned);
+  ax[1] = element_axis<Acc>(g, p, ck, 1, f, dmu, dsig, poisoned);
+  ax[2] = element_axis<Acc>(g, p, ck, 2, f, dmu, dsig, poisoned);
   return acc_div(p.w[ck], element_norm(g, ax));
 }
 

@@ -143,6 +143,31 @@ TROUS_INLINE void tap_range(Version v, A mu, A sigma, int n, int& lo, int& hi) {
   if (hi < lo) hi = lo;
 }
 
+// Non-finite parameters (issue 9): an element "poisons" its channel when the reference's formula
+// gives NaN over the element's whole window: a NaN P (or, for max / gauss, a NaN SIG) on any axis,
+// an infinite P for v0 (mu - floor(mu) = inf - inf), an infinite SIG for max (inf / inf in the
+// normalisation), an infinite P and SIG on the same axis for gauss ((t - mu) / sigma = inf / inf), or
+// a non-finite weight (the reference gives NaN where the profile is 0 and +-inf on its support; the
+// kernels give NaN throughout). A poisoned element makes every tap of its channel's window NaN, so
+// that the constructed kernel, the direct convolution (every output of the channel) and the banded
+// one are NaN there. Other infinite positions move the element out of the window (it contributes
+// 0, as in the reference), and an infinite gauss SIG spreads it uniformly (as in the reference).
+template <typename A> TROUS_INLINE bool acc_finite(A v) { return v - v == A(0); }
+
+template <typename A>
+TROUS_INLINE bool axis_poisons(Version v, A p, A sig) {
+  if (!(p == p)) return true;
+  if (!has_sigma(v)) return v == Version::kV0 && !acc_finite(p);
+  if (!(sig == sig)) return true;
+  if (v == Version::kMax) return !acc_finite(sig);
+  return !acc_finite(p) && !acc_finite(sig);  // gauss
+}
+
+// The NaN that a poisoned element writes (math.h's nanf / nan exist on host and device alike).
+template <typename A> TROUS_INLINE A acc_nan();
+template <> TROUS_INLINE float acc_nan<float>() { return nanf(""); }
+template <> TROUS_INLINE double acc_nan<double>() { return nan(""); }
+
 // Denominator of the normalisation from the product of the profile sums (v0: none).
 template <typename A>
 TROUS_INLINE A norm_denominator(Version v, A sum_product) {

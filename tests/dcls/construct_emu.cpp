@@ -243,6 +243,55 @@ void run_all_dtypes(const Case& cs, Version v, bool all_dtypes) {
   run_case<__nv_bfloat16>(cs, v);
 }
 
+// Non-finite parameters (params.h, issue 9): a poisoning element (NaN P, infinite v0 P, infinite
+// max SIG, infinite gauss P and SIG on one axis, non-finite weight) makes its channel's whole window
+// NaN; an infinite P of v1 / max / gauss leaves the window (the channel stays finite).
+void run_nonfinite() {
+  struct Poison {
+    const char* name;
+    int what;  // 0 P, 1 SIG, 2 weight, 3 P and SIG
+    float value;
+  };
+  const float inf = INFINITY;
+  const Poison kinds[] = {{"P=nan", 0, NAN},     {"P=inf", 0, inf}, {"P=-inf", 0, -inf}, {"SIG=nan", 1, NAN},
+                          {"SIG=-inf", 1, -inf}, {"w=inf", 2, inf}, {"w=nan", 2, NAN},   {"P,SIG=inf", 3, inf}};
+  const std::vector<int64_t> dks{5, 4};
+  for (int vi = 0; vi < 4; ++vi) {
+    const Version v = (Version)vi;
+    const bool sig = v == Version::kMax || v == Version::kGauss;
+    for (const Poison& k : kinds) {
+      if ((k.what == 1 || k.what == 3) && !sig) continue;
+      const ConstructArgs a = make_args(3, 3, 2, dks.data(), v);
+      const index_t W = a.window(), plane = a.channels * a.kc;
+      std::vector<float> w(plane), P(2 * plane), SIG(sig ? 2 * plane : 0), K(a.channels * W, -12345.f);
+      for (auto& e : w) e = (float)uniform();
+      for (auto& e : P) e = (float)uniform();
+      for (auto& e : SIG) e = (float)(0.3 + std::fabs(uniform()));
+      const index_t c = 1, off = 0 * plane + c * a.kc + 2;
+      if (k.what == 0 || k.what == 3) P[off] = k.value;
+      if (k.what == 1 || k.what == 3) SIG[off] = k.value;
+      if (k.what == 2) w[c * a.kc + 2] = k.value;
+      const bool poisons = k.what == 2 || k.value != k.value || (k.what == 0 && v == Version::kV0) ||
+                           (k.what == 1 && v == Version::kMax) || (k.what == 3 && sig);
+      launch_construct_forward(DType::kFloat32, w.data(), P.data(), sig ? SIG.data() : nullptr, K.data(), a, nullptr);
+      print_launches(a);
+      char name[160];
+      std::snprintf(name, sizeof name, "nonfinite %s %s: %s", kVersionNames[vi], k.name,
+                    poisons ? "the channel's window is all NaN" : "finite");
+      Check chk{name};
+      for (index_t ch = 0; ch < a.channels; ++ch)
+        for (index_t t = 0; t < W; ++t) {
+          const float y = K[ch * W + t];
+          if (!(ch == c && poisons ? std::isnan(y) : std::isfinite(y))) {
+            chk.fail("K[" + std::to_string(ch) + ", " + std::to_string(t) + "] = " + std::to_string(y));
+            break;
+          }
+        }
+      chk.done();
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -277,6 +326,7 @@ int main(int argc, char** argv) {
     if (!only.empty() && only != kVersionNames[vi]) continue;
     for (const Case& cs : large) run_all_dtypes(cs, (Version)vi, cs.all_dtypes);
   }
+  if (only.empty() || only == "nonfinite") run_nonfinite();
   if (only.empty()) {  // the cases must reach each shape of plan
     Check chk{"coverage: plans with tiles, forward chunks, backward chunks, a partial last block"};
     if (!g_tiles) chk.fail("no forward launch split its window over gridDim.y");

@@ -361,6 +361,59 @@ void run_case(const Case& cs) {
   }
 }
 
+// Non-finite parameters (params.h, issue 9): an element with a NaN P, an infinite v0 P, an infinite
+// max SIG, an infinite gauss P and SIG on one axis, or a non-finite weight makes every output of
+// its channel NaN; an infinite P of v1 / max / gauss (the element leaves the window) keeps it finite.
+void run_nonfinite() {
+  const Version all[] = {Version::kV0, Version::kV1, Version::kMax, Version::kGauss};
+  struct Poison {
+    const char* name;
+    int what;  // 0 P, 1 SIG, 2 weight, 3 P and SIG
+    float value;
+  };
+  const float inf = INFINITY;
+  const Poison kinds[] = {{"P=nan", 0, NAN},   {"P=inf", 0, inf},  {"P=-inf", 0, -inf}, {"SIG=nan", 1, NAN},
+                          {"SIG=inf", 1, inf}, {"w=inf", 2, -inf}, {"w=nan", 2, NAN},   {"P,SIG=inf", 3, inf}};
+  for (Version v : all) {
+    const bool has_sig = v == Version::kMax || v == Version::kGauss;
+    for (const Poison& k : kinds) {
+      if ((k.what == 1 || k.what == 3) && !has_sig) continue;
+      const Case cs{
+          std::string(vname(v)) + " nonfinite " + k.name, v, 2, 3, 3, {7, 8}, {5, 3}, {1, 1}, {2, 1}, 0.5, 0.4, 0};
+      const Geo g = geo_of(cs);
+      const ConvGeom dg = device_geom(cs);
+      std::mt19937 rng(77);
+      std::uniform_real_distribution<double> U(-1, 1);
+      const size_t xn = (size_t)cs.N * cs.C * g.in_plane, on = (size_t)cs.N * cs.C * g.out_plane;
+      const size_t pn = (size_t)2 * cs.C * cs.kc;
+      std::vector<float> x(xn), out(on), w(cs.C * cs.kc), P(pn), SIG(has_sig ? pn : 0), bias(cs.C);
+      for (auto& e : x) e = (float)U(rng);
+      for (auto& e : w) e = (float)U(rng);
+      for (auto& e : P) e = (float)U(rng);
+      for (auto& e : SIG) e = (float)(0.3 + 0.5 * std::fabs(U(rng)));
+      for (auto& e : bias) e = (float)U(rng);
+      const int c = 1, elem = 2;  // channel 1, element 2, P row 1
+      const size_t pi = (size_t)1 * cs.C * cs.kc + c * cs.kc + elem;
+      if (k.what == 0 || k.what == 3) P[pi] = k.value;
+      if (k.what == 1 || k.what == 3) SIG[pi] = k.value;
+      if (k.what == 2) w[c * cs.kc + elem] = k.value;
+      const bool poisons = k.what == 2 || k.value != k.value || (k.what == 0 && v == Version::kV0) ||
+                           (k.what == 1 && v == Version::kMax) || (k.what == 3 && has_sig);
+      const Params<float> dp{w.data(), P.data(), has_sig ? SIG.data() : nullptr, bias.data()};
+      trous_emu::device().sm_count = cs.sms;
+      launch_forward(DType::kFloat32, x.data(), out.data(), dg, dp, nullptr);
+      bool ok = true;
+      for (int n = 0; n < cs.N; ++n)
+        for (int ch = 0; ch < cs.C; ++ch)
+          for (long o = 0; o < g.out_plane; ++o) {
+            const float y = out[((size_t)n * cs.C + ch) * g.out_plane + o];
+            ok = ok && (ch == c && poisons ? std::isnan(y) : std::isfinite(y));
+          }
+      check(cs.name + (poisons ? ": the channel's outputs are all NaN" : ": finite"), ok);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -404,6 +457,7 @@ int main(int argc, char** argv) {
     if (cs.dtype == 1) run_case<__half>(cs);
     if (cs.dtype == 2) run_case<__nv_bfloat16>(cs);
   }
+  if (only.empty() || only == "nonfinite") run_nonfinite();
   if (only.empty()) {  // the cases must reach each split regime and the shared-memory opt-in
     check("coverage: 1 grad-taps split", g_splits.count(1) > 0);
     check("coverage: 2 grad-taps splits", g_splits.count(2) > 0);

@@ -18,6 +18,11 @@ sum(band widths) / C_out`` multiply-adds per pass instead of ``... * C_in / grou
 * Returns ``[N, C_out, L_out]``, ``L_out = (L + 2 padding - dks) // stride + 1``: dcls's
   ``F.conv1d(x, K, bias, stride, padding, groups=groups)`` to fp32 rounding. Zero padding only.
 * Saved for backward: x, K and the band; gradients of K flow into the construction's backward.
+* Non-finite parameters make the constructed K row non-finite (``construct``); such a row's band is
+  the whole window, so every output of that output channel is NaN / Inf as with ``F.conv1d``.
+* Non-finite x: **NaN / Inf in x reach only outputs that read them through a tap inside a row's
+  band**; ``F.conv1d`` (the dense route) multiplies every tap, so 0 * NaN spreads NaN further: the
+  two routes give different NaN sets for the same layer (the finite outputs agree).
 """
 from __future__ import annotations
 
@@ -80,12 +85,27 @@ def dcls_banded_conv1d(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, S
                        dilated_kernel_size: int, version: str, stride: int = 1, padding: int = 0, groups: int = 1,
                        bias: Optional[torch.Tensor] = None, band: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped 1-D DCLS convolution visiting only each kernel row's band (see the module docstring).
-    ``band``: :func:`dcls_band1d` of these P and SIG when the caller already has it."""
+    ``band``: :func:`dcls_band1d` of these P and SIG when the caller already has it. NaN / Inf in
+    ``x`` reach only outputs that read them through a tap inside a band, unlike ``F.conv1d`` (0 *
+    NaN); a non-finite parameter makes every output of its output channel non-finite."""
     d = int(dilated_kernel_size)
     sig = SIG if version in SIG_VERSIONS else None
+    # The op sees K, built from weight: a weight that does not fit x is reported as weight (the same
+    # check on meta tensors, before any kernel runs).
+    if x.dim() == 3 and weight.dim() == 3 and int(groups) >= 1 and x.shape[1] % int(groups) == 0:
+        if weight.shape[1] != x.shape[1] // int(groups) or weight.shape[0] % int(groups) != 0:
+            raise ValueError(f"trous.dcls_banded_conv1d: weight must have shape [C_out, C_in / groups = "
+                             f"{x.shape[1] // int(groups)}, kernel_count] with C_out a multiple of groups = {groups} "
+                             f"(C_in = x.size(1) = {x.shape[1]}), got {list(weight.shape)}")
     K = _ops.dcls_construct_kernel(weight, P, sig, [d], version)
     if band is None:
         band = dcls_band1d(P, sig, d, version)
+    if K.dim() == 3 and band.dim() == 3 and band.shape[-1] == 2:
+        # A row with a non-finite tap (a poisoned element: non-finite weight, P or SIG) is visited
+        # whole, so that its NaN reaches every output as in F.conv1d with that K. No device sync.
+        bad = ~torch.isfinite(K.detach()).all(-1, keepdim=True)
+        full = torch.tensor([0, K.shape[-1]], dtype=band.dtype, device=band.device)
+        band = torch.where(bad, full, band)
     return _ops.dcls_banded_conv1d(x, K, band, bias, int(stride), int(padding), int(groups))
 
 
@@ -169,20 +189,8 @@ def banded_is_faster(x: torch.Tensor, band: torch.Tensor, dilated_kernel_size: i
     return width * _CPU_BANDED_MAC_COST < int(dilated_kernel_size)
 
 
-# ---- fake kernels (shapes and dtypes only, for torch.compile / export)
-
-@torch.library.register_fake("trous::dcls_banded_conv1d")
-def _(x, K, band, bias, stride, padding, groups):
-    torch._check(x.dim() == 3, lambda: "trous.dcls_banded_conv1d: x must be [N, C_in, L]")
-    l_out = (x.shape[2] + 2 * padding - K.shape[2]) // stride + 1
-    return x.new_empty((x.shape[0], K.shape[0], l_out))
-
-
-@torch.library.register_fake("trous::dcls_banded_conv1d_backward")
-def _(grad_out, x, K, band, stride, padding, groups, output_mask):
-    gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
-    gK = K.new_empty(K.shape) if output_mask[1] else K.new_empty((0,))
-    return gx, gK
+# No register_fake: each op's C++ validation is also its Meta kernel (csrc/dcls/banded_ops.cpp), so
+# FakeTensorMode refuses exactly what the real kernel refuses.
 
 
 # ---- autograd: saves x, K and the band (K is C_out * C_in / groups * dks, no activation-sized tensor)

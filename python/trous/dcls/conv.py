@@ -23,6 +23,13 @@ Interface for the modules (everything in the ``dcls`` package's layouts and axis
   as ``F.convNd(x, dense_kernel, bias, stride, padding, groups=C)`` with the dcls dense kernel, to
   fp32 rounding (gauss taps below 2^-28 of an element's profile maximum are skipped).
 * Saved for backward: x, weight, P, SIG (no kernel-sized tensors).
+* Non-finite parameters: a channel holding an element with a non-finite weight, a NaN P / SIG or
+  an infinite P / SIG where dcls's formula is NaN (v0: P; max: SIG; gauss: P and SIG on one axis)
+  gives NaN at every output of that channel, as the dense convolution with dcls's (NaN) kernel.
+* Non-finite x: **NaN / Inf in x reach only the outputs that read them through a tap of the
+  channel's support.** A dense convolution multiplies every tap of the window, so 0 * NaN spreads
+  NaN from x to every output whose window covers it: the dense ("construct") route and this direct
+  route give different NaN sets for the same layer (the finite outputs agree).
 """
 from __future__ import annotations
 
@@ -61,7 +68,9 @@ def _per_axis(v: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
 def dcls_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor],
                         dilated_kernel_size: IntOrSeq, version: str, stride: IntOrSeq = 1, padding: IntOrSeq = 0,
                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Depthwise DCLS convolution without the dense kernel (see the module docstring)."""
+    """Depthwise DCLS convolution without the dense kernel (see the module docstring). NaN / Inf in
+    ``x`` reach only outputs that read them through a tap of the kernel's support, unlike the dense
+    route (0 * NaN); a non-finite parameter makes its whole channel NaN."""
     nd = P.shape[0] if isinstance(dilated_kernel_size, int) else len(dilated_kernel_size)
     dks = _per_axis(dilated_kernel_size, nd, "dilated_kernel_size")
     sig = SIG if version in SIG_VERSIONS else None
@@ -211,34 +220,8 @@ def dcls_direct_is_faster(x: torch.Tensor, weight: torch.Tensor, P: torch.Tensor
     return direct <= dense
 
 
-# ---- fake kernels (shapes and dtypes only, for torch.compile / export)
-
-def _out_sizes(x, dks, stride, padding):
-    nd = len(dks)
-    st = _per_axis(stride, nd, "stride")
-    pd = _per_axis(padding, nd, "padding")
-    return [(x.shape[2 + i] + 2 * pd[i] - dks[i]) // st[i] + 1 for i in range(nd)]
-
-
-@torch.library.register_fake("trous::dcls_conv")
-def _(x, weight, P, SIG, bias, dilated_kernel_size, version, stride, padding):
-    torch._check(x.dim() == len(dilated_kernel_size) + 2, lambda: "trous.dcls_conv: x has the wrong rank")
-    return x.new_empty((x.shape[0], x.shape[1], *_out_sizes(x, dilated_kernel_size, stride, padding)))
-
-
-@torch.library.register_fake("trous::dcls_conv_backward")
-def _(grad_out, x, weight, P, SIG, dilated_kernel_size, version, stride, padding, output_mask):
-    want_x, want_p = output_mask
-    gx = x.new_empty(x.shape) if want_x else x.new_empty((0,))
-    gw = weight.new_empty(weight.shape) if want_p else weight.new_empty((0,))
-    gp = P.new_empty(P.shape) if want_p else P.new_empty((0,))
-    gs = SIG.new_empty(SIG.shape) if (want_p and version in SIG_VERSIONS) else P.new_empty((0,))
-    return gx, gw, gp, gs
-
-
-@torch.library.register_fake("trous::dcls_conv_tap_counts")
-def _(weight, P, SIG, dilated_kernel_size, version):
-    return weight.new_empty((weight.shape[0],), dtype=torch.int32)
+# No register_fake: each op's C++ validation is also its Meta kernel (csrc/dcls/conv_ops.cpp), so
+# FakeTensorMode refuses exactly what the real kernel refuses.
 
 
 # ---- autograd: saves x and the (small) parameters only
