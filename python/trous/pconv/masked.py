@@ -1,22 +1,35 @@
 """Mask-aware partial convolution (image inpainting; NVIDIA's PartialConv2d / PartialConv3d), from
-shared/spec/partial_conv.md section 2, composed of ATen ops (not yet a fused kernel).
+shared/spec/partial_conv.md section 2, fused:
 
-    S   = sum of the mask over each output's window (zero padding counts as holes), from a box sum
-          of the single-channel mask (multi_channel: the mask summed over each group's input channels
-          once, then box-summed), in fp32;
+    S   = sum of the mask over each output's window (zero padding counts as holes): a box sum of the
+          single-channel mask (multi_channel: the mask summed over each group's input channels once,
+          then box-summed), in fp32 (fp64 for fp64 x), [N|1, 1|groups, out spatial]: 1/Cout of the
+          output, never a Cout x Cin convolution;
     K   = kh * kw (* Cin / groups with multi_channel);
-    raw = conv(X * M, W)  (the input masked while the convolution reads it; no bias)
+    raw = conv(X * M, W)  (no bias; oneDNN / cuDNN through ATen, X * M computed once: one pass over
+          the input; with mask_in=None x is read as is);
+    out, new_mask = trous.masked_partial_epilogue(raw, S, bias, K, mode): ONE pass that reads raw and
+          writes out (ratio, bias and mask update; csrc/pconv/masked_epilogue.h).
 
-mode="exact" (default): out = raw * K / S + b where S > 0, 0 where S = 0; new mask 1[S > 0]
-(min(S, 1) for soft masks). S and the ratio are fp32, so fp16 / bf16 never give Inf or NaN from the
-ratio.
+So the output-sized memory is touched twice in all (the convolution writes raw, the epilogue reads it
+and writes out) instead of NVIDIA's ~12 passes; backward likewise (grad_raw = grad_out * ratio and the
+bias gradient in one pass, then ATen's convolution backward and grad_x = grad_xm * M).
+
+mode="exact" (default): out = raw * K / S + b where S > 0, 0 where S = 0 (a NaN or Inf in x does not
+reach an output whose window has no valid pixel); new mask 1[S > 0] (min(S, 1) for soft masks). S and
+the ratio are fp32, so fp16 / bf16 never give Inf or NaN from the ratio.
 mode="nvidia": NVIDIA's numbers: ratio = K / (S + 1e-8) * clamp(S, 0, 1), U = clamp(S, 0, 1); with
 bias out = ((raw - b) * ratio + b) * U (raw including b), without out = raw * ratio; the mask sum
 ignores ``groups`` (K = Cin * kh * kw with multi_channel), as the reference layer does; S and the
-ratio are still fp32 (the reference's fp16 overflow, inf * 0 = NaN, is not reproduced).
+ratio are still fp32 (the reference's fp16 overflow, inf * 0 = NaN, is not reproduced); NaN * 0 stays
+NaN as in the reference.
+
+NaN in x: it reaches (as NaN) exactly the outputs whose window covers it (a NaN at a hole too: X * M
+is NaN * 0 = NaN, as in the reference), except, in exact mode, outputs with S = 0 (0 there).
 
 Stateless: nothing is cached by input shape (the reference's stale-ratio bug cannot happen). The
-mask gets no gradient; x, weight and bias do (through ATen's convolution).
+mask gets no gradient; x, weight and bias do. Saved for backward: X * M (by the convolution; x
+itself when mask_in is None), the mask (for grad_x), weight, and S (1/Cout of the output).
 """
 from __future__ import annotations
 
@@ -28,9 +41,30 @@ from torch import nn
 
 __all__ = ["masked_partial_conv2d", "masked_partial_conv3d", "PartialConv2d", "PartialConv3d"]
 
+_ops = torch.ops.trous
+
 
 def _tuple(v, n):
     return (int(v),) * n if isinstance(v, int) else tuple(int(e) for e in v)
+
+
+def _setup_context(ctx, inputs, output):
+    raw, S, bias, K, mode = inputs
+    ctx.K, ctx.mode, ctx.has_bias = K, mode, bias is not None
+    ctx.save_for_backward(S)
+
+
+def _backward(ctx, grad_out, grad_mask):
+    (S,) = ctx.saved_tensors
+    need_raw = ctx.needs_input_grad[0]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if grad_out is None or not (need_raw or need_b):
+        return None, None, None, None, None
+    graw, gb = _ops.masked_partial_epilogue_backward(grad_out, S, ctx.K, ctx.mode, need_b)
+    return graw if need_raw else None, None, gb if need_b else None, None, None
+
+
+torch.library.register_autograd("trous::masked_partial_epilogue", _backward, setup_context=_setup_context)
 
 
 def _masked_partial_conv(x, mask, weight, bias, stride, padding, dilation, groups, multi_channel, return_mask,
@@ -43,50 +77,44 @@ def _masked_partial_conv(x, mask, weight, bias, stride, padding, dilation, group
     N, Cin = x.shape[:2]
     stride, padding, dilation = _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd)
     ks = tuple(weight.shape[2:])
-    if mask is None:
-        mask = torch.ones((1, Cin if multi_channel else 1, *x.shape[2:]), device=x.device, dtype=torch.float32)
-    if mask.device != x.device:
-        raise ValueError(f"{who}: mask must be on the device of x ({x.device}), got {mask.device}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     want_c = Cin if multi_channel else 1
-    if mask.dim() != x.dim() or mask.shape[0] not in (1, N) or mask.shape[1] != want_c or \
-            mask.shape[2:] != x.shape[2:]:
-        raise ValueError(f"{who}: mask must have shape [N or 1, {want_c}, {', '.join(map(str, x.shape[2:]))}]"
-                         f"{' (multi_channel)' if multi_channel else ''}, got {tuple(mask.shape)}")
-    m = mask.to(torch.float32)
+    if mask is not None:
+        if mask.device != x.device:
+            raise ValueError(f"{who}: mask must be on the device of x ({x.device}), got {mask.device}")
+        if mask.dim() != x.dim() or mask.shape[0] not in (1, N) or mask.shape[1] != want_c or \
+                mask.shape[2:] != x.shape[2:]:
+            raise ValueError(f"{who}: mask must have shape [N or 1, {want_c}, {', '.join(map(str, x.shape[2:]))}]"
+                             f"{' (multi_channel)' if multi_channel else ''}, got {tuple(mask.shape)}")
+        mask = mask.detach()
+        m = mask.to(acc)
+    else:
+        m = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=acc)  # mask-sized, 1 channel
     window = 1
     for k in ks:
         window *= k
-    ones_cfg = dict(stride=stride, padding=padding, dilation=dilation)
-    if mode == "nvidia" or not multi_channel:
-        msum = m.sum(1, keepdim=True) if multi_channel else m
-        S = conv(msum, torch.ones((1, 1, *ks), device=x.device), **ones_cfg)  # [N|1, 1, ...]
-        K = window * (Cin if multi_channel else 1)
+    box = dict(stride=stride, padding=padding, dilation=dilation)
+    if mode == "nvidia" or not multi_channel or groups == 1:
+        msum = m.sum(1, keepdim=True) if (multi_channel and m.shape[1] > 1) else m
+        if multi_channel and mask is None:
+            msum = msum * Cin
+        S = conv(msum, torch.ones((1, 1, *ks), device=x.device, dtype=acc), **box)  # [N|1, 1, ...]
+        K = window * ((Cin if mode == "nvidia" else Cin // groups) if multi_channel else 1)
     else:
-        msum = m.reshape(m.shape[0], groups, Cin // groups, *m.shape[2:]).sum(2)  # [N|1, groups, ...]
-        S = conv(msum, torch.ones((groups, 1, *ks), device=x.device), groups=groups, **ones_cfg)
-        S = S.repeat_interleave(weight.shape[0] // groups, dim=1)  # [N|1, Cout, ...]
-        K = window * (Cin // groups)
-    raw = conv(x * mask.to(x.dtype), weight, None, stride, padding, dilation, groups)
-    shape_b = (1, -1) + (1,) * nd
-    if mode == "exact":
-        ratio = torch.where(S > 0, K / S.clamp_min(1e-30), torch.zeros_like(S))
-        out = raw * ratio.to(raw.dtype)
-        if bias is not None:
-            out = out + torch.where(S > 0, 1.0, 0.0).to(raw.dtype) * bias.view(shape_b)
-        new_mask = torch.where(S > 0, S.clamp(max=1.0), torch.zeros_like(S))
-    else:
-        ratio = K / (S + 1e-8)
-        U = torch.clamp(S, 0, 1)
-        ratio = ratio * U
-        if bias is not None:
-            b = bias.view(shape_b)
-            out = ((raw + b - b) * ratio.to(raw.dtype) + b) * U.to(raw.dtype)
+        if mask is None:
+            msum = m.expand(1, groups, *m.shape[2:]) * (Cin // groups)
         else:
-            out = raw * ratio.to(raw.dtype)
-        new_mask = U
-    if multi_channel and new_mask.shape[1] == 1:
-        new_mask = new_mask.expand(new_mask.shape[0], weight.shape[0], *new_mask.shape[2:])
-    new_mask = new_mask.to(x.dtype)
+            msum = m.reshape(m.shape[0], groups, Cin // groups, *m.shape[2:]).sum(2)  # [N|1, groups, ...]
+        S = conv(msum, torch.ones((groups, 1, *ks), device=x.device, dtype=acc), groups=groups, **box)
+        K = window * (Cin // groups)
+    xm = x if mask is None else x * mask.to(x.dtype)
+    raw = conv(xm, weight, None, stride, padding, dilation, groups)
+    out, new_mask = _ops.masked_partial_epilogue(raw, S.contiguous(), bias, float(K), mode)
+    if multi_channel and new_mask.shape[1] != weight.shape[0]:
+        G = new_mask.shape[1]
+        sp = new_mask.shape[2:]
+        new_mask = new_mask.unsqueeze(2).expand(new_mask.shape[0], G, weight.shape[0] // G, *sp)
+        new_mask = new_mask.reshape(new_mask.shape[0], weight.shape[0], *sp)
     return (out, new_mask) if return_mask else out
 
 

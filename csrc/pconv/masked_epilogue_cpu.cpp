@@ -1,0 +1,206 @@
+// CPU kernels of the mask-aware partial convolution's epilogue (math: masked_epilogue.h).
+//
+// The per-position coefficients (a, cb of masked_coeffs) and the new mask are computed once over the
+// small [Ns, G, P] tensor S (1/C of the output); then one pass over the output: one task of
+// at::parallel_for per block of (n, c) rows when rows are contiguous (NC[spatial]; the row loop is an
+// `omp simd` loop, fp32 accumulation), per block of (n, p) positions otherwise (channels_last: the
+// channel loop is contiguous). Backward is the same pass with the bias gradient's partial sums per
+// (n, c) (fp32; fp64 for fp64), summed over n by the caller.
+#include "pconv/masked_epilogue_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "trous/simd_cpu.h"
+
+namespace trous {
+namespace pconv {
+namespace {
+
+template <typename Acc, typename T>
+inline Acc ld(T v) {
+  return static_cast<Acc>(static_cast<float>(v));
+}
+template <>
+inline double ld<double, double>(double v) {
+  return v;
+}
+template <typename T, typename Acc>
+inline T st(Acc v) {
+  return static_cast<T>(static_cast<float>(v));
+}
+template <>
+inline double st<double, double>(double v) {
+  return v;
+}
+
+// A[i], B[i] (the coefficients a, cb; A = 0 where exact mode drops the output) and the new mask.
+template <typename T, typename Acc>
+void coefficients(const Acc* S, T* new_mask, std::vector<Acc>& A, std::vector<Acc>& B, const MaskedEpilogueArgs& a) {
+  const index_t n = a.Ns * a.G * a.P;
+  A.resize(static_cast<size_t>(n));
+  B.resize(static_cast<size_t>(n));
+  const Acc K = static_cast<Acc>(a.K);
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const MaskedCoeffs<Acc> k = masked_coeffs<Acc>(S[i], K, a.mode, a.has_bias);
+      A[i] = k.keep ? k.a : Acc(0);
+      B[i] = k.keep ? k.cb : Acc(0);
+      if (new_mask) new_mask[i] = st<T>(masked_new_mask<Acc>(S[i]));
+    }
+  });
+}
+
+template <typename T, typename Acc, bool kSelect>
+void forward_rows(const T* raw, const T* bias, T* out, const Acc* A, const Acc* B, const MaskedEpilogueArgs& a) {
+  const index_t P = a.P, C = a.C, cg = a.C / a.G;
+  at::parallel_for(0, a.N * C, std::max<int64_t>(1, 32768 / std::max<index_t>(P, 1)), [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const index_t n = r / C, c = r % C;
+      const index_t so = ((a.Ns == 1 ? 0 : n) * a.G + c / cg) * P;
+      const Acc* Ar = A + so;
+      const Acc* Br = B + so;
+      const T* x = raw + n * a.sn + c * a.sc;
+      T* y = out + n * a.sn + c * a.sc;
+      const Acc b = bias ? ld<Acc>(bias[c]) : Acc(0);
+#pragma omp simd
+      for (index_t p = 0; p < P; ++p) {
+        Acc v = ld<Acc>(x[p]) * Ar[p] + b * Br[p];
+        if constexpr (kSelect) v = Ar[p] > Acc(0) ? v : Acc(0);
+        y[p] = st<T>(v);
+      }
+    }
+  });
+}
+
+template <typename T, typename Acc, bool kSelect>
+void forward_positions(const T* raw, const T* bias, T* out, const Acc* A, const Acc* B, const MaskedEpilogueArgs& a) {
+  const index_t P = a.P, C = a.C, cg = a.C / a.G;
+  at::parallel_for(0, a.N * P, std::max<int64_t>(1, 32768 / std::max<index_t>(C, 1)), [&](int64_t qb, int64_t qe) {
+    for (int64_t q = qb; q < qe; ++q) {
+      const index_t n = q / P, p = q % P;
+      const index_t base = (a.Ns == 1 ? 0 : n) * a.G * P + p;
+      const T* x = raw + n * a.sn + p * a.sp;
+      T* y = out + n * a.sn + p * a.sp;
+      for (index_t c = 0; c < C; ++c) {
+        const index_t si = base + (c / cg) * P;
+        const Acc b = bias ? ld<Acc>(bias[c]) : Acc(0);
+        Acc v = ld<Acc>(x[c * a.sc]) * A[si] + b * B[si];
+        if constexpr (kSelect) v = A[si] > Acc(0) ? v : Acc(0);
+        y[c * a.sc] = st<T>(v);
+      }
+    }
+  });
+}
+
+template <typename T, bool kSelect>
+void backward_impl(const T* go, T* gr, typename std::conditional_t<std::is_same_v<T, double>, double, float>* partial,
+                   const std::vector<acc_t<T>>& Av, const std::vector<acc_t<T>>& Bv, const MaskedEpilogueArgs& a) {
+  using Acc = acc_t<T>;
+  const Acc* A = Av.data();
+  const Acc* B = Bv.data();
+  const index_t P = a.P, C = a.C, cg = a.C / a.G;
+  if (a.sp == 1) {
+    at::parallel_for(0, a.N * C, std::max<int64_t>(1, 32768 / std::max<index_t>(P, 1)), [&](int64_t rb, int64_t re) {
+      for (int64_t r = rb; r < re; ++r) {
+        const index_t n = r / C, c = r % C;
+        const index_t so = ((a.Ns == 1 ? 0 : n) * a.G + c / cg) * P;
+        const Acc* Ar = A + so;
+        const Acc* Br = B + so;
+        const T* g = go + n * a.sn + c * a.sc;
+        T* y = gr + n * a.sn + c * a.sc;
+        Acc sum = Acc(0);
+#pragma omp simd reduction(+ : sum)
+        for (index_t p = 0; p < P; ++p) {
+          const Acc gv = ld<Acc>(g[p]);
+          Acc v = gv * Ar[p];
+          Acc s = gv * Br[p];
+          if constexpr (kSelect) {
+            v = Ar[p] > Acc(0) ? v : Acc(0);
+            s = Ar[p] > Acc(0) ? s : Acc(0);
+          }
+          y[p] = st<T>(v);
+          sum += s;
+        }
+        if (partial) partial[r] = sum;
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, a.N, 1, [&](int64_t nb, int64_t ne) {
+    std::vector<Acc> sums(static_cast<size_t>(C));
+    for (int64_t n = nb; n < ne; ++n) {
+      std::fill(sums.begin(), sums.end(), Acc(0));
+      for (index_t p = 0; p < P; ++p) {
+        const index_t base = (a.Ns == 1 ? 0 : n) * a.G * P + p;
+        const T* g = go + n * a.sn + p * a.sp;
+        T* y = gr + n * a.sn + p * a.sp;
+        for (index_t c = 0; c < C; ++c) {
+          const index_t si = base + (c / cg) * P;
+          const Acc gv = ld<Acc>(g[c * a.sc]);
+          Acc v = gv * A[si];
+          Acc s = gv * B[si];
+          if constexpr (kSelect) {
+            v = A[si] > Acc(0) ? v : Acc(0);
+            s = A[si] > Acc(0) ? s : Acc(0);
+          }
+          y[c * a.sc] = st<T>(v);
+          sums[c] += s;
+        }
+      }
+      if (partial)
+        for (index_t c = 0; c < C; ++c) partial[n * C + c] = sums[c];
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_masked_epilogue(DType dtype, const void* raw, const void* S, const void* bias, void* out, void* new_mask,
+                         const MaskedEpilogueArgs& a) {
+  dispatch_dtype<cpu::CpuTypes, true>(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = acc_t<T>;
+    std::vector<Acc> A, B;
+    coefficients<T, Acc>(static_cast<const Acc*>(S), static_cast<T*>(new_mask), A, B, a);
+    if (a.numel() == 0) return;
+    const T* r = static_cast<const T*>(raw);
+    const T* b = a.has_bias ? static_cast<const T*>(bias) : nullptr;
+    T* o = static_cast<T*>(out);
+    const bool exact = a.mode == MaskedMode::kExact;
+    if (a.sp == 1) {
+      if (exact)
+        forward_rows<T, Acc, true>(r, b, o, A.data(), B.data(), a);
+      else
+        forward_rows<T, Acc, false>(r, b, o, A.data(), B.data(), a);
+    } else {
+      if (exact)
+        forward_positions<T, Acc, true>(r, b, o, A.data(), B.data(), a);
+      else
+        forward_positions<T, Acc, false>(r, b, o, A.data(), B.data(), a);
+    }
+  });
+}
+
+void cpu_masked_epilogue_backward(DType dtype, const void* grad_out, const void* S, void* grad_raw,
+                                  void* grad_bias_partial, const MaskedEpilogueArgs& a) {
+  dispatch_dtype<cpu::CpuTypes, true>(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = acc_t<T>;
+    std::vector<Acc> A, B;
+    coefficients<T, Acc>(static_cast<const Acc*>(S), nullptr, A, B, a);
+    if (a.numel() == 0) return;
+    Acc* partial = a.has_bias ? static_cast<Acc*>(grad_bias_partial) : nullptr;
+    if (a.mode == MaskedMode::kExact)
+      backward_impl<T, true>(static_cast<const T*>(grad_out), static_cast<T*>(grad_raw), partial, A, B, a);
+    else
+      backward_impl<T, false>(static_cast<const T*>(grad_out), static_cast<T*>(grad_raw), partial, A, B, a);
+  });
+}
+
+}  // namespace pconv
+}  // namespace trous
