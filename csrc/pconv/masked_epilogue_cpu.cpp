@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "trous/simd_cpu.h"
@@ -55,6 +56,104 @@ void coefficients(const Acc* S, T* new_mask, std::vector<Acc>& A, std::vector<Ac
   });
 }
 
+// One row of P outputs: y = x * A + b * B (kSelect: 0 where A <= 0, i.e. S = 0 in exact mode, even for a
+// NaN / Inf x). Generic element types convert through fp32 (fp64 for fp64); fp32 has AVX2 clones.
+template <typename T, typename Acc, bool kSelect>
+inline void fwd_row(const T* x, T* y, const Acc* A, const Acc* B, Acc b, index_t P) {
+#pragma omp simd
+  for (index_t p = 0; p < P; ++p) {
+    Acc v = ld<Acc>(x[p]) * A[p] + b * B[p];
+    if constexpr (kSelect) v = A[p] > Acc(0) ? v : Acc(0);
+    y[p] = st<T>(v);
+  }
+}
+typedef float v8 __attribute__((vector_size(32)));
+typedef int i8 __attribute__((vector_size(32)));
+// (through references: a v8 argument or return value of a non-AVX function would change the ABI)
+inline void loadu(v8& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
+inline void storeu(float* p, const v8& v) { std::memcpy(p, &v, sizeof(v)); }
+// GCC vectors: the select is a bitwise and with the comparison's lane mask (no branch).
+TROUS_CPU_CLONES void fwd_row_f32_select(const float* x, float* y, const float* A, const float* B, float b, index_t P) {
+  index_t p = 0;
+  for (; p + 8 <= P; p += 8) {
+    v8 a, xv, bv;
+    loadu(a, A + p), loadu(xv, x + p), loadu(bv, B + p);
+    const v8 v = xv * a + b * bv;
+    const i8 keep = a > v8{};
+    const v8 r = reinterpret_cast<v8>(reinterpret_cast<i8>(v) & keep);
+    storeu(y + p, r);
+  }
+  for (; p < P; ++p) y[p] = A[p] > 0.f ? x[p] * A[p] + b * B[p] : 0.f;
+}
+TROUS_CPU_CLONES void fwd_row_f32(const float* x, float* y, const float* A, const float* B, float b, index_t P) {
+#pragma omp simd
+  for (index_t p = 0; p < P; ++p) y[p] = x[p] * A[p] + b * B[p];
+}
+template <>
+inline void fwd_row<float, float, true>(const float* x, float* y, const float* A, const float* B, float b, index_t P) {
+  fwd_row_f32_select(x, y, A, B, b, P);
+}
+template <>
+inline void fwd_row<float, float, false>(const float* x, float* y, const float* A, const float* B, float b, index_t P) {
+  fwd_row_f32(x, y, A, B, b, P);
+}
+
+// One row of the backward: y = g * A, returns sum(g * B) (kSelect: both 0 where A <= 0).
+template <typename T, typename Acc, bool kSelect>
+inline Acc bwd_row(const T* g, T* y, const Acc* A, const Acc* B, index_t P) {
+  Acc sum = Acc(0);
+#pragma omp simd reduction(+ : sum)
+  for (index_t p = 0; p < P; ++p) {
+    const Acc gv = ld<Acc>(g[p]);
+    Acc v = gv * A[p];
+    Acc s = gv * B[p];
+    if constexpr (kSelect) {
+      v = A[p] > Acc(0) ? v : Acc(0);
+      s = A[p] > Acc(0) ? s : Acc(0);
+    }
+    y[p] = st<T>(v);
+    sum += s;
+  }
+  return sum;
+}
+TROUS_CPU_CLONES float bwd_row_f32_select(const float* g, float* y, const float* A, const float* B, index_t P) {
+  v8 acc{};
+  index_t p = 0;
+  for (; p + 8 <= P; p += 8) {
+    v8 a, gv, bv;
+    loadu(a, A + p), loadu(gv, g + p), loadu(bv, B + p);
+    const i8 keep = a > v8{};
+    const v8 r = reinterpret_cast<v8>(reinterpret_cast<i8>(gv * a) & keep);
+    storeu(y + p, r);
+    acc += reinterpret_cast<v8>(reinterpret_cast<i8>(gv * bv) & keep);
+  }
+  float sum = 0.f;
+  for (int j = 0; j < 8; ++j) sum += acc[j];
+  for (; p < P; ++p) {
+    const bool keep = A[p] > 0.f;
+    y[p] = keep ? g[p] * A[p] : 0.f;
+    sum += keep ? g[p] * B[p] : 0.f;
+  }
+  return sum;
+}
+TROUS_CPU_CLONES float bwd_row_f32(const float* g, float* y, const float* A, const float* B, index_t P) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (index_t p = 0; p < P; ++p) {
+    y[p] = g[p] * A[p];
+    sum += g[p] * B[p];
+  }
+  return sum;
+}
+template <>
+inline float bwd_row<float, float, true>(const float* g, float* y, const float* A, const float* B, index_t P) {
+  return bwd_row_f32_select(g, y, A, B, P);
+}
+template <>
+inline float bwd_row<float, float, false>(const float* g, float* y, const float* A, const float* B, index_t P) {
+  return bwd_row_f32(g, y, A, B, P);
+}
+
 template <typename T, typename Acc, bool kSelect>
 void forward_rows(const T* raw, const T* bias, T* out, const Acc* A, const Acc* B, const MaskedEpilogueArgs& a) {
   const index_t P = a.P, C = a.C, cg = a.C / a.G;
@@ -67,12 +166,7 @@ void forward_rows(const T* raw, const T* bias, T* out, const Acc* A, const Acc* 
       const T* x = raw + n * a.sn + c * a.sc;
       T* y = out + n * a.sn + c * a.sc;
       const Acc b = bias ? ld<Acc>(bias[c]) : Acc(0);
-#pragma omp simd
-      for (index_t p = 0; p < P; ++p) {
-        Acc v = ld<Acc>(x[p]) * Ar[p] + b * Br[p];
-        if constexpr (kSelect) v = Ar[p] > Acc(0) ? v : Acc(0);
-        y[p] = st<T>(v);
-      }
+      fwd_row<T, Acc, kSelect>(x, y, Ar, Br, b, P);
     }
   });
 }
@@ -113,19 +207,7 @@ void backward_impl(const T* go, T* gr, typename std::conditional_t<std::is_same_
         const Acc* Br = B + so;
         const T* g = go + n * a.sn + c * a.sc;
         T* y = gr + n * a.sn + c * a.sc;
-        Acc sum = Acc(0);
-#pragma omp simd reduction(+ : sum)
-        for (index_t p = 0; p < P; ++p) {
-          const Acc gv = ld<Acc>(g[p]);
-          Acc v = gv * Ar[p];
-          Acc s = gv * Br[p];
-          if constexpr (kSelect) {
-            v = Ar[p] > Acc(0) ? v : Acc(0);
-            s = Ar[p] > Acc(0) ? s : Acc(0);
-          }
-          y[p] = st<T>(v);
-          sum += s;
-        }
+        const Acc sum = bwd_row<T, Acc, kSelect>(g, y, Ar, Br, P);
         if (partial) partial[r] = sum;
       }
     });

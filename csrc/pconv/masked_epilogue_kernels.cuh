@@ -3,7 +3,8 @@
 // Forward: one thread per output element, grid-stride over the 64-bit flat index (p fastest for
 // NC[spatial] strides, c fastest for channels_last, so a warp touches consecutive addresses); the
 // coefficients come from S (fp32; fp64 for fp64) in registers, and the threads of the first channel
-// of each S channel write the new mask. One read of raw, one write of out.
+// of each S channel write the new mask. One read of raw, one write of out (out may be raw: the
+// in-place variant; each element is read and written by one thread).
 // Backward: one block per (channel c, chunk): grad_raw = grad_out * a for its elements and the block's
 // sum of grad_out * cb (the bias gradient) reduced in shared memory into partial[chunk, c].
 #pragma once
@@ -30,7 +31,7 @@ TROUS_INLINE void masked_unflatten(const MaskedEpilogueArgs& a, index_t idx, ind
 }
 
 template <typename T, typename Acc>
-__global__ void masked_epilogue_kernel(const T* __restrict__ raw, const Acc* __restrict__ S, const T* __restrict__ bias,
+__global__ void masked_epilogue_kernel(const T* raw, const Acc* __restrict__ S, const T* __restrict__ bias,
                                        T* __restrict__ out, T* __restrict__ new_mask, MaskedEpilogueArgs a) {
   const index_t total = a.numel();
   const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;

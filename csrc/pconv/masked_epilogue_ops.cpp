@@ -9,6 +9,7 @@
 //   masked_partial_epilogue_backward(grad_out, S, K, mode, has_bias) -> (grad_raw, grad_bias): one
 //     pass reading grad_out and writing grad_raw, the bias gradient reduced on the way.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <string>
@@ -75,30 +76,24 @@ MaskedEpilogueArgs make_args(const at::Tensor& t, const at::Tensor& S, double K,
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue(const at::Tensor& raw, const at::Tensor& S,
-                                                           const std::optional<at::Tensor>& bias, double K,
-                                                           c10::string_view mode_name) {
-  const char* op = "trous.masked_partial_epilogue";
-  check_devices(op, {{"raw", raw}, {"S", S}, {"bias", defined_or_empty(bias)}});
-  const DType dt = check_common(op, "raw", raw, S, K);
-  const MaskedMode mode = parse_mode(mode_name, op);
+void check_bias(const char* op, const at::Tensor& raw, const std::optional<at::Tensor>& bias) {
+  if (!(bias.has_value() && bias->defined())) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == raw.sym_size(1), op, ": bias must have shape [", raw.sym_size(1),
+              "] (raw.size(1)), got ", bias->sym_sizes());
+  TORCH_CHECK(bias->scalar_type() == raw.scalar_type(), op, ": bias must have the dtype of raw (", raw.scalar_type(),
+              "), got ", bias->scalar_type());
+}
+
+// The kernel from r into out (out may be r itself).
+void run_epilogue(const char* op, DType dt, const at::Tensor& r, const at::Tensor& S,
+                  const std::optional<at::Tensor>& bias, double K, MaskedMode mode, const at::Tensor& out,
+                  const at::Tensor& new_mask, at::MemoryFormat mf) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == raw.sym_size(1), op, ": bias must have shape [",
-                raw.sym_size(1), "] (raw.size(1)), got ", bias->sym_sizes());
-    TORCH_CHECK(bias->scalar_type() == raw.scalar_type(), op, ": bias must have the dtype of raw (", raw.scalar_type(),
-                "), got ", bias->scalar_type());
-  }
-  const at::MemoryFormat mf = format_of(raw);
-  at::Tensor out = at::empty_symint(raw.sym_sizes(), raw.options().memory_format(mf));
-  at::Tensor new_mask = at::empty_symint(S.sym_sizes(), raw.options().memory_format(at::MemoryFormat::Contiguous));
-  if (raw.is_meta()) return {out, new_mask};
-  const at::Tensor r = raw.contiguous(mf);
   const at::Tensor s = S.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const MaskedEpilogueArgs a = make_args(r, s, K, mode, has_bias, mf);
   run_on_device(
-      raw, op,
+      r, op,
       [&] {
         cpu_masked_epilogue(dt, r.data_ptr(), s.data_ptr(), has_bias ? b.data_ptr() : nullptr, out.data_ptr(),
                             new_mask.data_ptr(), a);
@@ -107,6 +102,44 @@ std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue(const at::Tensor& raw
         TROUS_CUDA_ONLY(launch_masked_epilogue(dt, r.data_ptr(), s.data_ptr(), has_bias ? b.data_ptr() : nullptr,
                                                out.data_ptr(), new_mask.data_ptr(), a, stream));
       });
+}
+
+// In place (inference: no derivative): raw is overwritten with out; returns the new mask.
+at::Tensor masked_partial_epilogue_(at::Tensor& raw, const at::Tensor& S, const std::optional<at::Tensor>& bias,
+                                    double K, c10::string_view mode_name) {
+  const char* op = "trous.masked_partial_epilogue_";
+  check_devices(op, {{"raw", raw}, {"S", S}, {"bias", defined_or_empty(bias)}});
+  const DType dt = check_common(op, "raw", raw, S, K);
+  const MaskedMode mode = parse_mode(mode_name, op);
+  check_bias(op, raw, bias);
+  at::Tensor new_mask = at::empty_symint(S.sym_sizes(), raw.options().memory_format(at::MemoryFormat::Contiguous));
+  if (raw.is_meta()) return new_mask;
+  const at::MemoryFormat mf = format_of(raw);
+  if (raw.is_contiguous(mf)) {
+    run_epilogue(op, dt, raw, S, bias, K, mode, raw, new_mask, mf);
+  } else {
+    TORCH_CHECK(at::has_internal_overlap(raw) != at::MemOverlap::Yes || raw.numel() == 0, op,
+                ": raw is overwritten in place and must not have overlapping elements, got strides ", raw.strides());
+    const at::Tensor r = raw.contiguous(mf);
+    run_epilogue(op, dt, r, S, bias, K, mode, r, new_mask, mf);
+    raw.copy_(r);
+  }
+  return new_mask;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue(const at::Tensor& raw, const at::Tensor& S,
+                                                           const std::optional<at::Tensor>& bias, double K,
+                                                           c10::string_view mode_name) {
+  const char* op = "trous.masked_partial_epilogue";
+  check_devices(op, {{"raw", raw}, {"S", S}, {"bias", defined_or_empty(bias)}});
+  const DType dt = check_common(op, "raw", raw, S, K);
+  const MaskedMode mode = parse_mode(mode_name, op);
+  check_bias(op, raw, bias);
+  const at::MemoryFormat mf = format_of(raw);
+  at::Tensor out = at::empty_symint(raw.sym_sizes(), raw.options().memory_format(mf));
+  at::Tensor new_mask = at::empty_symint(S.sym_sizes(), raw.options().memory_format(at::MemoryFormat::Contiguous));
+  if (raw.is_meta()) return {out, new_mask};
+  run_epilogue(op, dt, raw.contiguous(mf), S, bias, K, mode, out, new_mask, mf);
   return {out, new_mask};
 }
 
@@ -150,6 +183,8 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   m.def(
       "masked_partial_epilogue(Tensor raw, Tensor S, Tensor? bias, float K, str mode=\"exact\") -> (Tensor, "
       "Tensor)");
+  // In place (inference): raw overwritten with out; returns the new mask.
+  m.def("masked_partial_epilogue_(Tensor(a!) raw, Tensor S, Tensor? bias, float K, str mode=\"exact\") -> Tensor");
   m.def(
       "masked_partial_epilogue_backward(Tensor grad_out, Tensor S, float K, str mode, bool has_bias) -> (Tensor, "
       "Tensor)");
@@ -157,19 +192,25 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {
   m.impl("masked_partial_epilogue", &masked_partial_epilogue);
+  m.impl("masked_partial_epilogue_", &masked_partial_epilogue_);
   m.impl("masked_partial_epilogue_backward", &masked_partial_epilogue_backward);
 }
 
 TORCH_LIBRARY_IMPL(trous, Meta, m) {
   m.impl("masked_partial_epilogue", &masked_partial_epilogue);
+  m.impl("masked_partial_epilogue_", &masked_partial_epilogue_);
   m.impl("masked_partial_epilogue_backward", &masked_partial_epilogue_backward);
 }
 
-TORCH_LIBRARY_IMPL(trous, Autograd, m) { TROUS_NO_AUTOGRAD(m, "masked_partial_epilogue_backward"); }
+TORCH_LIBRARY_IMPL(trous, Autograd, m) {
+  TROUS_NO_AUTOGRAD(m, "masked_partial_epilogue_");
+  TROUS_NO_AUTOGRAD(m, "masked_partial_epilogue_backward");
+}
 
 #ifdef TROUS_WITH_CUDA
 TORCH_LIBRARY_IMPL(trous, CUDA, m) {
   m.impl("masked_partial_epilogue", &masked_partial_epilogue);
+  m.impl("masked_partial_epilogue_", &masked_partial_epilogue_);
   m.impl("masked_partial_epilogue_backward", &masked_partial_epilogue_backward);
 }
 #endif

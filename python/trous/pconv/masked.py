@@ -9,7 +9,9 @@ shared/spec/partial_conv.md section 2, fused:
     raw = conv(X * M, W)  (no bias; oneDNN / cuDNN through ATen, X * M computed once: one pass over
           the input; with mask_in=None x is read as is);
     out, new_mask = trous.masked_partial_epilogue(raw, S, bias, K, mode): ONE pass that reads raw and
-          writes out (ratio, bias and mask update; csrc/pconv/masked_epilogue.h).
+          writes out (ratio, bias and mask update; csrc/pconv/masked_epilogue.h); when autograd does
+          not record (inference), masked_partial_epilogue_ overwrites raw instead (same pass, no
+          second output-sized allocation).
 
 So the output-sized memory is touched twice in all (the convolution writes raw, the epilogue reads it
 and writes out) instead of NVIDIA's ~12 passes; backward likewise (grad_raw = grad_out * ratio and the
@@ -109,7 +111,13 @@ def _masked_partial_conv(x, mask, weight, bias, stride, padding, dilation, group
         K = window * (Cin // groups)
     xm = x if mask is None else x * mask.to(x.dtype)
     raw = conv(xm, weight, None, stride, padding, dilation, groups)
-    out, new_mask = _ops.masked_partial_epilogue(raw, S.contiguous(), bias, float(K), mode)
+    S = S.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        out, new_mask = _ops.masked_partial_epilogue(raw, S, bias, float(K), mode)
+    else:  # inference: the epilogue overwrites raw (no second output-sized allocation)
+        new_mask = _ops.masked_partial_epilogue_(raw, S, bias, float(K), mode)
+        out = raw
     if multi_channel and new_mask.shape[1] != weight.shape[0]:
         G = new_mask.shape[1]
         sp = new_mask.shape[2:]
