@@ -1,6 +1,11 @@
 """Partial-convolution cases: trous' channel_partial_conv2d against FasterNet's split_cat and
 slicing+clone forms, and against the convolution of the first cp channels alone on a contiguous
 input (the floor), forward and forward+backward; plus the direct kernel against the ATen route.
+Mask-aware (masked_partial_conv2d, mode "exact"): against a plain convolution of the same shape (the
+floor, target within 1.15x) and against NVIDIA's ~11-kernel composition (>= 1.4x single-channel mask,
+>= 2x multi_channel), forward and forward+backward, at (8, 64, 128, 128) 64 -> 64 3x3 with a 75%
+valid mask ((2, 32, 64, 64) under --quick); the PConv-UNet forward+backward against the same net of
+reference layers.
 
 Bytes per op (``bytes``): x read once, the output written once (2 N C H W elements) plus weights.
 """
@@ -27,6 +32,11 @@ def targets(device: str) -> dict:
 
 FLOOR_TARGET = {"speedup": 1 / 1.1}
 POINTWISE_TARGET = {"speedup": 1.3}  # issue 10: fused PConv + 1x1 >= 1.3x the unfused pair
+MASKED_SHAPE = (8, 64, 128, 128)  # issue 10's mask-aware shape (N, Cin = Cout, H, W), 3x3, 75% valid
+MASKED_QUICK_SHAPE = (2, 32, 64, 64)
+MASKED_CONV_TARGET = {"speedup": 1 / 1.15}  # within 1.15x of the plain convolution (the floor)
+MASKED_NVIDIA_TARGET = {"speedup": 1.4}  # single-channel mask vs NVIDIA's composition
+MASKED_NVIDIA_MC_TARGET = {"speedup": 2.0}  # multi_channel
 
 
 def _inputs(shape, dtype, device, seed, grad: bool):
@@ -113,9 +123,110 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
                                 input_bytes=in_bytes, baseline_name=base_name, targets=dict(tg)))
             if not quick:
                 out.append(_pointwise_case(shape, dtype, dt, device, grad, mode, sh, nbytes, in_bytes))
+    for dt in dts:
+        out += _masked_cases(device, dt, quick, shape if shape != SHAPE else None)
     if not quick and shape == SHAPE:
         out += _fasternet_cases(device, dts[0])
+        out += _unet_cases(device, dts[0])
     return out
+
+
+def _masked_inputs(shape, dtype, device, seed, grad: bool, multi_channel: bool):
+    g = torch.Generator().manual_seed(5000 + seed)
+    N, C, H, W = shape
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(C, C, 3, 3, generator=g) / (9 * C) ** 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(C, generator=g).to(device=device, dtype=dtype)
+    m = (torch.rand(N, C if multi_channel else 1, H, W, generator=g) < 0.75).to(device=device, dtype=dtype)
+    go = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    for t in (x, w, b):
+        t.requires_grad_(grad)
+    return x, w, b, m, go
+
+
+def _masked_cases(device: str, dt: str, quick: bool, shape: Optional[Sequence[int]]) -> List[Case]:
+    """masked_partial_conv2d (exact mode, padding 1) against the plain convolution and against
+    NVIDIA's composition (reference.nvidia_partial_conv), single-channel and multi_channel masks."""
+    import torch.nn.functional as F
+
+    from .masked import masked_partial_conv2d
+
+    shape = tuple(shape) if shape is not None else (MASKED_QUICK_SHAPE if quick else MASKED_SHAPE)
+    N, C, H, W = shape
+    dtype = _DTYPES[dt]
+    elt = torch.empty((), dtype=dtype).element_size()
+    nbytes = 2 * N * C * H * W * elt
+    sh = "x".join(map(str, shape)) + f" {C}->{C} 3x3 75% valid"
+
+    def run(fn, grad):
+        def call(x, w, b, m, go):
+            if not grad:
+                with torch.no_grad():
+                    return fn(x, w, b, m)
+            return torch.autograd.grad(fn(x, w, b, m), (x, w, b), go)
+        return call
+
+    out: List[Case] = []
+    for mc in (False, True):
+        def trous_fn(x, w, b, m, mc=mc):
+            return masked_partial_conv2d(x, m, w, b, 1, 1, multi_channel=mc, return_mask=False)
+
+        def nvidia(x, w, b, m, mc=mc):
+            return ref.nvidia_partial_conv(x, m, w, b, 1, 1, 1, 1, mc)[0]
+
+        def conv(x, w, b, m):
+            return F.conv2d(x, w, b, 1, 1)
+
+        rows = [("nvidia composition", nvidia, MASKED_NVIDIA_MC_TARGET if mc else MASKED_NVIDIA_TARGET)]
+        if not mc:
+            rows.insert(0, ("plain conv", conv, MASKED_CONV_TARGET))
+        for mode, grad in (("fwd", False), ("fwd+bwd", True)):
+            if quick and mc and grad:
+                continue
+
+            def make(i, grad=grad, mc=mc):
+                return _masked_inputs(shape, dtype, device, i, grad, mc)
+
+            for base_name, base, tg in rows:
+                op = f"masked{' multi_channel' if mc else ''} {mode} vs {base_name}"
+                in_bytes = (3 if grad else 2) * N * C * H * W * elt + N * (C if mc else 1) * H * W * elt
+                out.append(Case(family=FAMILY, op=op, shape=sh, dtype=dt, make_inputs=make, fn=run(trous_fn, grad),
+                                baseline=run(base, grad), bytes_moved=nbytes, input_bytes=in_bytes,
+                                baseline_name=base_name, targets=dict(tg)))
+    return out
+
+
+def _unet_cases(device: str, dt: str) -> List[Case]:
+    """The PConv-UNet (reduced width) forward+backward, trous.PartialConv2d (mode "nvidia") against
+    the same net of reference layers (NVIDIA's forward), batch 4, 3x128x128."""
+    from .unet import PConvUNet
+
+    dtype = _DTYPES[dt]
+    widths = (32, 64, 128, 128, 128)
+    torch.manual_seed(0)
+    net = PConvUNet(3, widths, mode="nvidia").to(device=device, dtype=dtype)
+    base = PConvUNet(3, widths, layer=ref.NvidiaPartialConv2d).to(device=device, dtype=dtype)
+    base.load_state_dict(net.state_dict())
+    shape = (4, 3, 128, 128)
+
+    def make(i):
+        g = torch.Generator().manual_seed(6000 + i)
+        img = torch.randn(shape, generator=g)
+        m = (torch.rand(shape[0], 1, 32, 32, generator=g) < 0.75).float()
+        m = m.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(shape).contiguous()
+        return (img * m).to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
+
+    def step(model):
+        def run(x, m):
+            model.zero_grad(set_to_none=True)
+            model(x, m)[0].float().sum().backward()
+        return run
+
+    elt = torch.empty((), dtype=dtype).element_size()
+    nbytes = 2 * 4 * 3 * 128 * 128 * elt
+    return [Case(family=FAMILY, op="pconv-unet fwd+bwd vs reference layers", shape="b4 3x128x128 w32-128",
+                 dtype=dt, make_inputs=make, fn=step(net), baseline=step(base), bytes_moved=nbytes,
+                 input_bytes=nbytes, baseline_name="reference-layer net", targets={"speedup": 1.0})]
 
 
 def _fasternet_cases(device: str, dt: str) -> List[Case]:
