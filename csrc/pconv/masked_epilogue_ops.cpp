@@ -26,7 +26,8 @@ namespace {
 
 MaskedMode parse_mode(c10::string_view s, const char* op) {
   if (s == "exact") return MaskedMode::kExact;
-  TORCH_CHECK_VALUE(s == "nvidia", op, ": mode must be \"exact\" or \"nvidia\", got \"", std::string(s), "\"");
+  TORCH_CHECK_VALUE(s == "nvidia", op, ": form (the mode) must be \"exact\" or \"nvidia\", got \"", std::string(s),
+                    "\"");
   return MaskedMode::kNvidia;
 }
 
@@ -179,14 +180,15 @@ std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue_backward(const at::Te
 
 TORCH_LIBRARY_FRAGMENT(trous, m) {
   // raw: [N, C, spatial...] (the convolution of the masked input, no bias); S: [N or 1, G, spatial...]
-  // fp32 (fp64 for fp64 raw), the mask's window sums; K: the window size; mode "exact" or "nvidia".
+  // fp32 (fp64 for fp64 raw), the mask's window sums; K: the window size; form: the mode, "exact" or
+  // "nvidia" (not named `mode`: torch's mode redirection of in-place ops takes that keyword).
   m.def(
-      "masked_partial_epilogue(Tensor raw, Tensor S, Tensor? bias, float K, str mode=\"exact\") -> (Tensor, "
+      "masked_partial_epilogue(Tensor raw, Tensor S, Tensor? bias, float K, str form=\"exact\") -> (Tensor, "
       "Tensor)");
   // In place (inference): raw overwritten with out; returns the new mask.
-  m.def("masked_partial_epilogue_(Tensor(a!) raw, Tensor S, Tensor? bias, float K, str mode=\"exact\") -> Tensor");
+  m.def("masked_partial_epilogue_(Tensor(a!) raw, Tensor S, Tensor? bias, float K, str form=\"exact\") -> Tensor");
   m.def(
-      "masked_partial_epilogue_backward(Tensor grad_out, Tensor S, float K, str mode, bool has_bias) -> (Tensor, "
+      "masked_partial_epilogue_backward(Tensor grad_out, Tensor S, float K, str form, bool has_bias) -> (Tensor, "
       "Tensor)");
 }
 

@@ -211,3 +211,87 @@ def test_modules_take_nvidia_keywords_and_state_dicts():
     l3 = PartialConv3d(3, 2, 3, padding=1, return_mask=True, mode="nvidia")
     o3, m3 = l3(torch.randn(1, 3, 4, 5, 6), torch.ones(1, 1, 4, 5, 6))
     assert o3.shape == (1, 2, 4, 5, 6) and m3.shape == (1, 1, 4, 5, 6)
+
+
+def _epilogue_samples():
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for mode in ("exact", "nvidia"):
+            for shape, sshape in (((2, 4, 5, 7), (1, 1, 5, 7)), ((2, 6, 3, 4), (2, 3, 3, 4)),
+                                  ((1, 3, 2, 3, 4), (1, 1, 2, 3, 4))):
+                raw = torch.randn(shape, generator=g).to(dtype)
+                S = (torch.rand(sshape, generator=g) * 9).floor().to(acc)
+                b = torch.randn(shape[1], generator=g).to(dtype)
+                out.append((raw, S, b, 9.0, mode))
+                if len(shape) == 4:
+                    out.append((raw.contiguous(memory_format=torch.channels_last), S, None, 9.0, mode))
+    return out
+
+
+def test_opcheck_on_the_epilogue_ops():
+    for raw, S, b, K, mode in _epilogue_samples():
+        torch.library.opcheck(torch.ops.trous.masked_partial_epilogue, (raw, S, b, K, mode))
+        torch.library.opcheck(torch.ops.trous.masked_partial_epilogue_, (raw.clone(), S, b, K, mode))
+        torch.library.opcheck(torch.ops.trous.masked_partial_epilogue_backward, (raw, S, K, mode, b is not None))
+
+
+def test_inplace_epilogue_equals_out_of_place_and_refuses_grad():
+    for raw, S, b, K, mode in _epilogue_samples():
+        out, m = torch.ops.trous.masked_partial_epilogue(raw, S, b, K, mode)
+        y = raw.clone()
+        m2 = torch.ops.trous.masked_partial_epilogue_(y, S, b, K, mode)
+        assert torch.equal(out, y) and torch.equal(m, m2)
+        assert out.is_contiguous(memory_format=torch.channels_last) == raw.is_contiguous(
+            memory_format=torch.channels_last) or raw.dim() != 4
+    raw, S, b, K, mode = _epilogue_samples()[0]
+    with pytest.raises(RuntimeError, match="raw"):
+        torch.ops.trous.masked_partial_epilogue_(raw.clone().requires_grad_(), S, b, K, mode)
+
+
+def test_nan_in_x_reaches_exactly_its_windows():
+    x = torch.randn(1, 2, 8, 8)
+    x[0, 1, 4, 4] = float("nan")  # a valid pixel
+    x[0, 0, 0, 0] = float("nan")  # a hole inside an all-hole corner
+    m = torch.ones(1, 1, 8, 8)
+    m[..., :3, :3] = 0
+    w = torch.randn(3, 2, 3, 3)
+    b = torch.randn(3)
+    reach = torch.zeros(8, 8, dtype=torch.bool)
+    reach[3:6, 3:6] = True
+    corner = torch.zeros(8, 8, dtype=torch.bool)
+    corner[:2, :2] = True  # the outputs that read x[0, 0, 0, 0]
+    S = F.conv2d(m, torch.ones(1, 1, 3, 3), None, 1, 1)[0, 0]
+    for mode in ("exact", "nvidia"):
+        out, new = masked_partial_conv2d(x, m, w, b, 1, 1, mode=mode)
+        want = reach | (corner & (S > 0)) if mode == "exact" else reach | corner  # nvidia: NaN * 0 stays NaN
+        for o in range(3):
+            assert torch.equal(out[0, o].isnan(), want), mode
+        assert not new.isnan().any()
+        if mode == "exact":
+            assert bool((out[0][:, S == 0] == 0).all())
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_compile_fullgraph_of_the_modules(nd):
+    torch.manual_seed(12)
+    cls = PartialConv2d if nd == 2 else PartialConv3d
+    layer = cls(3, 4, 3, padding=1, multi_channel=nd == 3, return_mask=True)
+    sp = (6, 7) if nd == 2 else (4, 5, 6)
+    x = torch.randn(2, 3, *sp)
+    m = (torch.rand(2, 3 if nd == 3 else 1, *sp) > 0.3).float()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=nd == 2)
+    for xx, mm in ((x, m), (x[:1], m[:1])):
+        xe = xx.clone().requires_grad_()
+        xc = xx.clone().requires_grad_()
+        want, want_m = layer(xe, mm)
+        got, got_m = compiled(xc, mm)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_m, want_m)
+        ge = torch.autograd.grad(want.sum(), (xe, layer.weight, layer.bias))
+        gc = torch.autograd.grad(got.sum(), (xc, layer.weight, layer.bias))
+        for a, c in zip(gc, ge):
+            torch.testing.assert_close(a, c)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, m)[0], layer(x, m)[0])

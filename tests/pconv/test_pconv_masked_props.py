@@ -170,7 +170,7 @@ def bad_calls(draw):
     elif kind == "K":
         args[3], names = draw(st.sampled_from([0.0, -1.0])), ["K"]
     elif kind == "mode":
-        args[4], names = draw(st.sampled_from(["", "Exact", "nvidia2"])), ["mode"]
+        args[4], names = draw(st.sampled_from(["", "Exact", "nvidia2"])), ["form"]
     elif kind == "grad_out_rank":
         op, args, names = ops.masked_partial_epilogue_backward, [raw.reshape(-1), S, 9.0, "exact", True], ["grad_out"]
     else:
