@@ -8,14 +8,14 @@ shared/spec/partial_conv.md section 2, fused:
     K   = kh * kw (* Cin / groups with multi_channel);
     raw = conv(X * M, W)  (no bias; oneDNN / cuDNN through ATen, X * M computed once: one pass over
           the input; with mask_in=None x is read as is);
-    out, new_mask = trous.masked_partial_epilogue(raw, S, bias, K, mode): ONE pass that reads raw and
-          writes out (ratio, bias and mask update; csrc/pconv/masked_epilogue.h); when autograd does
-          not record (inference), masked_partial_epilogue_ overwrites raw instead (same pass, no
-          second output-sized allocation).
+    out, new_mask = trous.masked_partial_epilogue_(raw, S, bias, K, mode): ONE pass that reads raw
+          and writes out over it (ratio, bias and mask update; csrc/pconv/masked_epilogue.h; raw is
+          not needed for backward, so no second output-sized buffer).
 
 So the output-sized memory is touched twice in all (the convolution writes raw, the epilogue reads it
 and writes out) instead of NVIDIA's ~12 passes; backward likewise (grad_raw = grad_out * ratio and the
-bias gradient in one pass, then ATen's convolution backward and grad_x = grad_xm * M).
+bias gradient in one pass, then ATen's convolution backward and grad_x = grad_xm * M in place).
+The out-of-place op ``masked_partial_epilogue`` (with its registered autograd) is there for direct use.
 
 mode="exact" (default): out = raw * K / S + b where S > 0, 0 where S = 0 (a NaN or Inf in x does not
 reach an output whose window has no valid pixel); new mask 1[S > 0] (min(S, 1) for soft masks). S and
@@ -69,6 +69,42 @@ def _backward(ctx, grad_out, grad_mask):
 torch.library.register_autograd("trous::masked_partial_epilogue", _backward, setup_context=_setup_context)
 
 
+class _MaskedPartialConv(torch.autograd.Function):
+    """conv(X * M) in ATen, then the in-place epilogue over the convolution's own output (it is not
+    needed for backward). Backward: grad_raw (one pass, the bias gradient on the way), ATen's
+    convolution backward from the saved X * M, then grad_x = grad_xm * M in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mx, S, K, mode, stride, padding, dilation, groups):
+        conv = F.conv2d if x.dim() == 4 else F.conv3d
+        xm = x if mx is None else x * mx
+        raw = conv(xm, weight, None, stride, padding, dilation, groups)
+        new_mask = _ops.masked_partial_epilogue_(raw, S, bias, K, mode)
+        ctx.save_for_backward(xm, weight, mx, S)
+        ctx.args = (K, mode, stride, padding, dilation, groups, bias is not None)
+        ctx.mark_non_differentiable(new_mask)
+        return raw, new_mask
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mask):
+        xm, weight, mx, S = ctx.saved_tensors
+        K, mode, stride, padding, dilation, groups, has_bias = ctx.args
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = has_bias and ctx.needs_input_grad[2]
+        none = (None,) * 8
+        if grad_out is None:
+            return (None, None, None) + none
+        graw, gb = _ops.masked_partial_epilogue_backward(grad_out, S, K, mode, need_b)
+        gx = gw = None
+        if need_x or need_w:
+            gx, gw, _ = torch.ops.aten.convolution_backward(graw, xm, weight, None, list(stride), list(padding),
+                                                             list(dilation), False, [0] * len(stride), groups,
+                                                             [need_x, need_w, False])
+            if need_x and mx is not None:
+                gx = gx.mul_(mx)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None) + none
+
+
 def _masked_partial_conv(x, mask, weight, bias, stride, padding, dilation, groups, multi_channel, return_mask,
                          mode, nd, who):
     conv = F.conv2d if nd == 2 else F.conv3d
@@ -109,15 +145,9 @@ def _masked_partial_conv(x, mask, weight, bias, stride, padding, dilation, group
             msum = m.reshape(m.shape[0], groups, Cin // groups, *m.shape[2:]).sum(2)  # [N|1, groups, ...]
         S = conv(msum, torch.ones((groups, 1, *ks), device=x.device, dtype=acc), groups=groups, **box)
         K = window * (Cin // groups)
-    xm = x if mask is None else x * mask.to(x.dtype)
-    raw = conv(xm, weight, None, stride, padding, dilation, groups)
-    S = S.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
-        out, new_mask = _ops.masked_partial_epilogue(raw, S, bias, float(K), mode)
-    else:  # inference: the epilogue overwrites raw (no second output-sized allocation)
-        new_mask = _ops.masked_partial_epilogue_(raw, S, bias, float(K), mode)
-        out = raw
+    mx = None if mask is None else mask.to(x.dtype)
+    out, new_mask = _MaskedPartialConv.apply(x, weight, bias, mx, S.contiguous(), float(K), mode, stride, padding,
+                                             dilation, groups)
     if multi_channel and new_mask.shape[1] != weight.shape[0]:
         G = new_mask.shape[1]
         sp = new_mask.shape[2:]
