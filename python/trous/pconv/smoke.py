@@ -53,3 +53,51 @@ def run(r, quick: bool):
                     r.check(label + " grad_w shape", tuple(gw.shape) == tuple(w.shape), "grad_weight shape")
 
             r.case(label, case)
+    _masked(r, quick)
+
+
+def _masked(r, quick: bool):
+    """masked_partial_epilogue (out-of-place and in-place) and its backward on every dtype, both
+    modes, S broadcast over the batch, mask groups, channels_last, NaN in raw, empty tensors."""
+    dev = r.device
+    specs = [((1, 3, 5, 7), (1, 1, 5, 7)), ((2, 6, 9, 19), (2, 3, 9, 19)), ((2, 4, 0, 5), (1, 1, 0, 5)),
+             ((1, 5, 2, 3, 4), (1, 1, 2, 3, 4))]
+    if not quick:
+        specs += [((4, 64, 32, 32), (4, 1, 32, 32))]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    for k, (shape, sshape) in enumerate(specs):
+        dtype = dtypes[k % 3]
+        mode = ("exact", "nvidia")[k % 2]
+        cl = len(shape) == 4 and k % 2 == 1
+        label = f"masked_partial_epilogue {shape} S {sshape} {dtype} {mode}{' channels_last' if cl else ''}"
+
+        def case(shape=shape, sshape=sshape, dtype=dtype, mode=mode, cl=cl, label=label, seed=k):
+            g = torch.Generator().manual_seed(100 + seed)
+            raw = torch.randn(shape, generator=g)
+            if raw.numel() > 3:
+                raw.view(-1)[1] = float("nan")
+            S = (torch.rand(sshape, generator=g) * 10).floor()
+            b = torch.randn(shape[1], generator=g)
+            raw, S, b = raw.to(device=dev, dtype=dtype), S.to(dev), b.to(device=dev, dtype=dtype)
+            if cl:
+                raw = raw.contiguous(memory_format=torch.channels_last)
+            out, m = r.call("trous::masked_partial_epilogue", raw, S, b, 9.0, mode)
+            y = raw.clone()
+            m2 = r.call("trous::masked_partial_epilogue_", y, S, b, 9.0, mode)
+            gr, gb = r.call("trous::masked_partial_epilogue_backward", raw, S, 9.0, mode, True)
+            if r.compare:
+                Sb = S.repeat_interleave(shape[1] // S.shape[1], 1).expand(shape)
+                bv = b.float().view(1, -1, *([1] * (len(shape) - 2)))
+                if mode == "exact":
+                    want = torch.where(Sb > 0, raw.float() * 9.0 / Sb.clamp_min(1e-30) + bv, torch.zeros(()))
+                else:
+                    U = Sb.clamp(0, 1)
+                    want = ((raw.float() * (9.0 / (Sb + 1e-8) * U)) + bv) * U
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                r.check(label, close(out.float(), want, tol, tol), "output differs")
+                r.check(label + " inplace", close(out, y, 0, 0) and torch.equal(m, m2), "in-place differs")
+                r.check(label + " grads", tuple(gr.shape) == tuple(raw.shape) and tuple(gb.shape) == (shape[1],),
+                        "gradient shapes")
+
+        r.case(label, case)
+
