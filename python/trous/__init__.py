@@ -34,6 +34,6 @@ for _name in _families.names():
         __all__.append(_export)
 del _name, _family, _export
 
-from . import nn  # noqa: E402  (every family's layers: trous.nn.Dcls2d, trous.nn.PConv2d, ...)
+from . import nn  # noqa: E402, F401  (every family's layers: trous.nn.Dcls2d, trous.nn.PConv2d, ...)
 
 __all__.append("nn")
