@@ -87,3 +87,12 @@ def test_python_families_are_found_by_name():
     assert set(_families()) <= set(found), (found, _families())
     for family in found:
         assert getattr(trous, family).__name__ == f"trous.{family}"
+
+
+def test_trous_nn_holds_every_family_layer():
+    import trous
+
+    for family in trous._families.names():
+        for name in getattr(getattr(trous, family), "NN", ()):
+            assert getattr(trous.nn, name) is getattr(getattr(trous, family), name), name
+    assert trous.nn.Dcls2d is trous.Dcls2d and trous.nn.PConv2d is trous.PConv2d

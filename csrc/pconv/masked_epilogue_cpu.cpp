@@ -5,7 +5,7 @@
 // at::parallel_for per block of (n, c) rows when rows are contiguous (NC[spatial]; the row loop is an
 // `omp simd` loop, fp32 accumulation), per block of (n, p) positions otherwise (channels_last: the
 // channel loop is contiguous). Backward is the same pass with the bias gradient's partial sums per
-// (n, c) (fp32; fp64 for fp64), summed over n by the caller.
+// (n, c) (fp32; fp64 for fp64), summed over n by the caller. TROUS_CPU_SIMD=0: portable loops only.
 #include "pconv/masked_epilogue_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -89,13 +89,16 @@ TROUS_CPU_CLONES void fwd_row_f32(const float* x, float* y, const float* A, cons
 #pragma omp simd
   for (index_t p = 0; p < P; ++p) y[p] = x[p] * A[p] + b * B[p];
 }
+// TROUS_CPU_SIMD=0: the portable loops (the scalar twins) for fp32 too.
 template <>
 inline void fwd_row<float, float, true>(const float* x, float* y, const float* A, const float* B, float b, index_t P) {
-  fwd_row_f32_select(x, y, A, B, b, P);
+  if (cpu::simd_allowed()) return fwd_row_f32_select(x, y, A, B, b, P);
+  for (index_t p = 0; p < P; ++p) y[p] = A[p] > 0.f ? x[p] * A[p] + b * B[p] : 0.f;
 }
 template <>
 inline void fwd_row<float, float, false>(const float* x, float* y, const float* A, const float* B, float b, index_t P) {
-  fwd_row_f32(x, y, A, B, b, P);
+  if (cpu::simd_allowed()) return fwd_row_f32(x, y, A, B, b, P);
+  for (index_t p = 0; p < P; ++p) y[p] = x[p] * A[p] + b * B[p];
 }
 
 // One row of the backward: y = g * A, returns sum(g * B) (kSelect: both 0 where A <= 0).
@@ -147,11 +150,24 @@ TROUS_CPU_CLONES float bwd_row_f32(const float* g, float* y, const float* A, con
 }
 template <>
 inline float bwd_row<float, float, true>(const float* g, float* y, const float* A, const float* B, index_t P) {
-  return bwd_row_f32_select(g, y, A, B, P);
+  if (cpu::simd_allowed()) return bwd_row_f32_select(g, y, A, B, P);
+  float sum = 0.f;
+  for (index_t p = 0; p < P; ++p) {
+    const bool keep = A[p] > 0.f;
+    y[p] = keep ? g[p] * A[p] : 0.f;
+    sum += keep ? g[p] * B[p] : 0.f;
+  }
+  return sum;
 }
 template <>
 inline float bwd_row<float, float, false>(const float* g, float* y, const float* A, const float* B, index_t P) {
-  return bwd_row_f32(g, y, A, B, P);
+  if (cpu::simd_allowed()) return bwd_row_f32(g, y, A, B, P);
+  float sum = 0.f;
+  for (index_t p = 0; p < P; ++p) {
+    y[p] = g[p] * A[p];
+    sum += g[p] * B[p];
+  }
+  return sum;
 }
 
 template <typename T, typename Acc, bool kSelect>

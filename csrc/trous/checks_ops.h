@@ -75,19 +75,32 @@ inline const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : undefined;
 }
 
-// Every defined tensor on the device of the first. Must run first in every op: a meta tensor
-// among CPU or CUDA ones sends the call to the Meta kernel, which would otherwise return
-// uninitialised memory on the wrong device.
+// Every defined tensor on one device. Must run first in every op: a meta tensor among CPU or CUDA
+// ones sends the call to the Meta kernel, which would otherwise return uninitialised memory on the
+// wrong device. The error names a tensor that is not on the device most of them share (the first
+// tensor's device on a tie).
 inline void check_devices(const char* op, std::initializer_list<NamedTensor> tensors) {
   const NamedTensor* first = nullptr;
+  bool all_same = true;
   for (const NamedTensor& a : tensors) {
     if (!a.t.defined()) continue;
-    if (first == nullptr) {
-      first = &a;
-      continue;
-    }
-    TORCH_CHECK(a.t.device() == first->t.device(), op, ": ", a.name, " must be on the device of ", first->name, " (",
-                first->t.device(), "), got ", a.t.device());
+    if (first == nullptr) first = &a;
+    all_same = all_same && a.t.device() == first->t.device();
+  }
+  if (all_same) return;
+  const auto count = [&](const c10::Device& d) {
+    int n = 0;
+    for (const NamedTensor& a : tensors) n += a.t.defined() && a.t.device() == d;
+    return n;
+  };
+  const NamedTensor* ref = first;
+  for (const NamedTensor& a : tensors) {
+    if (a.t.defined() && count(a.t.device()) > count(ref->t.device())) ref = &a;
+  }
+  for (const NamedTensor& a : tensors) {
+    if (!a.t.defined() || a.t.device() == ref->t.device()) continue;
+    TORCH_CHECK(false, op, ": ", a.name, " must be on the device of ", ref->name, " (", ref->t.device(), "), got ",
+                a.t.device());
   }
 }
 

@@ -2,7 +2,7 @@
 
 Loading the package loads the compiled library ``trous._C``, which registers every op under
 ``torch.ops.trous``, then each op family's package (``trous.kvcache``, ``trous.dcls``, ...), which
-registers the fake kernels and autograd of its ops; ``trous.ops`` names the ops.
+registers the autograd of its ops (the fake kernels are the C++ Meta kernels); ``trous.ops`` names the ops.
 """
 import importlib as _importlib
 
@@ -33,3 +33,7 @@ for _name in _families.names():
         globals()[_export] = getattr(_family, _export)
         __all__.append(_export)
 del _name, _family, _export
+
+from . import nn  # noqa: E402, F401  (every family's layers: trous.nn.Dcls2d, trous.nn.PConv2d, ...)
+
+__all__.append("nn")

@@ -1,5 +1,5 @@
 """The registered ops (``torch.ops.trous.*``) under plain names: ``trous.ops.kv_quantize`` is
-``torch.ops.trous.kv_quantize``. Each family's package registers its ops' fake kernels and
+``torch.ops.trous.kv_quantize``. Each family's package registers its ops'
 autograd when ``trous`` is imported; this module lists no op, so no family edits it.
 """
 import torch

@@ -232,10 +232,6 @@ def test_nonfinite_parameter_reaches_its_channel_on_every_route(version, param):
             else:
                 t[0, hit, 0, 0] = float("nan")
         y = layer(_x(layer))
-        if version == "v0" and param == "P" and not y[:, hit].isnan().all():
-            # fixed in the ops by issue 9's op part (dclsops: non-finite parameters poison their channel)
-            pytest.xfail(f"{tag}: v0 with a NaN position: the fused construction op (also the banded route's) "
-                         "drops the element, the reference, dcls 0.1.1 and the direct kernels give NaN")
         assert y[:, hit].isnan().all(), tag
         others = [c for c in range(layer.out_channels) if c != hit]
         assert not y[:, others].isnan().any(), tag

@@ -1,4 +1,4 @@
-"""PConv-UNet (Liu et al. 2018 shape, reduced width) built from trous.PartialConv2d: matches the same
+"""PConv-UNet (Liu et al. 2018 shape, reduced width) built from trous.nn.PartialConv2d: matches the same
 network built from NVIDIA's reference layer in mode="nvidia" (outputs, masks and every gradient),
 and trains for a few steps on random masks with the loss going down (exact and nvidia modes)."""
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import trous
+import trous.nn
 from trous.pconv.reference import NvidiaPartialConv2d
 from trous.pconv.unet import PConvUNet
 
@@ -25,7 +26,7 @@ def test_unet_matches_the_reference_layer_network(dtype):
     net = PConvUNet(3, (8, 16, 16, 16), mode="nvidia").to(dtype)
     ref = PConvUNet(3, (8, 16, 16, 16), layer=NvidiaPartialConv2d).to(dtype)
     ref.load_state_dict(net.state_dict())  # same parameter names as NVIDIA's layer
-    assert isinstance(net.enc[0].conv, trous.PartialConv2d)
+    assert isinstance(net.enc[0].conv, trous.nn.PartialConv2d) and trous.nn.PConvUNet is PConvUNet
     g = torch.Generator().manual_seed(1)
     img, m = _batch(g)
     img, m = img.to(dtype), m.to(dtype)

@@ -1,6 +1,6 @@
 """KV-cache quantization: int8 / int4 / int2 per-token groups, KIVI per-channel keys, fp8.
 
-``quantize`` holds the functions (and the ops' fake kernels), ``reference`` the slow reference
+``quantize`` holds the functions (fake kernels: the C++ Meta kernels), ``reference`` the slow reference
 written from the spec, ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
 from .quantize import (

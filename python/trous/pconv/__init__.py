@@ -15,9 +15,10 @@ from .patnet import PATChannel, PATSelf, PATSpatial
 from .pointwise import pconv_pointwise
 from .unet import PConvUNet
 
-# Exported by trous itself (trous.PConv2d, trous.convert_fasternet) until a trous.nn namespace exists.
-TOP_LEVEL = ("PConv2d", "convert_fasternet", "PATChannel", "PATSpatial", "PATSelf", "PartialConv2d", "PartialConv3d",
-             "PConvUNet")
+# The layers and the converter, as trous.nn.PConv2d, trous.nn.convert_fasternet, ... (and trous.PConv2d).
+NN = ("PConv2d", "convert_fasternet", "PATChannel", "PATSpatial", "PATSelf", "PartialConv2d", "PartialConv3d",
+      "PConvUNet")
+TOP_LEVEL = NN
 
 __all__ = ["channel_partial_conv2d", "pconv_pointwise", "PConv2d", "convert_fasternet", "PATChannel", "PATSpatial",
            "PATSelf", "masked_partial_conv2d", "masked_partial_conv3d", "PartialConv2d", "PartialConv3d", "PConvUNet"]
