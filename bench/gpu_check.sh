@@ -96,6 +96,9 @@ T0=$SECONDS
 RESERVE=15          # seconds kept for the last packing
 GRACE=5             # seconds between timeout's TERM and its KILL
 MIN_SHARE=5         # the least share a step is given; with less than that left it is skipped ("budget spent")
+# Steps whose cost is mostly fixed get at least this much (within what is left): env imports torch
+# three times (a cold CUDA torch import alone takes seconds), whatever the budget.
+declare -A FLOOR=([env]=20)
 ARCHIVE_MAX=$((15 * 1024 * 1024))
 NCORES="$(nproc 2>/dev/null || echo 2)"
 
@@ -656,7 +659,9 @@ share_of() {
   left=$((BUDGET - (SECONDS - T0) - RESERVE))
   [[ $left -ge $MIN_SHARE && $w -gt 0 ]] || { echo 0; return; }
   share=$((left * WEIGHT[$name] / w))
-  echo $((share < MIN_SHARE ? MIN_SHARE : share))
+  local floor=${FLOOR[$name]:-$MIN_SHARE}
+  share=$((share < floor ? floor : share))
+  echo $((share > left ? left : share))
 }
 
 # run_step STEP FUNCTION ARGS...
