@@ -4,12 +4,17 @@
 //
 // Routes (`algo`):
 //   "direct": one trous kernel writes the convolved channels and copies the others (one pass).
-//   "aten":   the cp-channel convolution runs in oneDNN / cuDNN on the view x[:, :cp], then one
-//             concatenation writes out (FasterNet's split_cat, into out's memory format).
-//   "auto":   CPU: the direct kernel when x's rows are contiguous (NCHW), oneDNN for channels_last;
+//   "aten":   the cp-channel convolution runs in oneDNN / cuDNN: on the CPU per sample for NCHW
+//             images of >= 1024 pixels (x[n, :cp] read in place, each result copied into out),
+//             otherwise on the view x[:, :cp] followed by one concatenation into out (FasterNet's
+//             split_cat, into out's memory format).
+//   "auto":   CPU: the direct kernel for cp < 16 on NCHW rows, oneDNN otherwise (see `route`);
 //             CUDA: cuDNN until the direct CUDA kernel is measured on a GPU.
+// trous::channel_partial_conv2d_route(x, weight, algo) names the route a call takes ("direct",
+// "aten_per_sample", "aten_batched"): the tests assert the CPU choices, the bench labels its rows.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <string>
@@ -85,13 +90,30 @@ ChannelPartialArgs make_args(const at::Tensor& x, const at::Tensor& weight, cons
   return a;
 }
 
-bool use_direct(Algo algo, const at::Tensor& x) {
-  if (algo != Algo::kAuto) return algo == Algo::kDirect;
-  if (x.scalar_type() == at::kDouble) return false;
-  if (!x.device().is_cpu()) return false;  // CUDA: cuDNN until the direct kernel is measured on a GPU
-  // CPU: the direct kernel where its rows are contiguous (NCHW-like); channels_last goes to oneDNN,
-  // whose NHWC path is its fastest (the direct kernel's strided twin is scalar).
-  return x.stride(3) == 1 || x.size(3) == 1;
+// The three ways of computing the op (see the file comment); `route` picks one for a call.
+enum class Route { kDirect, kPerSample, kBatched };
+
+// CPU "auto" (measured on a 2-core AVX2 EPYC, fp32, FasterNet's shapes; tests/pconv asserts it):
+//   * the direct kernel for few convolved channels (cp < 16, rows of at least 16 columns): oneDNN
+//     pads the channels to its 8/16-wide blocks (cp = 10: 2.4x slower than the direct kernel);
+//   * otherwise oneDNN, which is faster than the direct kernel's arithmetic from cp = 16 up and on
+//     short rows (7x7, 14x14: the direct kernel's 8/16-column register blocks are mostly padding):
+//     per sample (kPerSample: x[n, :cp] is a contiguous image that oneDNN reads in place, each
+//     result is copied into out while it is cache-resident) where an image is large (H * W >= 1024),
+//     on the whole batch (kBatched: split_cat's order, into out) for small images, where one call
+//     per sample costs more than the copy of x[:, :cp] it saves.
+// channels_last always goes to oneDNN batched (its NHWC path is its fastest; the direct kernel's
+// strided twin is scalar). CUDA: cuDNN until the direct kernel is measured on a GPU. float64:
+// ATen (the direct kernels accumulate in fp32).
+Route route(Algo algo, const at::Tensor& x, const at::Tensor& weight) {
+  const bool cpu = x.device().is_cpu();
+  const bool aten_per_sample = cpu && x.size(0) > 1 && x.is_contiguous() && x.size(2) * x.size(3) >= 1024;
+  if (algo == Algo::kDirect) return Route::kDirect;
+  if (algo == Algo::kAten) return aten_per_sample ? Route::kPerSample : Route::kBatched;
+  if (x.scalar_type() == at::kDouble || !cpu) return Route::kBatched;
+  const bool rows = x.stride(3) == 1 || x.size(3) == 1;
+  if (rows && weight.size(0) < 16 && x.size(3) >= 16) return Route::kDirect;
+  return aten_per_sample ? Route::kPerSample : Route::kBatched;
 }
 
 // The direct kernel into `out` (C channels: conv + pass-through; cp channels: conv only).
@@ -112,6 +134,18 @@ at::Tensor aten_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArray
   return at::conv2d(x.narrow(1, 0, cp), weight, {}, 1, padding, dilation);
 }
 
+std::string channel_partial_conv2d_route(const at::Tensor& x, const at::Tensor& weight, c10::string_view algo_name) {
+  const char* op = "trous.channel_partial_conv2d_route";
+  check_devices(op, {{"x", x}, {"weight", weight}});
+  const int64_t one[2] = {1, 1};
+  const DType dt = check_args(op, x, weight, one, one);
+  switch (route(parse_algo(algo_name, op, dt), x, weight)) {
+    case Route::kDirect: return "direct";
+    case Route::kPerSample: return "aten_per_sample";
+    default: return "aten_batched";
+  }
+}
+
 at::Tensor channel_partial_conv2d(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                   at::IntArrayRef dilation, c10::string_view algo_name) {
   const char* op = "trous.channel_partial_conv2d";
@@ -121,12 +155,26 @@ at::Tensor channel_partial_conv2d(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
   if (x.is_meta()) return out;
   if (out.numel() == 0) return out;
-  if (use_direct(algo, x)) {
+  const Route r = route(algo, x, weight);
+  if (r == Route::kDirect) {
     run_direct(x, weight, out, dilation, dt, op);
     return out;
   }
   const int64_t cp = weight.size(0), C = x.size(1);
-  if (C == cp) {
+  if (r == Route::kPerSample && out.is_contiguous()) {
+    // x[n, :cp] and out[n, :cp] are contiguous: oneDNN reads the input image in place (no copy of
+    // x[:, :cp]), and the sample's result (cp channels of one image, cache-resident) and its
+    // pass-through channels are copied into out by the same thread. One parallel region over the
+    // samples (the ATen calls inside it run single-threaded): one fork/join per call, not one per
+    // sample, which also keeps the route robust on a loaded machine.
+    at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        at::Tensor xn = x.narrow(0, n, 1), on = out.narrow(0, n, 1);
+        on.narrow(1, 0, cp).copy_(aten_conv(xn, weight, dilation));
+        if (C > cp) on.narrow(1, cp, C - cp).copy_(xn.narrow(1, cp, C - cp));
+      }
+    });
+  } else if (C == cp) {
     out.copy_(aten_conv(x, weight, dilation));
   } else {
     at::cat_out(out, {aten_conv(x, weight, dilation), x.narrow(1, cp, C - cp)}, 1);  // one pass over out
@@ -152,7 +200,7 @@ void channel_partial_conv2d_(at::Tensor& x, const at::Tensor& weight, at::IntArr
   if (x.numel() == 0) return;
   const int64_t cp = weight.size(0);
   at::Tensor conv;
-  if (use_direct(algo, x)) {
+  if (route(algo, x, weight) == Route::kDirect) {
     conv = at::empty({x.size(0), cp, x.size(2), x.size(3)}, x.options());
     run_direct(x, weight, conv, dilation, dt, op);
   } else {
@@ -210,6 +258,11 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   m.def(
       "channel_partial_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, int[2] dilation, bool[2] "
       "output_mask) -> (Tensor, Tensor)");
+  m.def("channel_partial_conv2d_route(Tensor x, Tensor weight, str algo=\"auto\") -> str");
+}
+
+TORCH_LIBRARY_IMPL(trous, CompositeExplicitAutograd, m) {
+  m.impl("channel_partial_conv2d_route", &channel_partial_conv2d_route);
 }
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {
