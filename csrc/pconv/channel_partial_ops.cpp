@@ -107,7 +107,10 @@ enum class Route { kDirect, kPerSample, kBatched };
 // ATen (the direct kernels accumulate in fp32).
 Route route(Algo algo, const at::Tensor& x, const at::Tensor& weight) {
   const bool cpu = x.device().is_cpu();
-  const bool aten_per_sample = cpu && x.size(0) > 1 && x.is_contiguous() && x.size(2) * x.size(3) >= 1024;
+  // Each sample's convolved channels x[n, :cp] form a contiguous image (any batch stride: also the
+  // view x[:, :cp] of a contiguous tensor, as pconv_pointwise passes it).
+  const bool aten_per_sample = cpu && x.size(0) > 1 && x.size(2) * x.size(3) >= 1024 &&
+                               x.narrow(0, 0, 1).narrow(1, 0, weight.size(0)).is_contiguous();
   if (algo == Algo::kDirect) return Route::kDirect;
   if (algo == Algo::kAten) return aten_per_sample ? Route::kPerSample : Route::kBatched;
   if (x.scalar_type() == at::kDouble || !cpu) return Route::kBatched;
@@ -175,7 +178,9 @@ at::Tensor channel_partial_conv2d(const at::Tensor& x, const at::Tensor& weight,
       }
     });
   } else if (C == cp) {
-    out.copy_(aten_conv(x, weight, dilation));
+    at::Tensor conv = aten_conv(x, weight, dilation);
+    if (conv.strides() == out.strides()) return conv;  // already in out's layout: no copy
+    out.copy_(conv);
   } else {
     at::cat_out(out, {aten_conv(x, weight, dilation), x.narrow(1, cp, C - cp)}, 1);  // one pass over out
   }

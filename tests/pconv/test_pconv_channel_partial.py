@@ -379,6 +379,10 @@ def test_auto_route_choices():
     assert r(8, 96, 56, 56, fmt=torch.channels_last) == "aten_batched"
     assert r(8, 96, 56, 56, dtype=torch.float64) == "aten_batched"
     assert r(1, 96, 56, 56) == "aten_batched"  # x[:, :cp] is already contiguous
+    x = torch.empty(8, 96, 56, 56)
+    w = torch.empty(24, 24, 3, 3)
+    assert route(x[:, :24], w) == "aten_per_sample"  # pconv_pointwise's view: each image contiguous
+    assert route(x[:, :, :, :40], w) == "aten_batched"  # rows of a wider tensor
     assert r(8, 96, 56, 56, "direct") == "direct"
     assert r(32, 40, 56, 56, "aten") == "aten_per_sample"
     assert r(8, 96, 56, 56, fmt=torch.channels_last, dtype=torch.float16) == "aten_batched"
