@@ -4,17 +4,15 @@
 //
 // Routes (`algo`):
 //   "direct": one trous kernel writes the convolved channels and copies the others (one pass).
-//   "aten":   the cp-channel convolution runs in oneDNN / cuDNN: on the CPU per sample for NCHW
-//             images of >= 1024 pixels (x[n, :cp] read in place, each result copied into out),
-//             otherwise on the view x[:, :cp] followed by one concatenation into out (FasterNet's
-//             split_cat, into out's memory format).
+//   "aten":   the cp-channel convolution runs in oneDNN / cuDNN on the view x[:, :cp], then one
+//             concatenation writes out (FasterNet's split_cat, into out's memory format; cp == C:
+//             the convolution's result itself).
 //   "auto":   CPU: the direct kernel for cp < 16 on NCHW rows, oneDNN otherwise (see `route`);
 //             CUDA: cuDNN until the direct CUDA kernel is measured on a GPU.
-// trous::channel_partial_conv2d_route(x, weight, algo) names the route a call takes ("direct",
-// "aten_per_sample", "aten_batched"): the tests assert the CPU choices, the bench labels its rows.
+// trous::channel_partial_conv2d_route(x, weight, algo) names the route a call takes ("direct" or
+// "aten"): the tests assert the CPU choices.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <string>
@@ -90,33 +88,24 @@ ChannelPartialArgs make_args(const at::Tensor& x, const at::Tensor& weight, cons
   return a;
 }
 
-// The three ways of computing the op (see the file comment); `route` picks one for a call.
-enum class Route { kDirect, kPerSample, kBatched };
+enum class Route { kDirect, kAten };
 
-// CPU "auto" (measured on a 2-core AVX2 EPYC, fp32, FasterNet's shapes; tests/pconv asserts it):
-//   * the direct kernel for few convolved channels (cp < 16, rows of at least 16 columns): oneDNN
-//     pads the channels to its 8/16-wide blocks (cp = 10: 2.4x slower than the direct kernel);
-//   * otherwise oneDNN, which is faster than the direct kernel's arithmetic from cp = 16 up and on
-//     short rows (7x7, 14x14: the direct kernel's 8/16-column register blocks are mostly padding):
-//     per sample (kPerSample: x[n, :cp] is a contiguous image that oneDNN reads in place, each
-//     result is copied into out while it is cache-resident) where an image is large (H * W >= 1024),
-//     on the whole batch (kBatched: split_cat's order, into out) for small images, where one call
-//     per sample costs more than the copy of x[:, :cp] it saves.
-// channels_last always goes to oneDNN batched (its NHWC path is its fastest; the direct kernel's
-// strided twin is scalar). CUDA: cuDNN until the direct kernel is measured on a GPU. float64:
-// ATen (the direct kernels accumulate in fp32).
+// CPU "auto" (measured on a 2-core AVX2 EPYC, fp32, FasterNet's shapes; tests/pconv asserts it): the
+// direct kernel for few convolved channels (cp < 16) on NCHW rows of at least 16 columns, where
+// oneDNN pads the channels to its 8/16-wide blocks (FasterNet-T0 stage 1, cp = 10 at 56x56: the
+// direct kernel 2.4x faster than split_cat); oneDNN otherwise, whose arithmetic is faster than the
+// direct kernel's from cp = 16 up and on short rows (7x7, 14x14: the direct kernel's 8/16-column
+// register blocks are mostly padding; 2x slower at (32, 320, 7, 7)). (oneDNN per sample, reading
+// x[n, :cp] in place instead of copying x[:, :cp], was measured too: 0.87x of split_cat at
+// (8, 96, 56, 56), batch-1 convolutions being less efficient than the copy they save.)
+// channels_last goes to oneDNN (its NHWC path is its fastest; the direct kernel's strided twin is
+// scalar). CUDA: cuDNN until the direct kernel is measured on a GPU. float64: ATen (the direct
+// kernels accumulate in fp32).
 Route route(Algo algo, const at::Tensor& x, const at::Tensor& weight) {
-  const bool cpu = x.device().is_cpu();
-  // Each sample's convolved channels x[n, :cp] form a contiguous image (any batch stride: also the
-  // view x[:, :cp] of a contiguous tensor, as pconv_pointwise passes it).
-  const bool aten_per_sample = cpu && x.size(0) > 1 && x.size(2) * x.size(3) >= 1024 &&
-                               x.narrow(0, 0, 1).narrow(1, 0, weight.size(0)).is_contiguous();
-  if (algo == Algo::kDirect) return Route::kDirect;
-  if (algo == Algo::kAten) return aten_per_sample ? Route::kPerSample : Route::kBatched;
-  if (x.scalar_type() == at::kDouble || !cpu) return Route::kBatched;
+  if (algo != Algo::kAuto) return algo == Algo::kDirect ? Route::kDirect : Route::kAten;
+  if (x.scalar_type() == at::kDouble || !x.device().is_cpu()) return Route::kAten;
   const bool rows = x.stride(3) == 1 || x.size(3) == 1;
-  if (rows && weight.size(0) < 16 && x.size(3) >= 16) return Route::kDirect;
-  return aten_per_sample ? Route::kPerSample : Route::kBatched;
+  return rows && weight.size(0) < 16 && x.size(3) >= 16 ? Route::kDirect : Route::kAten;
 }
 
 // The direct kernel into `out` (C channels: conv + pass-through; cp channels: conv only).
@@ -144,8 +133,7 @@ std::string channel_partial_conv2d_route(const at::Tensor& x, const at::Tensor& 
   const DType dt = check_args(op, x, weight, one, one);
   switch (route(parse_algo(algo_name, op, dt), x, weight)) {
     case Route::kDirect: return "direct";
-    case Route::kPerSample: return "aten_per_sample";
-    default: return "aten_batched";
+    default: return "aten";
   }
 }
 
@@ -164,20 +152,7 @@ at::Tensor channel_partial_conv2d(const at::Tensor& x, const at::Tensor& weight,
     return out;
   }
   const int64_t cp = weight.size(0), C = x.size(1);
-  if (r == Route::kPerSample && out.is_contiguous()) {
-    // x[n, :cp] and out[n, :cp] are contiguous: oneDNN reads the input image in place (no copy of
-    // x[:, :cp]), and the sample's result (cp channels of one image, cache-resident) and its
-    // pass-through channels are copied into out by the same thread. One parallel region over the
-    // samples (the ATen calls inside it run single-threaded): one fork/join per call, not one per
-    // sample, which also keeps the route robust on a loaded machine.
-    at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        at::Tensor xn = x.narrow(0, n, 1), on = out.narrow(0, n, 1);
-        on.narrow(1, 0, cp).copy_(aten_conv(xn, weight, dilation));
-        if (C > cp) on.narrow(1, cp, C - cp).copy_(xn.narrow(1, cp, C - cp));
-      }
-    });
-  } else if (C == cp) {
+  if (C == cp) {
     at::Tensor conv = aten_conv(x, weight, dilation);
     if (conv.strides() == out.strides()) return conv;  // already in out's layout: no copy
     out.copy_(conv);

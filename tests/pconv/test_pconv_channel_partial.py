@@ -333,27 +333,28 @@ def test_inplace_refuses_x_with_shared_elements_and_outofplace_accepts_it():
     _close(out, ref.channel_partial_conv2d(x, w), torch.float32)
 
 
-# Images of >= 1024 pixels take oneDNN per sample (x[n, :cp] read in place, one parallel region over
-# the samples); odd N, cp == C, kernel 5x3 with dilation, W not a multiple of 8.
+# Larger images through both routes (odd N, cp == C, kernel 5x3 with dilation, W not a multiple of
+# 8), and the view x[:, :cp] with cp == C (pconv_pointwise's call, returning the convolution itself).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 20, 32, 33, 5, (3, 3), (1, 1)), (2, 6, 37, 29, 6, (5, 3), (2, 1)),
                                    (5, 17, 35, 31, 16, (3, 3), (1, 2))], ids=str)
-def test_per_sample_route_matches_reference(shape, dtype):
+def test_larger_images_match_reference(shape, dtype):
     x, w = _make(shape, dtype, seed=11)
-    dil = shape[6]
-    assert ops.channel_partial_conv2d_route(x, w, "aten") == "aten_per_sample"
+    dil, cp = shape[6], shape[4]
     want = ref.channel_partial_conv2d(x, w, dil)
-    for algo in ("aten", "auto"):
+    for algo in ("aten", "auto", "direct"):
         out = channel_partial_conv2d(x, w, dilation=dil, algo=algo)
         assert out.dtype == dtype and out.is_contiguous()
         _close(out, want, dtype)
-        assert torch.equal(out[:, shape[4]:], x[:, shape[4]:])
+        assert torch.equal(out[:, cp:], x[:, cp:])
+        view = channel_partial_conv2d(x[:, :cp], w, dilation=dil, algo=algo)
+        assert view.is_contiguous() and view.shape == (shape[0], cp, *shape[2:4])
+        _close(view, want[:, :cp], dtype)
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     out = channel_partial_conv2d(xl, wl, dilation=dil, algo="aten")
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     gx, gw = torch.autograd.grad(out, (xl, wl), g)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
-    cp = shape[4]
     yr = torch.cat([ref.cp_conv(xr[:, :cp], wr, dil), xr[:, cp:]], 1)
     rgx, rgw = torch.autograd.grad(yr, (xr, wr), g.double())
     _close(gx, rgx, dtype)
@@ -362,9 +363,8 @@ def test_per_sample_route_matches_reference(shape, dtype):
 
 def test_auto_route_choices():
     """The CPU "auto" choices that the bench measured (csrc/pconv/channel_partial_ops.cpp, `route`):
-    the direct kernel for cp < 16 on NCHW rows of >= 16 columns, oneDNN per sample for larger cp on
-    NCHW images of >= 1024 pixels, oneDNN on the whole batch otherwise (small images, channels_last,
-    float64, a single sample)."""
+    the direct kernel for cp < 16 on NCHW rows of >= 16 columns, oneDNN otherwise (larger cp, short
+    rows, channels_last, float64)."""
     route = ops.channel_partial_conv2d_route
 
     def r(N, C, H, W, algo="auto", fmt=torch.contiguous_format, dtype=torch.float32):
@@ -372,19 +372,18 @@ def test_auto_route_choices():
         return route(x, torch.empty(C // 4, C // 4, 3, 3, dtype=dtype), algo)
 
     assert r(32, 40, 56, 56) == "direct"  # FasterNet-T0 stage 1 (cp = 10)
-    assert r(8, 96, 56, 56) == "aten_per_sample"  # the bench shape (cp = 24)
-    assert r(32, 80, 28, 28) == "aten_batched"  # 784 pixels
-    assert r(32, 320, 7, 7) == "aten_batched"
-    assert r(32, 40, 56, 8) == "aten_batched"  # rows shorter than 16 columns
-    assert r(8, 96, 56, 56, fmt=torch.channels_last) == "aten_batched"
-    assert r(8, 96, 56, 56, dtype=torch.float64) == "aten_batched"
-    assert r(1, 96, 56, 56) == "aten_batched"  # x[:, :cp] is already contiguous
-    x = torch.empty(8, 96, 56, 56)
-    w = torch.empty(24, 24, 3, 3)
-    assert route(x[:, :24], w) == "aten_per_sample"  # pconv_pointwise's view: each image contiguous
-    assert route(x[:, :, :, :40], w) == "aten_batched"  # rows of a wider tensor
+    assert r(32, 60, 20, 16) == "direct"  # cp = 15, 16 columns
+    assert r(8, 96, 56, 56) == "aten"  # the bench shape (cp = 24)
+    assert r(32, 80, 28, 28) == "aten"  # cp = 20
+    assert r(32, 320, 7, 7) == "aten"
+    assert r(32, 40, 56, 15) == "aten"  # rows shorter than 16 columns
+    assert r(32, 40, 56, 56, fmt=torch.channels_last) == "aten"
+    assert r(32, 40, 56, 56, dtype=torch.float64) == "aten"
+    assert r(32, 40, 56, 56, dtype=torch.bfloat16) == "direct"
     assert r(8, 96, 56, 56, "direct") == "direct"
-    assert r(32, 40, 56, 56, "aten") == "aten_per_sample"
-    assert r(8, 96, 56, 56, fmt=torch.channels_last, dtype=torch.float16) == "aten_batched"
+    assert r(32, 40, 56, 56, "aten") == "aten"
+    x = torch.empty(8, 40, 56, 56)
+    assert route(x[:, :10], torch.empty(10, 10, 3, 3)) == "direct"  # strided views: rows still contiguous
+    assert route(x.to("meta"), torch.empty(10, 10, 3, 3, device="meta")) == "aten"
     with pytest.raises(ValueError, match="algo"):
         r(8, 96, 56, 56, "fast")
