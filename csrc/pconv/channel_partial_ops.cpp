@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> channel_partial_conv2d_backward(const at::Ten
   const char* op = "trous.channel_partial_conv2d_backward";
   check_devices(op, {{"grad_out", grad_out}, {"x", x}, {"weight", weight}});
   const int64_t one[2] = {1, 1};
-  check_args(op, x, weight, one, dilation);
+  const DType dt = check_args(op, x, weight, one, dilation);
   TORCH_CHECK(grad_out.sym_sizes() == x.sym_sizes(), op, ": grad_out must have the shape of x (", x.sym_sizes(),
               "), got ", grad_out.sym_sizes());
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (", x.scalar_type(),
@@ -214,9 +214,21 @@ std::tuple<at::Tensor, at::Tensor> channel_partial_conv2d_backward(const at::Ten
     return {gx, gw};
   }
   const std::vector<int64_t> padding{dilation[0] * (weight.size(2) - 1) / 2, dilation[1] * (weight.size(3) - 1) / 2};
-  auto grads = at::convolution_backward(grad_out.narrow(1, 0, cp), x.narrow(1, 0, cp), weight, std::nullopt, {1, 1},
-                                        padding, dilation, false, {0, 0}, 1, {output_mask[0], output_mask[1], false});
-  if (output_mask[0]) {
+  // grad_x where the forward's "auto" takes the direct kernel: the transposed convolution of
+  // grad_out[:, :cp] (stride 1, "same" padding) is the correlation with the kernel flipped and its
+  // channels transposed, so the forward's direct kernel writes all of grad_x in one pass (convolved
+  // channels from the strided view, the others copied from grad_out): no contiguous copy of
+  // grad_out[:, :cp], no second pass over grad_x.
+  const bool direct_gx = output_mask[0] && route(Algo::kAuto, grad_out, weight) == Route::kDirect &&
+                         (gx.stride(3) == 1 || gx.size(3) == 1);
+  if (direct_gx) {
+    run_direct(grad_out, weight.flip({2, 3}).transpose(0, 1), gx, dilation, dt, op);
+    if (!output_mask[1]) return {gx, gw};
+  }
+  auto grads =
+      at::convolution_backward(grad_out.narrow(1, 0, cp), x.narrow(1, 0, cp), weight, std::nullopt, {1, 1}, padding,
+                               dilation, false, {0, 0}, 1, {output_mask[0] && !direct_gx, output_mask[1], false});
+  if (output_mask[0] && !direct_gx) {
     gx.narrow(1, 0, cp).copy_(std::get<0>(grads));
     if (C > cp) gx.narrow(1, cp, C - cp).copy_(grad_out.narrow(1, cp, C - cp));
   }

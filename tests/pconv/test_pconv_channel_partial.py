@@ -387,3 +387,33 @@ def test_auto_route_choices():
     assert route(x.to("meta"), torch.empty(10, 10, 3, 3, device="meta")) == "aten"
     with pytest.raises(ValueError, match="algo"):
         r(8, 96, 56, 56, "fast")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "expanded", "sliced"])
+def test_backward_grad_x_through_the_direct_kernel(dtype, grad_layout):
+    """cp < 16 on NCHW rows: grad_x comes from the direct kernel with the flipped, transposed kernel
+    (one pass, the untouched channels copied on the way); other grad_out layouts take oneDNN. Both
+    against the float64 reference, with and without the weight gradient."""
+    shape = (3, 14, 9, 21, 5, (3, 5), (2, 1))
+    x, w = _make(shape, dtype, seed=21)
+    N, C, H, W, cp = shape[:5]
+    assert ops.channel_partial_conv2d_route(x, w) == "direct"
+    g = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(4)).to(dtype)
+    if grad_layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    elif grad_layout == "expanded":
+        g = g[:1].expand(N, C, H, W)
+    elif grad_layout == "sliced":
+        wide = torch.zeros(N, C, H, 2 * W, dtype=dtype)
+        wide[..., ::2] = g
+        g = wide[..., ::2]
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    yr = torch.cat([ref.cp_conv(xr[:, :cp], wr, shape[6]), xr[:, cp:]], 1)
+    rgx, rgw = torch.autograd.grad(yr, (xr, wr), g.double())
+    gx, gw = ops.channel_partial_conv2d_backward(g, x, w, list(shape[6]), [True, True])
+    _close(gx, rgx, dtype)
+    _close(gw, rgw, dtype)
+    assert torch.equal(gx[:, cp:], g[:, cp:])
+    gx_only, empty = ops.channel_partial_conv2d_backward(g, x, w, list(shape[6]), [True, False])
+    assert empty.numel() == 0 and torch.equal(gx_only, gx)
