@@ -119,6 +119,38 @@ PatternHolder make_pattern(const at::Tensor& q, const at::Tensor& k, const std::
   return h;
 }
 
+#if TROUS_ATTENTION_CUDA
+// The CUDA launchers' params (attention.h) from the same tensors, sizes and Pattern (device arrays).
+BSHStrides bsh(const at::Tensor& x) { return BSHStrides{x.stride(0), x.stride(1), x.stride(2)}; }
+
+AttnFwdParams cuda_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                              at::Tensor& lse, const CpuAttnArgs& a) {
+  AttnFwdParams p;
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.B = a.B, p.Sq = a.Sq, p.Sk = a.Sk, p.Hq = a.Hq, p.Hkv = a.Hkv, p.D = a.D;
+  p.sq = bsh(q), p.sk = bsh(k), p.sv = bsh(v), p.so = bsh(out);
+  p.scale = a.scale, p.softcap = a.softcap;
+  p.pattern = a.pat;
+  return p;
+}
+
+AttnBwdParams cuda_bwd_params(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& lse, at::Tensor& gq, at::Tensor& gk,
+                              at::Tensor& gv, const CpuAttnArgs& a) {
+  AttnBwdParams p;
+  p.grad_out = go.data_ptr(), p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.grad_q = gq.data_ptr(), p.grad_k = gk.data_ptr(), p.grad_v = gv.data_ptr();
+  p.B = a.B, p.Sq = a.Sq, p.Sk = a.Sk, p.Hq = a.Hq, p.Hkv = a.Hkv, p.D = a.D;
+  p.sdo = bsh(go), p.sq = bsh(q), p.sk = bsh(k), p.sv = bsh(v), p.so = bsh(out);
+  p.sdq = bsh(gq), p.sdk = bsh(gk), p.sdv = bsh(gv);
+  p.scale = a.scale, p.softcap = a.softcap;
+  p.pattern = a.pat;
+  return p;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in,
                                                         const std::optional<at::Tensor>& global_flags, bool causal,
@@ -150,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q_in, 
       },
       [&](void* stream) {
 #if TROUS_ATTENTION_CUDA
-        AttnFwdParams prm = cuda_fwd_params(q, k, v, out, lse, a);
+        const AttnFwdParams prm = cuda_fwd_params(q, k, v, out, lse, a);
         launch_sparse_attention_fwd(dt, prm, stream);
 #else
         (void)stream;
@@ -214,7 +246,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
       },
       [&](void* stream) {
 #if TROUS_ATTENTION_CUDA
-        AttnBwdParams prm = cuda_bwd_params(go, q, k, v, out, lse, grad_q, grad_k, grad_v, a, deterministic);
+        // (the CUDA backward is always deterministic: no atomics, see attention_cuda.h)
+        (void)deterministic;
+        AttnBwdParams prm = cuda_bwd_params(go, q, k, v, out, lse, grad_q, grad_k, grad_v, a);
+        const at::Tensor ws = at::empty({static_cast<int64_t>(sparse_attention_bwd_workspace_bytes(prm)) + 256},
+                                        q.options().dtype(at::kByte));
+        const auto addr = reinterpret_cast<uintptr_t>(ws.data_ptr());
+        prm.workspace = reinterpret_cast<void*>((addr + 255) / 256 * 256);
         launch_sparse_attention_bwd(dt, prm, stream);
 #else
         (void)stream;
