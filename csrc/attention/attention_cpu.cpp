@@ -185,12 +185,57 @@ BlockKeys block_keys(const Pattern& p, const KeySpan& sp, index_t u0, index_t u1
   return bk;
 }
 
+// -inf in S^T (keys x queries, row stride ld) where a pair of a kPartial block is not counted. In a
+// local-key or all-key span the counted keys of one row form an interval of the block whose ends never
+// decrease from one row to the next (the window, chunk and causal bounds all grow with i'; rows
+// counted elsewhere are empty), so two pointers find every row's interval with O(n + nk) evaluations
+// of pair_counted instead of n * nk. A global-key span is tested pair by pair.
+void mask_block(const Pattern& p, const KeySpan& sp, const index_t* rows, const index_t* keys, index_t n, index_t nk,
+                float* St, index_t ld) {
+  if (sp.kind == kGlobalKeys) {
+    for (index_t c = 0; c < nk; ++c)
+      for (index_t t = 0; t < n; ++t)
+        if (!pair_counted(p, sp.kind, rows[t], keys[c])) St[c * ld + t] = kNegInf;
+    return;
+  }
+  index_t a = 0, b = 0;  // the interval [a, b) of the last row that had one
+  for (index_t t = 0; t < n; ++t) {
+    const index_t i = rows[t];
+    index_t lo = a;
+    while (lo < nk && !pair_counted(p, sp.kind, i, keys[lo])) ++lo;
+    index_t hi = nk;
+    if (lo < nk) {
+      hi = std::max(b, lo + 1);
+      while (hi < nk && pair_counted(p, sp.kind, i, keys[hi])) ++hi;
+      a = lo, b = hi;
+    } else {
+      lo = 0;  // an empty row: every key masked, the pointers stay
+      hi = 0;
+    }
+    for (index_t c = 0; c < lo; ++c) St[c * ld + t] = kNegInf;
+    for (index_t c = hi; c < nk; ++c) St[c * ld + t] = kNegInf;
+  }
+}
+
+// Query rows per tile: half the full tile for a narrow band (a window or chunk of at most
+// kNarrowBand keys per row), where a full tile would visit (full + W) keys per row for W allowed.
+constexpr index_t kNarrowBand = 320;
+index_t pick_query_tile(const Pattern& p, index_t full) {
+  index_t w = -1;  // keys per row of the local band in compact indices; -1: unbounded
+  if (p.left >= 0 && (p.right >= 0 || p.causal)) w = p.left + (p.causal ? 0 : p.right) + 1;
+  if (p.chunk > 0) {
+    const index_t cw = p.chunk / p.dilation + 1;
+    w = w < 0 ? cw : std::min(w, cw);
+  }
+  return w >= 0 && w <= kNarrowBand ? full / 2 : full;
+}
+
 // ---- forward ----
 
 template <typename T>
 void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuAttnArgs& a) {
   const Pattern& p = a.pat;
-  const index_t D = a.D, Tq = kCpuQueryTile, Tk = kCpuKeyTile;
+  const index_t D = a.D, Tq = pick_query_tile(a.pat, kCpuQueryTile), Tk = kCpuKeyTile;
   const index_t ntiles = num_query_tiles(p, Tq);
   const index_t G = a.Hq / a.Hkv;
   const bool cap = a.softcap > 0.f;
@@ -262,15 +307,9 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
         }
         // S^T = K Q^T (nk x np)
         cpu::gemm(nk, np, D, Kb, ldk, 1, Qt, Tq, St, Tq, false);
-        for (index_t c = 0; c < nk; ++c) {
-          float* s = St + c * Tq;
-          if (cap) softcap_row(s, nullptr, n, a.softcap);
-          if (kind == kPartial) {
-            const index_t j = keys[c];
-            for (index_t t = 0; t < n; ++t)
-              if (!pair_counted(p, sp.kind, rows[t], j)) s[t] = kNegInf;
-          }
-        }
+        if (cap)
+          for (index_t c = 0; c < nk; ++c) softcap_row(St + c * Tq, nullptr, n, a.softcap);
+        if (kind == kPartial) mask_block(p, sp, rows, keys, n, nk, St, Tq);
         std::fill(mx, mx + np, kNegInf);
         for (index_t c = 0; c < nk; ++c) col_max(mx, St + c * Tq, np);
         bool rescale = false;
@@ -309,7 +348,7 @@ template <typename T>
 void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, const float* lse, T* gq, T* gk, T* gv,
               const CpuAttnArgs& a) {
   const Pattern& p = a.pat;
-  const index_t D = a.D, Tq = kCpuBwdQueryTile, Tk = kCpuBwdKeyTile;
+  const index_t D = a.D, Tq = pick_query_tile(a.pat, kCpuBwdQueryTile), Tk = kCpuBwdKeyTile;
   const index_t ntiles = num_query_tiles(p, Tq);
   const index_t G = a.Hq / a.Hkv;
   const bool cap = a.softcap > 0.f;
@@ -422,17 +461,11 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
             }
             cpu::gemm(nk, np, D, Kb, ldk, 1, Qt, Tq, St, Tq, false);    // S^T = K Q^T
             cpu::gemm(nk, np, D, Vb, ldv, 1, dOt, Tq, dPt, Tq, false);  // dP^T = V dO^T
-            for (index_t c = 0; c < nk; ++c) {
-              float* s = St + c * Tq;
-              float* th = cap ? Th + c * Tq : nullptr;
-              if (cap) softcap_row(s, th, np, a.softcap);
-              if (kind == kPartial) {
-                const index_t j = keys[c];
-                for (index_t t = 0; t < n; ++t)
-                  if (!pair_counted(p, sp.kind, rows[t], j)) s[t] = kNegInf;
-              }
-              bwd_col(s, dPt + c * Tq, th, L, Dv, np, a.softcap);
-            }
+            if (cap)
+              for (index_t c = 0; c < nk; ++c) softcap_row(St + c * Tq, Th + c * Tq, np, a.softcap);
+            if (kind == kPartial) mask_block(p, sp, rows.data(), keys.data(), n, nk, St, Tq);
+            for (index_t c = 0; c < nk; ++c)
+              bwd_col(St + c * Tq, dPt + c * Tq, cap ? Th + c * Tq : nullptr, L, Dv, np, a.softcap);
             // dV += P^T dO, dK += dS^T Q (scaled Q), dQ += dS K.
             const bool acc = bk.even;
             cpu::gemm(nk, D, np, St, Tq, 1, dO, D, dVb, ldd, acc);
