@@ -10,13 +10,16 @@
 // Forward: one work item per (batch, query head, query tile of pattern.h), handed out dynamically (an
 // atomic counter: causal tiles differ in cost); each writes only its active rows, so the result does
 // not depend on the thread count. Per block of kCpuKeyTile keys of each key span the pattern says
-// kSkip (never visited), kFull (no mask) or kPartial (pair_counted per element).
+// kSkip (never visited), kFull (no mask) or kPartial (pair_counted's element mask, mask_block).
 //
-// Backward (recomputation, no S x S memory): one work item per (batch, kv head): the query heads of
-// its GQA group and their query tiles in a fixed order; per block it recomputes P^T = exp(S^T - lse),
-// dP^T = V dO^T, dS^T = P^T (dP^T - rowsum(dO o O)), then dV += P^T dO and dK += dS^T Q straight into
-// the item's own fp32 key rows, and dQ += dS K into the tile's fp32 accumulator. Every gradient element
-// is summed in one fixed order by one item: bitwise the same whatever the thread count.
+// Backward (recomputation, no S x S memory): work items are (batch, kv head) pairs, split into a fixed
+// number of chunks of their (query head of the GQA group, query tile) sequence when there are fewer
+// than kBwdItems pairs. Per block an item recomputes P^T = exp(S^T - lse), dP^T = V dO^T,
+// dS^T = P^T (dP^T - rowsum(dO o O)), then dV += P^T dO and dK += dS^T Q into its own fp32 key rows
+// (the outputs themselves for fp32 and one chunk) and dQ += dS K into the tile's fp32 accumulator;
+// chunks' rows are summed in chunk order at the end. The split depends on the shapes only and every
+// gradient element is summed in one fixed order: bitwise the same whatever the thread count
+// (deterministic=True costs nothing).
 #include "attention/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -38,6 +41,8 @@ namespace attention {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Backward work items wanted at least (see bwd_impl).
+constexpr index_t kBwdItems = 8;
 
 index_t round8(index_t n) { return (n + 7) / 8 * 8; }
 
@@ -355,23 +360,27 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
   const float qscale = cap ? a.scale / a.softcap : a.scale;
   constexpr bool kF32 = std::is_same_v<T, float>;
   KvSource<T> kv{{}, k, v, &a};
-  kv.prepare(false);  // each item converts its own rows
-  for_items(a.B * a.Hkv, [&](index_t it) {
-    const index_t hk = it % a.Hkv, b = it / a.Hkv;
-    if constexpr (!kF32) {
-      for (index_t j = 0; j < a.Sk; ++j) kv.convert((b * a.Hkv + hk) * a.Sk + j);
-    }
+  kv.prepare(true);
+  // Work items: (batch, kv head), each split into nch chunks of its (query head, query tile) sequence
+  // when there are fewer than kBwdItems (batch, kv head) pairs. nch depends on the shapes only, and
+  // every chunk sums into its own fp32 dK / dV rows, reduced in chunk order at the end: the result
+  // is bitwise the same whatever the thread count. One chunk of fp32 writes the outputs directly.
+  const index_t units = a.B * a.Hkv, work = G * ntiles;
+  const index_t nch = units >= kBwdItems ? 1 : std::max<index_t>(1, std::min(ceil_div(kBwdItems, units), work));
+  const bool direct = kF32 && nch == 1;
+  std::vector<float> parts(direct ? 0 : static_cast<size_t>(units * nch * 2 * a.Sk * D));
+  for_items(units * nch, [&](index_t it) {
+    const index_t ch = it % nch, unit = it / nch;
+    const index_t hk = unit % a.Hkv, b = unit / a.Hkv;
     const KvRows kvr = kv.rows(b, hk);
-    // dK / dV rows of (b, hk): the fp32 outputs themselves, or fp32 scratch for 16-bit outputs.
-    std::vector<float> scratch(kF32 ? 0 : static_cast<size_t>(2 * a.Sk * D));
     float *dK, *dV;
     index_t ld;
-    if constexpr (kF32) {
-      dK = gk + b * a.Sk * a.Hkv * D + hk * D;
-      dV = gv + b * a.Sk * a.Hkv * D + hk * D;
+    if (direct) {
+      dK = reinterpret_cast<float*>(gk) + b * a.Sk * a.Hkv * D + hk * D;
+      dV = reinterpret_cast<float*>(gv) + b * a.Sk * a.Hkv * D + hk * D;
       ld = a.Hkv * D;
     } else {
-      dK = scratch.data();
+      dK = parts.data() + (unit * nch + ch) * 2 * a.Sk * D;
       dV = dK + a.Sk * D;
       ld = D;
     }
@@ -397,9 +406,10 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
     float* tmp = Dv + Tq;
     std::vector<float> dQbuf(static_cast<size_t>(Tq * D));
     float* dQ = dQbuf.data();
-    for (index_t g = 0; g < G; ++g) {
-      const index_t h = hk * G + g;
-      for (index_t tile = 0; tile < ntiles; ++tile) {
+    for (index_t w = work * ch / nch; w < work * (ch + 1) / nch; ++w) {
+      const index_t h = hk * G + w / ntiles;
+      {
+        const index_t tile = w % ntiles;
         const QueryTile qt = query_tile(p, Tq, tile);
         const index_t n = std::min<index_t>(qt.count, Tq);
         if (n <= 0) continue;
@@ -491,11 +501,23 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
         }
       }
     }
-    if constexpr (!kF32) {
-      for (index_t j = 0; j < a.Sk; ++j) {
-        trous::cpu::from_float_row(dK + j * D, gk + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
-        trous::cpu::from_float_row(dV + j * D, gv + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
+  });
+  if (direct) return;
+  at::parallel_for(0, units * a.Sk, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(static_cast<size_t>(2 * D));
+    for (int64_t r = r0; r < r1; ++r) {
+      const index_t unit = r / a.Sk, j = r % a.Sk, hk = unit % a.Hkv, b = unit / a.Hkv;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (index_t c = 0; c < nch; ++c) {
+        const float* dK = parts.data() + (unit * nch + c) * 2 * a.Sk * D + j * D;
+        const float* dV = dK + a.Sk * D;
+        for (index_t d = 0; d < D; ++d) {
+          acc[d] += dK[d];
+          acc[D + d] += dV[d];
+        }
       }
+      trous::cpu::from_float_row(acc.data(), gk + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
+      trous::cpu::from_float_row(acc.data() + D, gv + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
     }
   });
 }
