@@ -24,8 +24,9 @@ struct CpuAttnArgs {
 
 // Query rows per tile and keys per block of the CPU kernels (measured: the backward gains from longer
 // key blocks, the forward does not).
-constexpr index_t kCpuQueryTile = 64;
+constexpr index_t kCpuQueryTile = 256;
 constexpr index_t kCpuKeyTile = 64;
+constexpr index_t kCpuNarrowQueryTile = 32;
 constexpr index_t kCpuBwdQueryTile = 64;
 constexpr index_t kCpuBwdKeyTile = 128;
 
