@@ -27,7 +27,7 @@ struct CpuAttnArgs {
 constexpr index_t kCpuQueryTile = 256;
 constexpr index_t kCpuKeyTile = 64;
 constexpr index_t kCpuNarrowQueryTile = 32;
-constexpr index_t kCpuBwdQueryTile = 64;
+constexpr index_t kCpuBwdQueryTile = 128;
 constexpr index_t kCpuBwdKeyTile = 128;
 
 void cpu_sparse_attention_fwd(DType dtype, const void* q, const void* k, const void* v, void* out, float* lse,
