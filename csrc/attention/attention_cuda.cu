@@ -122,8 +122,8 @@ void launch_sparse_attention_bwd(DType dtype, const AttnBwdParams& p, void* stre
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const index_t rows = p.B * p.Hq * p.Sq;
-    if (rows > 0) {  // delta = rowsum(grad_out * out)
-      const index_t want = ceil_div(rows, kAttnThreads / 32);
+    if (rows > 0) {                                                   // delta = rowsum(grad_out * out)
+      const index_t want = ceil_div(rows, 16 * (kAttnThreads / 32));  // 16 rows a warp
       const index_t blocks = want < (index_t{1} << 20) ? want : (index_t{1} << 20);
       TROUS_LAUNCH(static_cast<unsigned>(blocks), kAttnThreads, 0, st, attn_bwd_delta_kernel<T>)(p, delta);
     }
@@ -158,7 +158,7 @@ void launch_sparse_attention_bwd(DType dtype, const AttnBwdParams& p, void* stre
     });
     if (w.nslots && p.Sk > 0) {  // grad_k / grad_v = sum of the key-tile kinds' partials
       const index_t n = p.B * p.Hkv * p.Sk * p.D;
-      const index_t want = ceil_div(n, kAttnThreads);
+      const index_t want = ceil_div(n, 16 * kAttnThreads);  // 16 elements a thread
       const index_t blocks = want < (index_t{1} << 20) ? want : (index_t{1} << 20);
       TROUS_LAUNCH(static_cast<unsigned>(blocks), kAttnThreads, 0, st, attn_bwd_finalize_kernel<T>)(p, w.slots,
                                                                                                     w.nslots);

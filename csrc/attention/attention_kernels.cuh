@@ -42,11 +42,11 @@ static_assert(kAttnThreads == 32 * mma::kMaxWarps, "the mma scratch is sized for
 // Tile sizes of the head-dim instance Dp (a multiple of 16; D <= Dp is zero padded in shared memory).
 template <int Dp>
 struct AttnTiles {
-  static constexpr int kTq = 64;                   // forward / dQ: query rows per block (16 per warp)
-  static constexpr int kTk = Dp > 128 ? 32 : 64;   // forward / dQ: keys per step
-  static constexpr int kTkB = 64;                  // dK/dV: keys per block (16 per warp)
-  static constexpr int kTqB = Dp > 64 ? 32 : 64;   // dK/dV: queries per step
-  static constexpr int kLd = Dp + 8;               // shared row stride: 16-byte rows, no bank conflicts
+  static constexpr int kTq = 64;                  // forward / dQ: query rows per block (16 per warp)
+  static constexpr int kTk = Dp > 128 ? 32 : 64;  // forward / dQ: keys per step
+  static constexpr int kTkB = 64;                 // dK/dV: keys per block (16 per warp)
+  static constexpr int kTqB = Dp > 64 ? 32 : 64;  // dK/dV: queries per step
+  static constexpr int kLd = Dp + 8;              // shared row stride: 16-byte rows, no bank conflicts
   static_assert(Dp % 16 == 0 && kTk % 16 == 0 && kTqB % 16 == 0, "tiles are whole mma blocks");
 };
 
@@ -96,6 +96,26 @@ TROUS_DEVICE inline float quad_max(float x) {
 TROUS_DEVICE inline float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// The counted elements of a warp's 16 x (8 NT) score tile as bits 4 n + e (accumulator tile n,
+// element e: row r = e / 2 of this lane, column n * 8 + 2 t4 + e % 2). Rows are this lane's two rows
+// (row0 / row1, -1 = none), columns the tile's column indices in shared memory (-1 = none); rows are
+// queries and columns keys, or the other way round (kRowsAreKeys). A rolled loop: pair_counted is
+// inlined once, not once per element of the unrolled tile.
+template <int NT, bool kRowsAreKeys>
+TROUS_DEVICE inline uint32_t counted_bits(const Pattern& pat, TileKind kind, int8_t span_kind, index_t row0,
+                                          index_t row1, const index_t* cols, int t4) {
+  static_assert(NT * 4 <= 32, "one bit per element");
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int x = 0; x < 4 * NT; ++x) {
+    const index_t r = (x & 2) ? row1 : row0, c = cols[(x >> 2) * 8 + 2 * t4 + (x & 1)];
+    const bool ok =
+        r >= 0 && c >= 0 && (kind == kFull || pair_counted(pat, span_kind, kRowsAreKeys ? c : r, kRowsAreKeys ? r : c));
+    bits |= static_cast<uint32_t>(ok) << x;
+  }
+  return bits;
 }
 
 // Rows of a query tile in shared memory: the query index of each row, -1 where the row is past the
@@ -196,15 +216,14 @@ __global__ void __launch_bounds__(kAttnThreads)
         mma::mma_n<NT>(s, a, bb);
       }
       float mx[2] = {-INFINITY, -INFINITY};
+      const uint32_t bits = counted_bits<NT, false>(pat, kind, sp.kind, qi[0], qi[1], kidx, t4);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const index_t i = qi[e >> 1], j = kidx[n * 8 + 2 * t4 + (e & 1)];
           float dsc;
           const float x = score(s[n][e], p.scale, p.softcap, dsc);
-          const bool ok = i >= 0 && j >= 0 && (kind == kFull || pair_counted(pat, sp.kind, i, j));
-          s[n][e] = ok ? x : -INFINITY;
+          s[n][e] = (bits >> (4 * n + e) & 1u) ? x : -INFINITY;
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
       float msub[2];
@@ -349,16 +368,15 @@ __global__ void __launch_bounds__(kAttnThreads)
         for (int np = 0; np < NT / 2; ++np) mma::load_b_nk(bb + 2 * np, Vs + np * 16 * LD + kk * 16, LD);
         mma::mma_n<NT>(dp, a, bb);
       }
+      const uint32_t bits = counted_bits<NT, false>(pat, kind, sp.kind, qi[0], qi[1], kidx, t4);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1;
-          const index_t i = qi[r], j = kidx[n * 8 + 2 * t4 + (e & 1)];
           float dsc;
           const float x = score(s[n][e], p.scale, p.softcap, dsc);
-          const bool ok = i >= 0 && j >= 0 && lse[r] != -INFINITY &&
-                          (kind == kFull || pair_counted(pat, sp.kind, i, j));
+          const bool ok = (bits >> (4 * n + e) & 1u) && lse[r] != -INFINITY;
           const float pr = ok ? expf(x - lse[r]) : 0.f;
           dp[n][e] = pr * (dp[n][e] - dl[r]) * dsc;
         }
@@ -390,14 +408,14 @@ __global__ void __launch_bounds__(kAttnThreads)
 template <typename T, int Dp>
 constexpr size_t dkdv_smem_bytes() {
   using C = AttnTiles<Dp>;
-  return (size_t)(2 * C::kTkB + 2 * C::kTqB) * C::kLd * sizeof(T) +
-         (size_t)(C::kTkB + C::kTqB) * sizeof(index_t) + (size_t)2 * C::kTqB * sizeof(float);
+  return (size_t)(2 * C::kTkB + 2 * C::kTqB) * C::kLd * sizeof(T) + (size_t)(C::kTkB + C::kTqB) * sizeof(index_t) +
+         (size_t)2 * C::kTqB * sizeof(float);
 }
 
 // Where the dK / dV partials of key-tile kind `kind` go in the workspace (global-token patterns).
 struct DkdvSlots {
-  float* base = nullptr;  // nullptr: no global tokens, the kernel writes grad_k / grad_v itself
-  index_t per = 0;        // floats of one (dK or dV) slot: B * Hkv * Sk * D
+  float* base = nullptr;                // nullptr: no global tokens, the kernel writes grad_k / grad_v itself
+  index_t per = 0;                      // floats of one (dK or dV) slot: B * Hkv * Sk * D
   int global_keys = -1, all_keys = -1;  // slot of those kinds (local keys: slot 0), -1 = none
   TROUS_INLINE int slot(int8_t kind) const {
     return kind == kGlobalKeys ? global_keys : kind == kAllKeys ? all_keys : 0;
@@ -486,17 +504,16 @@ __global__ void __launch_bounds__(kAttnThreads)
           mma::mma_n<NQ>(dpt, a, bb);
         }
       }
+      const uint32_t bits = counted_bits<NQ, true>(pat, kind, kt.kind, kj[0], kj[1], qidx, t4);
 #pragma unroll
       for (int n = 0; n < NQ; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = n * 8 + 2 * t4 + (e & 1);
-          const index_t j = kj[e >> 1], i = qidx[col];
           const float ls = qlse[col];
           float dsc;
           const float x = score(st[n][e], p.scale, p.softcap, dsc);
-          const bool ok =
-              i >= 0 && j >= 0 && ls != -INFINITY && (kind == kFull || pair_counted(pat, kt.kind, i, j));
+          const bool ok = (bits >> (4 * n + e) & 1u) && ls != -INFINITY;
           const float pr = ok ? expf(x - ls) : 0.f;
           st[n][e] = pr;
           if constexpr (kDK) dpt[n][e] = pr * (dpt[n][e] - qdl[col]) * dsc;

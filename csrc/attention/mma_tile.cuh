@@ -91,9 +91,7 @@ TROUS_DEVICE inline uint32_t pack2f(float lo, float hi) {
 TROUS_DEVICE inline int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
 
 #if TROUS_ATTN_PTX
-TROUS_DEVICE inline uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+TROUS_DEVICE inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 #endif
 
 // A (16 x 16) from row-major shared memory: A[r][c] = s[r * ld + c]. ld * sizeof(T) must be a
@@ -191,7 +189,17 @@ TROUS_DEVICE inline void a_from_acc(FragA<T>& a, const float (&c0)[4], const flo
 template <typename T, int N>
 TROUS_DEVICE inline void mma_plain(float (*c)[4], const FragA<T>& a, const FragB<T>* b) {
   constexpr int W = 8 + 4 * N;
+#ifdef TROUS_CUDA_EMULATION
+  // Two scratch buffers used in turn (a lane's count of exchanges is its warp's: mma is warp-wide),
+  // so one __syncwarp per exchange suffices: a lane writes buffer k again only after the next
+  // exchange's barrier, which every lane reaches after reading buffer k. (Warp rendezvous are the
+  // costly part of the emulation.)
+  __shared__ float xch2[2][kMaxWarps][32][W];
+  static thread_local unsigned phase = 0;
+  float (*xch)[32][W] = xch2[phase++ & 1u];
+#else
   __shared__ float xch[kMaxWarps][32][W];
+#endif
   const int lane = lane_id(), w = static_cast<int>(threadIdx.x) >> 5;
   float* mine = xch[w][lane];
   for (int e = 0; e < 8; ++e) mine[e] = frag_elem<T>(a.r, e);
@@ -213,7 +221,9 @@ TROUS_DEVICE inline void mma_plain(float (*c)[4], const FragA<T>& a, const FragB
       }
       out[n][e] = acc;
     }
-  __syncwarp();
+#ifndef TROUS_CUDA_EMULATION
+  __syncwarp();  // everyone has read the scratch before the next exchange writes it
+#endif
   for (int n = 0; n < N; ++n)
     for (int e = 0; e < 4; ++e) c[n][e] = out[n][e];
 }
@@ -245,7 +255,7 @@ TROUS_DEVICE inline void mma_n(float (*c)[4], const FragA<T>& a, const FragB<T>*
 }
 
 // The largest of 8, 6, 4, 2 dividing n (n-tiles per product batch).
-constexpr int batch_of(int n) { return n % 8 == 0 ? 8 : n % 6 == 0 ? 6 : n % 4 == 0 ? 4 : 2; }
+TROUS_HOST_DEVICE constexpr int batch_of(int n) { return n % 8 == 0 ? 8 : n % 6 == 0 ? 6 : n % 4 == 0 ? 4 : 2; }
 
 }  // namespace mma
 }  // namespace attention
