@@ -30,6 +30,12 @@ void dispatch_head_dim(index_t D, F&& f) {
   return f(std::integral_constant<int, 256>{});
 }
 
+[[noreturn]] void refuse_fp32_head_dim(index_t D) {
+  throw std::invalid_argument("trous.sparse_attention (CUDA): float32 takes head dims up to " +
+                              std::to_string(kMaxHeadDimFp32) + ", got D = " + std::to_string(D) +
+                              " (use float16 or bfloat16)");
+}
+
 // 16-byte loads of a tensor: base 16-byte aligned and every row start too.
 template <typename T>
 bool vec_ok(const void* ptr, const BSHStrides& s) {
@@ -81,7 +87,10 @@ WorkspaceLayout workspace_layout(const AttnBwdParams& p) {
 
 }  // namespace
 
-bool sparse_attention_cuda_supported(index_t D) { return D >= 1 && D <= 256; }
+bool sparse_attention_cuda_supported(DType dtype, index_t D) {
+  return D >= 1 && D <= (dtype == DType::kFloat32 ? kMaxHeadDimFp32 : 256) &&
+         (dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16);
+}
 
 void launch_sparse_attention_fwd(DType dtype, const AttnFwdParams& p, void* stream) {
   if (p.B == 0 || p.Sq == 0 || p.Hq == 0) return;
@@ -90,15 +99,19 @@ void launch_sparse_attention_fwd(DType dtype, const AttnFwdParams& p, void* stre
     using T = decltype(tag);
     dispatch_head_dim(p.D, [&](auto dp) {
       constexpr int Dp = decltype(dp)::value;
-      const index_t tiles = num_query_tiles(p.pattern, AttnTiles<Dp>::kTq);
-      if (tiles == 0) return;
-      check_grid(tiles, p.Hq, p.B, what);
-      const uint32_t vec = (vec_ok<T>(p.q, p.sq) ? kVecQ : 0u) | (vec_ok<T>(p.k, p.sk) ? kVecK : 0u) |
-                           (vec_ok<T>(p.v, p.sv) ? kVecV : 0u);
-      const size_t smem = fwd_smem_bytes<T, Dp>();
-      allow_smem(attn_fwd_kernel<T, Dp>, smem, what);
-      TROUS_LAUNCH(dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)),
-                   kAttnThreads, smem, static_cast<cudaStream_t>(stream), attn_fwd_kernel<T, Dp>)(p, vec);
+      if constexpr (sizeof(T) == 4 && Dp > kMaxHeadDimFp32) {
+        refuse_fp32_head_dim(p.D);
+      } else {
+        const index_t tiles = num_query_tiles(p.pattern, AttnTiles<T, Dp>::kTq);
+        if (tiles == 0) return;
+        check_grid(tiles, p.Hq, p.B, what);
+        const uint32_t vec = (vec_ok<T>(p.q, p.sq) ? kVecQ : 0u) | (vec_ok<T>(p.k, p.sk) ? kVecK : 0u) |
+                             (vec_ok<T>(p.v, p.sv) ? kVecV : 0u);
+        const size_t smem = fwd_smem_bytes<T, Dp>();
+        allow_smem(attn_fwd_kernel<T, Dp>, smem, what);
+        TROUS_LAUNCH(dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)),
+                     kAttnThreads, smem, static_cast<cudaStream_t>(stream), attn_fwd_kernel<T, Dp>)(p, vec);
+      }
     });
   });
   check_launch("trous.sparse_attention_fwd");
@@ -113,6 +126,7 @@ void launch_sparse_attention_bwd(DType dtype, const AttnBwdParams& p, void* stre
   if (p.B == 0 || p.Hq == 0 || (p.Sq == 0 && p.Sk == 0)) return;
   const char* what = "sparse_attention_bwd";
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == DType::kFloat32 && p.D > kMaxHeadDimFp32) refuse_fp32_head_dim(p.D);
   WorkspaceLayout w = workspace_layout(p);
   float* delta = static_cast<float*>(p.workspace);
   if (w.nslots) {
@@ -122,43 +136,49 @@ void launch_sparse_attention_bwd(DType dtype, const AttnBwdParams& p, void* stre
   dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
     using T = decltype(tag);
     const index_t rows = p.B * p.Hq * p.Sq;
-    if (rows > 0) {  // delta = rowsum(grad_out * out)
-      const index_t want = ceil_div(rows, kAttnThreads / 32);
+    if (rows > 0) {                                                   // delta = rowsum(grad_out * out)
+      const index_t want = ceil_div(rows, 16 * (kAttnThreads / 32));  // 16 rows a warp
       const index_t blocks = want < (index_t{1} << 20) ? want : (index_t{1} << 20);
       TROUS_LAUNCH(static_cast<unsigned>(blocks), kAttnThreads, 0, st, attn_bwd_delta_kernel<T>)(p, delta);
     }
     dispatch_head_dim(p.D, [&](auto dp) {
       constexpr int Dp = decltype(dp)::value;
-      using C = AttnTiles<Dp>;
-      const uint32_t vec = (vec_ok<T>(p.q, p.sq) ? kVecQ : 0u) | (vec_ok<T>(p.k, p.sk) ? kVecK : 0u) |
-                           (vec_ok<T>(p.v, p.sv) ? kVecV : 0u) | (vec_ok<T>(p.grad_out, p.sdo) ? kVecDO : 0u);
-      const index_t ktiles = p.Sk > 0 ? num_key_tiles(p.pattern, C::kTkB) : 0;
-      if (ktiles > 0) {
-        check_grid(ktiles, p.Hkv, p.B, what);
-        const dim3 grid(static_cast<unsigned>(ktiles), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B));
-        const size_t smem = dkdv_smem_bytes<T, Dp>();
-        if constexpr (Dp <= 128) {  // dK and dV in one pass
-          allow_smem(attn_bwd_dkdv_kernel<T, Dp, true, true>, smem, what);
-          TROUS_LAUNCH(grid, kAttnThreads, smem, st, attn_bwd_dkdv_kernel<T, Dp, true, true>)(p, delta, w.slots, vec);
-        } else {  // registers: dV, then dK (recomputing S)
-          allow_smem(attn_bwd_dkdv_kernel<T, Dp, false, true>, smem, what);
-          TROUS_LAUNCH(grid, kAttnThreads, smem, st, attn_bwd_dkdv_kernel<T, Dp, false, true>)(p, delta, w.slots, vec);
-          allow_smem(attn_bwd_dkdv_kernel<T, Dp, true, false>, smem, what);
-          TROUS_LAUNCH(grid, kAttnThreads, smem, st, attn_bwd_dkdv_kernel<T, Dp, true, false>)(p, delta, w.slots, vec);
+      if constexpr (sizeof(T) == 4 && Dp > kMaxHeadDimFp32) {
+        refuse_fp32_head_dim(p.D);
+      } else {
+        using C = AttnTiles<T, Dp>;
+        const uint32_t vec = (vec_ok<T>(p.q, p.sq) ? kVecQ : 0u) | (vec_ok<T>(p.k, p.sk) ? kVecK : 0u) |
+                             (vec_ok<T>(p.v, p.sv) ? kVecV : 0u) | (vec_ok<T>(p.grad_out, p.sdo) ? kVecDO : 0u);
+        const index_t ktiles = p.Sk > 0 ? num_key_tiles(p.pattern, C::kTkB) : 0;
+        if (ktiles > 0) {
+          check_grid(ktiles, p.Hkv, p.B, what);
+          const dim3 grid(static_cast<unsigned>(ktiles), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B));
+          const size_t smem = dkdv_smem_bytes<T, Dp>();
+          if constexpr (!C::kSplitDkdv) {  // dK and dV in one pass
+            allow_smem(attn_bwd_dkdv_kernel<T, Dp, true, true>, smem, what);
+            TROUS_LAUNCH(grid, kAttnThreads, smem, st, attn_bwd_dkdv_kernel<T, Dp, true, true>)(p, delta, w.slots, vec);
+          } else {  // registers: dV, then dK (recomputing S)
+            allow_smem(attn_bwd_dkdv_kernel<T, Dp, false, true>, smem, what);
+            TROUS_LAUNCH(grid, kAttnThreads, smem, st, attn_bwd_dkdv_kernel<T, Dp, false, true>)(p, delta, w.slots,
+                                                                                                 vec);
+            allow_smem(attn_bwd_dkdv_kernel<T, Dp, true, false>, smem, what);
+            TROUS_LAUNCH(grid, kAttnThreads, smem, st, attn_bwd_dkdv_kernel<T, Dp, true, false>)(p, delta, w.slots,
+                                                                                                 vec);
+          }
         }
-      }
-      const index_t qtiles = p.Sq > 0 ? num_query_tiles(p.pattern, C::kTq) : 0;
-      if (qtiles > 0) {
-        check_grid(qtiles, p.Hq, p.B, what);
-        const size_t smem = dq_smem_bytes<T, Dp>();
-        allow_smem(attn_bwd_dq_kernel<T, Dp>, smem, what);
-        TROUS_LAUNCH(dim3(static_cast<unsigned>(qtiles), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)),
-                     kAttnThreads, smem, st, attn_bwd_dq_kernel<T, Dp>)(p, delta, vec);
+        const index_t qtiles = p.Sq > 0 ? num_query_tiles(p.pattern, C::kTq) : 0;
+        if (qtiles > 0) {
+          check_grid(qtiles, p.Hq, p.B, what);
+          const size_t smem = dq_smem_bytes<T, Dp>();
+          allow_smem(attn_bwd_dq_kernel<T, Dp>, smem, what);
+          TROUS_LAUNCH(dim3(static_cast<unsigned>(qtiles), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)),
+                       kAttnThreads, smem, st, attn_bwd_dq_kernel<T, Dp>)(p, delta, vec);
+        }
       }
     });
     if (w.nslots && p.Sk > 0) {  // grad_k / grad_v = sum of the key-tile kinds' partials
       const index_t n = p.B * p.Hkv * p.Sk * p.D;
-      const index_t want = ceil_div(n, kAttnThreads);
+      const index_t want = ceil_div(n, 16 * kAttnThreads);  // 16 elements a thread
       const index_t blocks = want < (index_t{1} << 20) ? want : (index_t{1} << 20);
       TROUS_LAUNCH(static_cast<unsigned>(blocks), kAttnThreads, 0, st, attn_bwd_finalize_kernel<T>)(p, w.slots,
                                                                                                     w.nslots);

@@ -1,10 +1,12 @@
 // Torch-free declarations of the sparse attention CUDA launchers (kernels: attention_kernels.cuh).
 // `stream` is a cudaStream_t; every pointer in the params is a device pointer.
 //
-// Supported: dtype fp16 / bf16 (tensor cores, mma m16n8k16 with fp32 accumulation) and fp32 (the
-// same kernels through a plain fp32 path, no tensor cores); head dims 1..256 (multiples of 8 get
-// 16-byte loads; each D runs in the smallest instance of 32, 64, 80, 96, 128, 256 holding it, zero
-// padded). sparse_attention_cuda_supported(D) says so for the op layer.
+// Supported: dtype fp16 / bf16 (tensor cores, mma m16n8k16 with fp32 accumulation) with head dims
+// 1..256, and fp32 (the same kernels through a plain fp32 path, no tensor cores) with head dims
+// 1..128 (its fp32 fragments would spill at 256). Each D runs in the smallest instance of 32, 64, 80,
+// 96, 128, 256 holding it, zero padded; 16-byte loads where the tensor's base and strides allow.
+// sparse_attention_cuda_supported(dtype, D) says so for the op layer; the launchers throw
+// std::invalid_argument otherwise.
 //
 // Backward workspace: the op layer fills AttnBwdParams (everything except `workspace`), allocates
 // sparse_attention_bwd_workspace_bytes(params) bytes of device memory (256-byte aligned, e.g. a uint8
@@ -21,8 +23,10 @@
 namespace trous {
 namespace attention {
 
-// Whether the CUDA kernels take head dim D (1 <= D <= 256).
-bool sparse_attention_cuda_supported(index_t D);
+constexpr index_t kMaxHeadDimFp32 = 128;
+
+// Whether the CUDA kernels take element type dtype with head dim D.
+bool sparse_attention_cuda_supported(DType dtype, index_t D);
 
 // Forward: writes out (0 for fully masked rows) and lse (-inf there). Throws std::invalid_argument
 // for an unsupported dtype / D, std::runtime_error for a CUDA error.

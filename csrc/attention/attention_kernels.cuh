@@ -39,14 +39,17 @@ namespace attention {
 constexpr int kAttnThreads = 128;  // 4 warps (mma::kMaxWarps)
 static_assert(kAttnThreads == 32 * mma::kMaxWarps, "the mma scratch is sized for the block");
 
-// Tile sizes of the head-dim instance Dp (a multiple of 16; D <= Dp is zero padded in shared memory).
-template <int Dp>
+// Tile sizes of element type T and head-dim instance Dp (a multiple of 16; D <= Dp is zero padded in
+// shared memory). fp32 fragments take twice the registers of 16-bit ones: smaller steps there.
+template <typename T, int Dp>
 struct AttnTiles {
-  static constexpr int kTq = 64;                   // forward / dQ: query rows per block (16 per warp)
-  static constexpr int kTk = Dp > 128 ? 32 : 64;   // forward / dQ: keys per step
-  static constexpr int kTkB = 64;                  // dK/dV: keys per block (16 per warp)
-  static constexpr int kTqB = Dp > 64 ? 32 : 64;   // dK/dV: queries per step
-  static constexpr int kLd = Dp + 8;               // shared row stride: 16-byte rows, no bank conflicts
+  static constexpr bool k32 = sizeof(T) == 4;
+  static constexpr int kTq = 64;                                      // forward / dQ: query rows (16 a warp)
+  static constexpr int kTk = Dp > 128 ? (k32 ? 16 : 32) : 64;         // forward / dQ: keys per step
+  static constexpr int kTkB = 64;                                     // dK/dV: keys per block (16 a warp)
+  static constexpr int kTqB = k32 ? 16 : (Dp > 64 ? 32 : 64);         // dK/dV: queries per step
+  static constexpr bool kSplitDkdv = Dp > 128 || (k32 && Dp >= 128);  // dV, then dK (registers)
+  static constexpr int kLd = Dp + 8;  // shared row stride: 16-byte rows, no ldmatrix bank conflicts
   static_assert(Dp % 16 == 0 && kTk % 16 == 0 && kTqB % 16 == 0, "tiles are whole mma blocks");
 };
 
@@ -63,7 +66,7 @@ TROUS_DEVICE inline T zero_of() {
 template <typename T, int Dp>
 TROUS_DEVICE inline void load_rows(T* dst, const T* src, BSHStrides st, index_t b, index_t h, const index_t* idx,
                                    int rows, index_t D, bool vec) {
-  constexpr int V = 16 / sizeof(T), kChunks = Dp / V, kLd = AttnTiles<Dp>::kLd;
+  constexpr int V = 16 / sizeof(T), kChunks = Dp / V, kLd = AttnTiles<T, Dp>::kLd;
   for (int c = static_cast<int>(threadIdx.x); c < rows * kChunks; c += kAttnThreads) {
     const int r = c / kChunks, c0 = (c % kChunks) * V;
     const index_t i = idx[r];
@@ -98,6 +101,26 @@ TROUS_DEVICE inline float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The counted elements of a warp's 16 x (8 NT) score tile as bits 4 n + e (accumulator tile n,
+// element e: row r = e / 2 of this lane, column n * 8 + 2 t4 + e % 2). Rows are this lane's two rows
+// (row0 / row1, -1 = none), columns the tile's column indices in shared memory (-1 = none); rows are
+// queries and columns keys, or the other way round (kRowsAreKeys). A rolled loop: pair_counted is
+// inlined once, not once per element of the unrolled tile.
+template <int NT, bool kRowsAreKeys>
+TROUS_DEVICE inline uint32_t counted_bits(const Pattern& pat, TileKind kind, int8_t span_kind, index_t row0,
+                                          index_t row1, const index_t* cols, int t4) {
+  static_assert(NT * 4 <= 32, "one bit per element");
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int x = 0; x < 4 * NT; ++x) {
+    const index_t r = (x & 2) ? row1 : row0, c = cols[(x >> 2) * 8 + 2 * t4 + (x & 1)];
+    const bool ok =
+        r >= 0 && c >= 0 && (kind == kFull || pair_counted(pat, span_kind, kRowsAreKeys ? c : r, kRowsAreKeys ? r : c));
+    bits |= static_cast<uint32_t>(ok) << x;
+  }
+  return bits;
+}
+
 // Rows of a query tile in shared memory: the query index of each row, -1 where the row is past the
 // tile's end or computed by another tile (row_active false).
 TROUS_DEVICE inline void tile_rows(const Pattern& pat, const QueryTile& qt, index_t* qidx, int rows) {
@@ -120,7 +143,7 @@ TROUS_DEVICE inline void span_keys(const Pattern& pat, const KeySpan& sp, index_
 // row-major tile in shared memory).
 template <typename T, int Dp>
 TROUS_DEVICE inline void product_kn(float (*acc)[4], const mma::FragA<T>& a, const T* s) {
-  constexpr int ND = Dp / 8, NB = mma::batch_of(ND), LD = AttnTiles<Dp>::kLd;
+  constexpr int ND = Dp / 8, NB = mma::batch_for<T>(ND), LD = AttnTiles<T, Dp>::kLd;
 #pragma unroll
   for (int c = 0; c < ND / NB; ++c) {
     mma::FragB<T> bb[NB];
@@ -130,16 +153,31 @@ TROUS_DEVICE inline void product_kn(float (*acc)[4], const mma::FragA<T>& a, con
   }
 }
 
+// acc (16 x 8 NTILES) += A (16 x 16) B with B[k][n] = s[n * kLd + k] (B transposed in shared memory:
+// K rows for Q K^T, Q / dO rows for K Q^T / V dO^T).
+template <typename T, int Dp, int NTILES>
+TROUS_DEVICE inline void product_nk(float (*acc)[4], const mma::FragA<T>& a, const T* s) {
+  constexpr int NB = mma::batch_for<T>(NTILES), LD = AttnTiles<T, Dp>::kLd;
+  static_assert(NTILES % NB == 0 && NB % 2 == 0, "whole batches of n-tile pairs");
+#pragma unroll
+  for (int c = 0; c < NTILES / NB; ++c) {
+    mma::FragB<T> bb[NB];
+#pragma unroll
+    for (int np = 0; np < NB / 2; ++np) mma::load_b_nk(bb + 2 * np, s + (c * NB + 2 * np) * 8 * LD, LD);
+    mma::mma_n<NB>(acc + c * NB, a, bb);
+  }
+}
+
 template <typename T, int Dp>
 constexpr size_t fwd_smem_bytes() {
-  using C = AttnTiles<Dp>;
+  using C = AttnTiles<T, Dp>;
   return (size_t)(C::kTq + 2 * C::kTk) * C::kLd * sizeof(T) + (size_t)(C::kTq + C::kTk) * sizeof(index_t);
 }
 
 template <typename T, int Dp>
 __global__ void __launch_bounds__(kAttnThreads)
     attn_fwd_kernel(const TROUS_ATTN_GRID_CONSTANT AttnFwdParams p, uint32_t vec) {
-  using C = AttnTiles<Dp>;
+  using C = AttnTiles<T, Dp>;
   constexpr int Tq = C::kTq, Tk = C::kTk, LD = C::kLd, NT = Tk / 8, ND = Dp / 8;
   TROUS_DYNAMIC_SHARED(unsigned char, smem);
   T* Qs = reinterpret_cast<T*>(smem);
@@ -152,8 +190,14 @@ __global__ void __launch_bounds__(kAttnThreads)
   const QueryTile qt = query_tile(pat, Tq, blockIdx.x);
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, g = (tid & 31) >> 2, t4 = tid & 3;
 
+  // The spans in shared memory: key_spans fills an array by a running index, which would put a
+  // per-thread copy in local memory.
+  __shared__ KeySpan spans[2];
+  __shared__ int s_nspans;
   tile_rows(pat, qt, qidx, Tq);
+  if (tid == 0) s_nspans = key_spans(pat, qt, spans);
   __syncthreads();
+  const int nspans = s_nspans;
   load_rows<T, Dp>(Qs, static_cast<const T*>(p.q), p.sq, b, h, qidx, Tq, p.D, vec & kVecQ);
   const index_t qi[2] = {qidx[warp * 16 + g], qidx[warp * 16 + g + 8]};
 
@@ -164,8 +208,6 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  KeySpan spans[2];
-  const int nspans = key_spans(pat, qt, spans);
 #pragma unroll
   for (int si = 0; si < 2; ++si) {
     if (si >= nspans) break;
@@ -189,22 +231,18 @@ __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
       for (int kk = 0; kk < Dp / 16; ++kk) {
         mma::FragA<T> a;
-        mma::FragB<T> bb[NT];
         mma::load_a(a, Qs + warp * 16 * LD + kk * 16, LD);
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) mma::load_b_nk(bb + 2 * np, Ks + np * 16 * LD + kk * 16, LD);
-        mma::mma_n<NT>(s, a, bb);
+        product_nk<T, Dp, NT>(s, a, Ks + kk * 16);
       }
       float mx[2] = {-INFINITY, -INFINITY};
+      const uint32_t bits = counted_bits<NT, false>(pat, kind, sp.kind, qi[0], qi[1], kidx, t4);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const index_t i = qi[e >> 1], j = kidx[n * 8 + 2 * t4 + (e & 1)];
           float dsc;
           const float x = score(s[n][e], p.scale, p.softcap, dsc);
-          const bool ok = i >= 0 && j >= 0 && (kind == kFull || pair_counted(pat, sp.kind, i, j));
-          s[n][e] = ok ? x : -INFINITY;
+          s[n][e] = (bits >> (4 * n + e) & 1u) ? x : -INFINITY;
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
       float msub[2];
@@ -274,14 +312,14 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 template <typename T, int Dp>
 constexpr size_t dq_smem_bytes() {
-  using C = AttnTiles<Dp>;
+  using C = AttnTiles<T, Dp>;
   return (size_t)(2 * C::kTq + 2 * C::kTk) * C::kLd * sizeof(T) + (size_t)(C::kTq + C::kTk) * sizeof(index_t);
 }
 
 template <typename T, int Dp>
 __global__ void __launch_bounds__(kAttnThreads)
     attn_bwd_dq_kernel(const TROUS_ATTN_GRID_CONSTANT AttnBwdParams p, const float* delta, uint32_t vec) {
-  using C = AttnTiles<Dp>;
+  using C = AttnTiles<T, Dp>;
   constexpr int Tq = C::kTq, Tk = C::kTk, LD = C::kLd, NT = Tk / 8, ND = Dp / 8;
   TROUS_DYNAMIC_SHARED(unsigned char, smem);
   T* Qs = reinterpret_cast<T*>(smem);
@@ -295,8 +333,14 @@ __global__ void __launch_bounds__(kAttnThreads)
   const QueryTile qt = query_tile(pat, Tq, blockIdx.x);
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, g = (tid & 31) >> 2, t4 = tid & 3;
 
+  // The spans in shared memory: key_spans fills an array by a running index, which would put a
+  // per-thread copy in local memory.
+  __shared__ KeySpan spans[2];
+  __shared__ int s_nspans;
   tile_rows(pat, qt, qidx, Tq);
+  if (tid == 0) s_nspans = key_spans(pat, qt, spans);
   __syncthreads();
+  const int nspans = s_nspans;
   load_rows<T, Dp>(Qs, static_cast<const T*>(p.q), p.sq, b, h, qidx, Tq, p.D, vec & kVecQ);
   load_rows<T, Dp>(dOs, static_cast<const T*>(p.grad_out), p.sdo, b, h, qidx, Tq, p.D, vec & kVecDO);
   const index_t qi[2] = {qidx[warp * 16 + g], qidx[warp * 16 + g + 8]};
@@ -314,8 +358,6 @@ __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[d][e] = 0.f;
 
-  KeySpan spans[2];
-  const int nspans = key_spans(pat, qt, spans);
 #pragma unroll
   for (int si = 0; si < 2; ++si) {
     if (si >= nspans) break;
@@ -339,26 +381,20 @@ __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
       for (int kk = 0; kk < Dp / 16; ++kk) {
         mma::FragA<T> a;
-        mma::FragB<T> bb[NT];
         mma::load_a(a, Qs + warp * 16 * LD + kk * 16, LD);
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) mma::load_b_nk(bb + 2 * np, Ks + np * 16 * LD + kk * 16, LD);
-        mma::mma_n<NT>(s, a, bb);
+        product_nk<T, Dp, NT>(s, a, Ks + kk * 16);
         mma::load_a(a, dOs + warp * 16 * LD + kk * 16, LD);
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) mma::load_b_nk(bb + 2 * np, Vs + np * 16 * LD + kk * 16, LD);
-        mma::mma_n<NT>(dp, a, bb);
+        product_nk<T, Dp, NT>(dp, a, Vs + kk * 16);
       }
+      const uint32_t bits = counted_bits<NT, false>(pat, kind, sp.kind, qi[0], qi[1], kidx, t4);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1;
-          const index_t i = qi[r], j = kidx[n * 8 + 2 * t4 + (e & 1)];
           float dsc;
           const float x = score(s[n][e], p.scale, p.softcap, dsc);
-          const bool ok = i >= 0 && j >= 0 && lse[r] != -INFINITY &&
-                          (kind == kFull || pair_counted(pat, sp.kind, i, j));
+          const bool ok = (bits >> (4 * n + e) & 1u) && lse[r] != -INFINITY;
           const float pr = ok ? expf(x - lse[r]) : 0.f;
           dp[n][e] = pr * (dp[n][e] - dl[r]) * dsc;
         }
@@ -389,15 +425,15 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 template <typename T, int Dp>
 constexpr size_t dkdv_smem_bytes() {
-  using C = AttnTiles<Dp>;
-  return (size_t)(2 * C::kTkB + 2 * C::kTqB) * C::kLd * sizeof(T) +
-         (size_t)(C::kTkB + C::kTqB) * sizeof(index_t) + (size_t)2 * C::kTqB * sizeof(float);
+  using C = AttnTiles<T, Dp>;
+  return (size_t)(2 * C::kTkB + 2 * C::kTqB) * C::kLd * sizeof(T) + (size_t)(C::kTkB + C::kTqB) * sizeof(index_t) +
+         (size_t)2 * C::kTqB * sizeof(float);
 }
 
 // Where the dK / dV partials of key-tile kind `kind` go in the workspace (global-token patterns).
 struct DkdvSlots {
-  float* base = nullptr;  // nullptr: no global tokens, the kernel writes grad_k / grad_v itself
-  index_t per = 0;        // floats of one (dK or dV) slot: B * Hkv * Sk * D
+  float* base = nullptr;                // nullptr: no global tokens, the kernel writes grad_k / grad_v itself
+  index_t per = 0;                      // floats of one (dK or dV) slot: B * Hkv * Sk * D
   int global_keys = -1, all_keys = -1;  // slot of those kinds (local keys: slot 0), -1 = none
   TROUS_INLINE int slot(int8_t kind) const {
     return kind == kGlobalKeys ? global_keys : kind == kAllKeys ? all_keys : 0;
@@ -408,7 +444,7 @@ template <typename T, int Dp, bool kDK, bool kDV>
 __global__ void __launch_bounds__(kAttnThreads)
     attn_bwd_dkdv_kernel(const TROUS_ATTN_GRID_CONSTANT AttnBwdParams p, const float* delta, DkdvSlots slots,
                          uint32_t vec) {
-  using C = AttnTiles<Dp>;
+  using C = AttnTiles<T, Dp>;
   constexpr int Tk = C::kTkB, Tq = C::kTqB, LD = C::kLd, NQ = Tq / 8, ND = Dp / 8;
   TROUS_DYNAMIC_SHARED(unsigned char, smem);
   T* Ks = reinterpret_cast<T*>(smem);
@@ -474,29 +510,23 @@ __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
       for (int kk = 0; kk < Dp / 16; ++kk) {
         mma::FragA<T> a;
-        mma::FragB<T> bb[NQ];
         mma::load_a(a, Ks + warp * 16 * LD + kk * 16, LD);
-#pragma unroll
-        for (int np = 0; np < NQ / 2; ++np) mma::load_b_nk(bb + 2 * np, Qs + np * 16 * LD + kk * 16, LD);
-        mma::mma_n<NQ>(st, a, bb);
+        product_nk<T, Dp, NQ>(st, a, Qs + kk * 16);
         if constexpr (kDK) {
           mma::load_a(a, Vs + warp * 16 * LD + kk * 16, LD);
-#pragma unroll
-          for (int np = 0; np < NQ / 2; ++np) mma::load_b_nk(bb + 2 * np, dOs + np * 16 * LD + kk * 16, LD);
-          mma::mma_n<NQ>(dpt, a, bb);
+          product_nk<T, Dp, NQ>(dpt, a, dOs + kk * 16);
         }
       }
+      const uint32_t bits = counted_bits<NQ, true>(pat, kind, kt.kind, kj[0], kj[1], qidx, t4);
 #pragma unroll
       for (int n = 0; n < NQ; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = n * 8 + 2 * t4 + (e & 1);
-          const index_t j = kj[e >> 1], i = qidx[col];
           const float ls = qlse[col];
           float dsc;
           const float x = score(st[n][e], p.scale, p.softcap, dsc);
-          const bool ok =
-              i >= 0 && j >= 0 && ls != -INFINITY && (kind == kFull || pair_counted(pat, kt.kind, i, j));
+          const bool ok = (bits >> (4 * n + e) & 1u) && ls != -INFINITY;
           const float pr = ok ? expf(x - ls) : 0.f;
           st[n][e] = pr;
           if constexpr (kDK) dpt[n][e] = pr * (dpt[n][e] - qdl[col]) * dsc;

@@ -91,9 +91,7 @@ TROUS_DEVICE inline uint32_t pack2f(float lo, float hi) {
 TROUS_DEVICE inline int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
 
 #if TROUS_ATTN_PTX
-TROUS_DEVICE inline uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+TROUS_DEVICE inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 #endif
 
 // A (16 x 16) from row-major shared memory: A[r][c] = s[r * ld + c]. ld * sizeof(T) must be a
@@ -110,6 +108,7 @@ TROUS_DEVICE inline void load_a(FragA<T>& a, const T* s, int ld) {
 #endif
   } else {
     const int g = lane >> 2, t = lane & 3;
+#pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int row = g + (r & 1) * 8, col = 2 * t + (r >> 1) * 8;
       if constexpr (kIs16<T>)
@@ -135,7 +134,9 @@ TROUS_DEVICE inline void load_b_nk(FragB<T>* b, const T* s, int ld) {
 #endif
   } else {
     const int g = lane >> 2, t = lane & 3;
+#pragma unroll
     for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
       for (int r = 0; r < 2; ++r) {
         const T* p = s + (nt * 8 + g) * ld + 2 * t + r * 8;
         if constexpr (kIs16<T>)
@@ -161,7 +162,9 @@ TROUS_DEVICE inline void load_b_kn(FragB<T>* b, const T* s, int ld) {
 #endif
   } else {
     const int g = lane >> 2, t = lane & 3;
+#pragma unroll
     for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int k = 2 * t + r * 8, n = nt * 8 + g;
         if constexpr (kIs16<T>)
@@ -182,6 +185,7 @@ TROUS_DEVICE inline void a_from_acc(FragA<T>& a, const float (&c0)[4], const flo
     a.r[2] = pack2f<T>(c1[0], c1[1]);
     a.r[3] = pack2f<T>(c1[2], c1[3]);
   } else {
+#pragma unroll
     for (int e = 0; e < 4; ++e) a.r[e] = c0[e], a.r[4 + e] = c1[e];
   }
 }
@@ -191,16 +195,31 @@ TROUS_DEVICE inline void a_from_acc(FragA<T>& a, const float (&c0)[4], const flo
 template <typename T, int N>
 TROUS_DEVICE inline void mma_plain(float (*c)[4], const FragA<T>& a, const FragB<T>* b) {
   constexpr int W = 8 + 4 * N;
+#ifdef TROUS_CUDA_EMULATION
+  // Two scratch buffers used in turn (a lane's count of exchanges is its warp's: mma is warp-wide),
+  // so one __syncwarp per exchange suffices: a lane writes buffer k again only after the next
+  // exchange's barrier, which every lane reaches after reading buffer k. (Warp rendezvous are the
+  // costly part of the emulation.)
+  __shared__ float xch2[2][kMaxWarps][32][W];
+  static thread_local unsigned phase = 0;
+  float (*xch)[32][W] = xch2[phase++ & 1u];
+#else
   __shared__ float xch[kMaxWarps][32][W];
+#endif
   const int lane = lane_id(), w = static_cast<int>(threadIdx.x) >> 5;
   float* mine = xch[w][lane];
+#pragma unroll
   for (int e = 0; e < 8; ++e) mine[e] = frag_elem<T>(a.r, e);
+#pragma unroll
   for (int n = 0; n < N; ++n)
+#pragma unroll
     for (int e = 0; e < 4; ++e) mine[8 + 4 * n + e] = frag_elem<T>(b[n].r, e);
   __syncwarp();
   const int g = lane >> 2, t = lane & 3;
   float out[N][4];
+#pragma unroll
   for (int n = 0; n < N; ++n)
+#pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = g + (e >> 1) * 8, col = 2 * t + (e & 1);
       float acc = c[n][e];
@@ -213,8 +232,12 @@ TROUS_DEVICE inline void mma_plain(float (*c)[4], const FragA<T>& a, const FragB
       }
       out[n][e] = acc;
     }
-  __syncwarp();
+#ifndef TROUS_CUDA_EMULATION
+  __syncwarp();  // everyone has read the scratch before the next exchange writes it
+#endif
+#pragma unroll
   for (int n = 0; n < N; ++n)
+#pragma unroll
     for (int e = 0; e < 4; ++e) c[n][e] = out[n][e];
 }
 
@@ -245,7 +268,12 @@ TROUS_DEVICE inline void mma_n(float (*c)[4], const FragA<T>& a, const FragB<T>*
 }
 
 // The largest of 8, 6, 4, 2 dividing n (n-tiles per product batch).
-constexpr int batch_of(int n) { return n % 8 == 0 ? 8 : n % 6 == 0 ? 6 : n % 4 == 0 ? 4 : 2; }
+TROUS_HOST_DEVICE constexpr int batch_of(int n) { return n % 8 == 0 ? 8 : n % 6 == 0 ? 6 : n % 4 == 0 ? 4 : 2; }
+// Products per batch for element type T: fp32 fragments are twice as wide, so two (registers).
+template <typename T>
+TROUS_HOST_DEVICE constexpr int batch_for(int n) {
+  return kIs16<T> ? batch_of(n) : 2;
+}
 
 }  // namespace mma
 }  // namespace attention
