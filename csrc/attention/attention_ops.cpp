@@ -71,6 +71,14 @@ at::Tensor rows_input(const at::Tensor& x) { return x.stride(3) == 1 || x.size(3
 SeqStrides seq_strides(const at::Tensor& x) { return SeqStrides{x.stride(0), x.stride(1), x.stride(2)}; }
 
 #if TROUS_ATTENTION_CUDA
+// The CUDA kernels' own head-dim limit by dtype (attention_cuda.h); a device limit, so checked once the
+// tensors are known to be CUDA ones (the Meta kernel cannot know the device a fake tensor stands for).
+void check_cuda_head_dim(const char* op, DType dt, index_t D) {
+  TORCH_CHECK_VALUE(sparse_attention_cuda_supported(dt, D), op, ": head dimension D = q.size(3) = ", D,
+                    " is not supported by the CUDA kernels for q of dtype ", dtype_name(dt),
+                    " (float32 takes D <= ", kMaxHeadDimFp32, ", float16 / bfloat16 D <= 256)");
+}
+
 // The CUDA launchers' params (attention.h) from the same tensors, sizes and Pattern (device arrays).
 BSHStrides bsh(const at::Tensor& x) { return BSHStrides{x.stride(0), x.stride(1), x.stride(2)}; }
 
@@ -133,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q_in, 
       },
       [&](void* stream) {
 #if TROUS_ATTENTION_CUDA
+        check_cuda_head_dim(op, dt, a.D);
         const AttnFwdParams prm = cuda_fwd_params(q, k, v, out, lse, a);
         launch_sparse_attention_fwd(dt, prm, stream);
 #else
@@ -199,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
 #if TROUS_ATTENTION_CUDA
         // (the CUDA backward is always deterministic: no atomics, see attention_cuda.h)
         (void)deterministic;
+        check_cuda_head_dim(op, dt, a.D);
         AttnBwdParams prm = cuda_bwd_params(go, q, k, v, out, lse, grad_q, grad_k, grad_v, a);
         const at::Tensor ws = at::empty({static_cast<int64_t>(sparse_attention_bwd_workspace_bytes(prm)) + 256},
                                         q.options().dtype(at::kByte));
