@@ -46,8 +46,8 @@ def attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     empty = row_max == float("-inf")
     row_max = torch.where(empty, torch.zeros_like(row_max), row_max)
     e = torch.exp(s - row_max)  # masked: exp(-inf) = 0
-    total = e.sum(dim=-1, keepdim=True)
-    has = total > 0
+    total = e.sum(dim=-1, keepdim=True)  # >= 1 where a key is allowed (NaN where a score is NaN)
+    has = ~empty
     p = e / torch.where(has, total, torch.ones_like(total))
     lse = torch.where(has, row_max + torch.log(torch.where(has, total, torch.ones_like(total))),
                       torch.full_like(total, float("-inf")))
