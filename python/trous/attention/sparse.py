@@ -100,8 +100,7 @@ def _op_backward(ctx, grad_out, grad_lse):
 
 
 # Direct calls of the registered op get the same derivative (deterministic=False).
-if hasattr(_ops, "sparse_attention_fwd"):  # TEMP until the op layer is merged
-    torch.library.register_autograd("trous::sparse_attention_fwd", _op_backward, setup_context=_op_setup_context)
+torch.library.register_autograd("trous::sparse_attention_fwd", _op_backward, setup_context=_op_setup_context)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -145,7 +144,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
 
     A row with no allowed key (e.g. causal with Sq > Sk, or a query whose i' < 0 under a window)
     gives out 0 and lse -inf, never NaN, and zero gradients. A NaN in one query row stays in that
-    row; a NaN in a key or value reaches only the rows that may attend it.
+    row; a NaN in a key reaches only the rows that may attend it; a NaN in a value reaches those rows
+    and may reach the others of its tile (0 * NaN in the tile's P V product, as in FlashAttention).
 
     Autograd: gradients to q, k and v (and through lse when it is returned and used). Saved for the
     backward: q, k, v, out and lse (and the global flags); the backward recomputes the scores tile by
