@@ -24,7 +24,25 @@ def _patterns():
     ]
 
 
+def _coverage(r, quick: bool):
+    """The tile walk of pattern.h (a host op): every allowed pair counted exactly once, both walks."""
+    for Sq, Sk in [(37, 37), (19, 45), (45, 19)] + ([] if quick else [(130, 70)]):
+        for name, p in _patterns():
+            for transposed in (False, True):
+                label = f"attention_pattern_coverage {name} Sq{Sq} Sk{Sk} transposed={transposed}"
+
+                def case(Sq=Sq, Sk=Sk, p=p, transposed=transposed, label=label):
+                    left, right = p.window
+                    counted, _ = r.call("trous::attention_pattern_coverage", Sq, Sk, _op_flags(p, Sk, "cpu"),
+                                        p.causal, left, right, p.chunk_size, p.dilation, 16, 8, transposed)
+                    want = p.materialize(Sq, Sk).to(counted.dtype)
+                    r.check(label, torch.equal(counted.cpu(), want), "a pair is not counted exactly once")
+
+                r.case(label, case)
+
+
 def run(r, quick: bool):
+    _coverage(r, quick)
     dev = r.device
     dtypes = [torch.float32, torch.bfloat16] if dev == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
     # (B, Sq, Sk, Hq, Hkv, D)
