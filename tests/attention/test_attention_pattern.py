@@ -207,3 +207,17 @@ def test_flags_of_the_wrong_length_are_refused():
     with pytest.raises(ValueError, match=r"global_tokens"):
         p.count(4, 4)
     assert p.materialize(2, 3).shape == (2, 3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_tile_walk_counts_exactly_the_materialized_pairs(causal):
+    """The kernels' pattern (csrc/attention/pattern.h, through its coverage op) and this one agree:
+    each pair the mask allows is counted once by the tile walk, and no other, in both walks."""
+    combos = itertools.product([(7, 7), (5, 9), (9, 5)], WINDOWS, CHUNKS, DILATIONS)
+    for n, ((Sq, Sk), window, chunk, dilation) in enumerate(combos):
+        g = _globals_for(Sk)[n % 5]
+        p = AttentionPattern(causal=causal, window=window, chunk_size=chunk, dilation=dilation, global_tokens=g)
+        transposed = bool(n // 5 % 2)
+        counted, _ = torch.ops.trous.attention_pattern_coverage(Sq, Sk, p.global_flags(Sk), causal, *window, chunk,
+                                                                dilation, 4, 2, transposed)
+        assert torch.equal(counted, p.materialize(Sq, Sk).to(counted.dtype)), (p, Sq, Sk, transposed)
