@@ -1,19 +1,25 @@
 // CPU kernels of the sparse attention core.
 //
-// Forward: one work item per (batch, query head, query tile of pattern.h); items are handed out
-// dynamically to the threads (an atomic counter: causal tiles differ in cost) and each writes only its
-// own active rows, so the result does not depend on the thread count. Per item: the Q rows are
-// gathered (dilation classes and global rows are not consecutive) and pre-scaled into an fp32 tile;
-// for every key span of the tile and every block of kCpuKeyTile keys the pattern classifies (kSkip:
-// never visited, kFull: no mask, kPartial: pair_counted per element), K^T and V are packed once per
-// block in fp32 and S = Q K^T, the online softmax and O += P V run on the register-blocked
-// microkernels of tile_gemm_cpu.h.
+// Layout of the tile products: keys are the M side. S^T (keys x queries) = K Q^T reads the K rows in
+// place (a broadcast operand with the tensor's row stride: no packing of K or V for fp32, also for a
+// dilation class, whose keys are d rows apart) against Q^T packed once per query tile; the online
+// softmax then runs along keys, vectorised over 8 queries at a time; O += P V reads P^T with strides
+// and the V rows in place. Keys of a global-key span (not evenly spaced) are gathered per block.
+// 16-bit K / V are converted to fp32 once per call.
 //
-// Backward (recomputation, no S x S memory): one work item per (batch, kv head): the query heads of
-// its GQA group and their query tiles in a fixed order; per block it recomputes P = exp(S - lse),
-// dP = dO V^T, dS = P (dP - rowsum(dO o O)), and accumulates dQ (per tile, in registers' tile),
-// dK += dS^T Q and dV += P^T dO into the item's own fp32 rows. Every gradient element is summed in one
-// fixed order by one item: bitwise the same whatever the thread count (deterministic always).
+// Forward: one work item per (batch, query head, query tile of pattern.h), handed out dynamically (an
+// atomic counter: causal tiles differ in cost); each writes only its active rows, so the result does
+// not depend on the thread count. Per block of kCpuKeyTile keys of each key span the pattern says
+// kSkip (never visited), kFull (no mask) or kPartial (pair_counted's element mask, mask_block).
+//
+// Backward (recomputation, no S x S memory): work items are (batch, kv head) pairs, split into a fixed
+// number of chunks of their (query head of the GQA group, query tile) sequence when there are fewer
+// than kBwdItems pairs. Per block an item recomputes P^T = exp(S^T - lse), dP^T = V dO^T,
+// dS^T = P^T (dP^T - rowsum(dO o O)), then dV += P^T dO and dK += dS^T Q into its own fp32 key rows
+// (the outputs themselves for fp32 and one chunk) and dQ += dS K into the tile's fp32 accumulator;
+// chunks' rows are summed in chunk order at the end. The split depends on the shapes only and every
+// gradient element is summed in one fixed order: bitwise the same whatever the thread count
+// (deterministic=True costs nothing).
 #include "attention/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -24,6 +30,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "attention/tile_gemm_cpu.h"
@@ -34,6 +42,8 @@ namespace attention {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Backward work items wanted at least (see bwd_impl).
+constexpr index_t kBwdItems = 8;
 
 index_t round8(index_t n) { return (n + 7) / 8 * 8; }
 
@@ -49,101 +59,182 @@ void for_items(index_t n, F&& body) {
   });
 }
 
-// ---- row operations (AVX2 and scalar twins) ----
+// K and V of one (batch, kv head) as fp32 rows: the tensors themselves for fp32, a converted copy
+// (contiguous (B, Hkv, Sk, D)) for 16-bit types.
+struct KvRows {
+  const float* k;
+  const float* v;
+  index_t k_row, v_row;  // row strides (elements)
+};
 
-// The row maximum; NaN when the row holds a NaN (which then reaches that row's output only).
+template <typename T>
+struct KvSource {
+  std::vector<float> conv;
+  const T* k;
+  const T* v;
+  const CpuAttnArgs* a;
+  void prepare(bool parallel) {
+    if constexpr (!std::is_same_v<T, float>) {
+      const index_t D = a->D, Sk = a->Sk, H = a->Hkv;
+      conv.resize(static_cast<size_t>(2 * a->B * H * Sk * D));
+      if (!parallel) return;
+      at::parallel_for(0, a->B * H * Sk, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) convert(r);
+      });
+    }
+  }
+  void convert(index_t r) {  // row r of (B, Hkv, Sk)
+    const index_t D = a->D, Sk = a->Sk, H = a->Hkv;
+    const index_t j = r % Sk, bh = r / Sk, hk = bh % H, b = bh / H;
+    float* base = conv.data();
+    trous::cpu::to_float_row(k + b * a->k.b + j * a->k.s + hk * a->k.h, base + r * D, D);
+    trous::cpu::to_float_row(v + b * a->v.b + j * a->v.s + hk * a->v.h, base + (a->B * H * Sk + r) * D, D);
+  }
+  KvRows rows(index_t b, index_t hk) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return KvRows{k + b * a->k.b + hk * a->k.h, v + b * a->v.b + hk * a->v.h, a->k.s, a->v.s};
+    } else {
+      const index_t D = a->D, Sk = a->Sk, H = a->Hkv;
+      const float* base = conv.data() + (b * H + hk) * Sk * D;
+      return KvRows{base, base + a->B * H * Sk * D, D, D};
+    }
+  }
+};
 
-float row_max(const float* s, index_t n) {
-  float m = kNegInf;
-  index_t i = 0;
+// ---- vector helpers over the query axis (AVX2 and scalar twins) ----
+
+// mx[t] = max(mx[t], s[t]) over t < n (n % 8 == 0); a NaN may or may not survive (the exp passes it on).
+void col_max(float* mx, const float* s, index_t n) {
+  index_t t = 0;
 #if TROUS_HAVE_AVX2_PATH
-  if (trous::cpu::has_avx2() && n >= 8) {
-    m = [&]() TROUS_AVX2 {
-      __m256 v = _mm256_set1_ps(kNegInf), nan = _mm256_setzero_ps();
-      for (; i + 8 <= n; i += 8) {
-        const __m256 x = _mm256_loadu_ps(s + i);
-        v = _mm256_max_ps(v, x);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-      }
-      if (_mm256_movemask_ps(nan)) return std::numeric_limits<float>::quiet_NaN();
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-      return _mm_cvtss_f32(h);
+  if (trous::cpu::has_avx2()) {
+    [&]() TROUS_AVX2 {
+      for (; t + 8 <= n; t += 8)
+        _mm256_storeu_ps(mx + t, _mm256_max_ps(_mm256_loadu_ps(mx + t), _mm256_loadu_ps(s + t)));
     }();
   }
 #endif
-  for (; i < n; ++i) {
-    if (std::isnan(s[i])) return s[i];
-    m = std::max(m, s[i]);
-  }
-  return m;
+  for (; t < n; ++t) mx[t] = s[t] > mx[t] ? s[t] : mx[t];
 }
 
-// s = exp(s - m) in place; returns the sum.
-float exp_sum(float* s, index_t n, float m) {
-  float sum = 0.f;
-  index_t i = 0;
+// s[t] = exp(s[t] - m[t]); sum[t] += s[t].
+void exp_col(float* s, const float* m, float* sum, index_t n) {
+  index_t t = 0;
 #if TROUS_HAVE_AVX2_PATH
-  if (trous::cpu::has_avx2() && n >= 8) {
-    sum = [&]() TROUS_AVX2 {
-      const __m256 mv = _mm256_set1_ps(m);
-      __m256 acc = _mm256_setzero_ps();
-      for (; i + 8 <= n; i += 8) {
-        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
-        _mm256_storeu_ps(s + i, e);
-        acc = _mm256_add_ps(acc, e);
+  if (trous::cpu::has_avx2()) {
+    [&]() TROUS_AVX2 {
+      for (; t + 8 <= n; t += 8) {
+        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_loadu_ps(m + t)));
+        _mm256_storeu_ps(s + t, e);
+        _mm256_storeu_ps(sum + t, _mm256_add_ps(_mm256_loadu_ps(sum + t), e));
       }
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-      return _mm_cvtss_f32(h);
     }();
   }
 #endif
-  for (; i < n; ++i) {
-    s[i] = std::exp(s[i] - m);
-    sum += s[i];
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - m[t]);
+    sum[t] += s[t];
   }
-  return sum;
+}
+
+// Backward of one key row of a block: p = exp(s - lse) (lse: +inf where the row is inactive or fully
+// masked, giving p = 0), ds = p (dp - dv) (times cap (1 - th^2) under softcap). s becomes p, dp ds.
+void bwd_col(float* s, float* dp, const float* th, const float* lse, const float* dv, index_t n, float cap) {
+  index_t t = 0;
+#if TROUS_HAVE_AVX2_PATH
+  if (trous::cpu::has_avx2() && th == nullptr) {
+    [&]() TROUS_AVX2 {
+      for (; t + 8 <= n; t += 8) {
+        const __m256 p = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_loadu_ps(lse + t)));
+        _mm256_storeu_ps(s + t, p);
+        _mm256_storeu_ps(dp + t, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + t), _mm256_loadu_ps(dv + t))));
+      }
+    }();
+  }
+#endif
+  for (; t < n; ++t) {
+    const float p = std::exp(s[t] - lse[t]);
+    s[t] = p;
+    float ds = p * (dp[t] - dv[t]);
+    if (th) ds *= cap * (1.f - th[t] * th[t]);
+    dp[t] = ds;
+  }
+}
+
+// Softcap in place: th = tanh(s) (kept for the backward when th != nullptr), s = cap * th.
+void softcap_row(float* s, float* th, index_t n, float cap) {
+  for (index_t i = 0; i < n; ++i) {
+    const float t = std::tanh(s[i]);
+    if (th) th[i] = t;
+    s[i] = cap * t;
+  }
 }
 
 void scale_row(float* o, index_t n, float f) {
   for (index_t i = 0; i < n; ++i) o[i] *= f;
 }
 
-// Softcap in place: t = tanh(s) (kept for the backward when t != nullptr), s = cap * t.
-void softcap_row(float* s, float* t, index_t n, float cap) {
-  for (index_t i = 0; i < n; ++i) {
-    const float th = std::tanh(s[i]);
-    if (t) t[i] = th;
-    s[i] = cap * th;
+// The keys of one block [u0, u1) of a span: their indices, and whether they are evenly spaced (then
+// the K / V rows are read in place with stride step * row stride).
+struct BlockKeys {
+  index_t nk, j0, step;
+  bool even;
+};
+
+BlockKeys block_keys(const Pattern& p, const KeySpan& sp, index_t u0, index_t u1, index_t* keys) {
+  BlockKeys bk{u1 - u0, 0, 1, true};
+  for (index_t c = 0; c < bk.nk; ++c) keys[c] = key_index(p, sp, u0 + c);
+  bk.j0 = keys[0];
+  bk.step = bk.nk > 1 ? keys[1] - keys[0] : 1;
+  for (index_t c = 2; c < bk.nk && bk.even; ++c) bk.even = keys[c] - keys[c - 1] == bk.step;
+  bk.even = bk.even && bk.step > 0;
+  return bk;
+}
+
+// -inf in S^T (keys x queries, row stride ld) where a pair of a kPartial block is not counted. In a
+// local-key or all-key span the counted keys of one row form an interval of the block whose ends never
+// decrease from one row to the next (the window, chunk and causal bounds all grow with i'; rows
+// counted elsewhere are empty), so two pointers find every row's interval with O(n + nk) evaluations
+// of pair_counted instead of n * nk. A global-key span is tested pair by pair.
+void mask_block(const Pattern& p, const KeySpan& sp, const index_t* rows, const index_t* keys, index_t n, index_t nk,
+                float* St, index_t ld) {
+  if (sp.kind == kGlobalKeys) {
+    for (index_t c = 0; c < nk; ++c)
+      for (index_t t = 0; t < n; ++t)
+        if (!pair_counted(p, sp.kind, rows[t], keys[c])) St[c * ld + t] = kNegInf;
+    return;
+  }
+  index_t a = 0, b = 0;  // the interval [a, b) of the last row that had one
+  for (index_t t = 0; t < n; ++t) {
+    const index_t i = rows[t];
+    index_t lo = a;
+    while (lo < nk && !pair_counted(p, sp.kind, i, keys[lo])) ++lo;
+    index_t hi = nk;
+    if (lo < nk) {
+      hi = std::max(b, lo + 1);
+      while (hi < nk && pair_counted(p, sp.kind, i, keys[hi])) ++hi;
+      a = lo, b = hi;
+    } else {
+      lo = 0;  // an empty row: every key masked, the pointers stay
+      hi = 0;
+    }
+    for (index_t c = 0; c < lo; ++c) St[c * ld + t] = kNegInf;
+    for (index_t c = hi; c < nk; ++c) St[c * ld + t] = kNegInf;
   }
 }
 
-// Backward of one row of a block: p = exp(s - lse) (0 where masked), ds = p * (dp - dv), times
-// cap * (1 - t^2) under softcap (t: the tanh of the row). s becomes p, dp becomes ds.
-void bwd_row(float* s, float* dp, const float* t, index_t n, float lse, float dv, float cap) {
-  index_t i = 0;
-#if TROUS_HAVE_AVX2_PATH
-  if (trous::cpu::has_avx2() && t == nullptr) {
-    [&]() TROUS_AVX2 {
-      const __m256 l = _mm256_set1_ps(lse), d = _mm256_set1_ps(dv);
-      for (; i + 8 <= n; i += 8) {
-        const __m256 p = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), l));
-        _mm256_storeu_ps(s + i, p);
-        _mm256_storeu_ps(dp + i, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + i), d)));
-      }
-    }();
+// Query rows per tile: `narrow` for a narrow band (a window or chunk of at most kNarrowBand keys per
+// row), where a taller tile would visit (rows + W) keys per row for W allowed; `full` otherwise (tall
+// tiles read each K / V block once for more queries: dense S = 8192 went 39 -> 50 GF/s with 64 -> 256).
+constexpr index_t kNarrowBand = 320;
+index_t pick_query_tile(const Pattern& p, index_t full, index_t narrow) {
+  index_t w = -1;  // keys per row of the local band in compact indices; -1: unbounded
+  if (p.left >= 0 && (p.right >= 0 || p.causal)) w = p.left + (p.causal ? 0 : p.right) + 1;
+  if (p.chunk > 0) {
+    const index_t cw = p.chunk / p.dilation + 1;
+    w = w < 0 ? cw : std::min(w, cw);
   }
-#endif
-  for (; i < n; ++i) {
-    const float p = std::exp(s[i] - lse);
-    s[i] = p;
-    float ds = p * (dp[i] - dv);
-    if (t) ds *= cap * (1.f - t[i] * t[i]);
-    dp[i] = ds;
-  }
+  return w >= 0 && w <= kNarrowBand ? narrow : full;
 }
 
 // ---- forward ----
@@ -151,26 +242,30 @@ void bwd_row(float* s, float* dp, const float* t, index_t n, float lse, float dv
 template <typename T>
 void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuAttnArgs& a) {
   const Pattern& p = a.pat;
-  const index_t D = a.D, Tq = kCpuQueryTile, Tk = kCpuKeyTile;
+  const index_t D = a.D, Tq = pick_query_tile(a.pat, kCpuQueryTile, kCpuNarrowQueryTile), Tk = kCpuKeyTile;
   const index_t ntiles = num_query_tiles(p, Tq);
   const index_t G = a.Hq / a.Hkv;
   const bool cap = a.softcap > 0.f;
   const float qscale = cap ? a.scale / a.softcap : a.scale;
-  const index_t items = a.B * a.Hq * ntiles;
-  for_items(items, [&](index_t it) {
+  KvSource<T> kv{{}, k, v, &a};
+  kv.prepare(true);
+  for_items(a.B * a.Hq * ntiles, [&](index_t it) {
     thread_local std::vector<float> buf;
     thread_local std::vector<index_t> ibuf;
-    const size_t need = static_cast<size_t>(Tq * D * 2 + D * Tk + Tk * D + Tq * Tk + 2 * Tq + D);
+    const size_t need = static_cast<size_t>(D * Tq + Tq * D + Tk * Tq + 2 * Tk * D + 5 * Tq + D);
     if (buf.size() < need) buf.resize(need);
     if (ibuf.size() < static_cast<size_t>(Tq + Tk)) ibuf.resize(Tq + Tk);
-    float* Qs = buf.data();
-    float* O = Qs + Tq * D;
-    float* Kt = O + Tq * D;
-    float* Vs = Kt + D * Tk;
-    float* S = Vs + Tk * D;
-    float* m = S + Tq * Tk;
-    float* l = m + Tq;
-    float* tmp = l + Tq;
+    float* Qt = buf.data();    // D x Tq: scaled Q^T
+    float* O = Qt + D * Tq;    // Tq x D
+    float* St = O + Tq * D;    // Tk x Tq: S^T, then P^T
+    float* Kg = St + Tk * Tq;  // Tk x D gathered keys
+    float* Vg = Kg + Tk * D;   // Tk x D
+    float* m = Vg + Tk * D;    // running max (per query)
+    float* l = m + Tq;         // running sum
+    float* mx = l + Tq;        // block max
+    float* alpha = mx + Tq;
+    float* ms = alpha + Tq;  // max used by the exp (0 where still -inf)
+    float* tmp = ms + Tq;
     index_t* rows = ibuf.data();
     index_t* keys = rows + Tq;
 
@@ -180,15 +275,21 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     const QueryTile qt = query_tile(p, Tq, tile);
     const index_t n = std::min<index_t>(qt.count, Tq);
     if (n <= 0) return;
-    for (index_t t = 0; t < n; ++t) {
-      const index_t i = query_row(p, qt, t);
-      rows[t] = i;
-      trous::cpu::to_float_row(q + b * a.q.b + i * a.q.s + h * a.q.h, Qs + t * D, D);
-      scale_row(Qs + t * D, D, qscale);
+    const index_t np = round8(n);
+    for (index_t t = 0; t < np; ++t) {
+      if (t < n) {
+        const index_t i = query_row(p, qt, t);
+        rows[t] = i;
+        trous::cpu::to_float_row(q + b * a.q.b + i * a.q.s + h * a.q.h, tmp, D);
+        for (index_t d = 0; d < D; ++d) Qt[d * Tq + t] = tmp[d] * qscale;
+      } else {
+        for (index_t d = 0; d < D; ++d) Qt[d * Tq + t] = 0.f;
+      }
       m[t] = kNegInf;
       l[t] = 0.f;
     }
     std::fill(O, O + n * D, 0.f);
+    const KvRows kvr = kv.rows(b, hk);
     KeySpan spans[2];
     const int nspans = key_spans(p, qt, spans);
     for (int si = 0; si < nspans; ++si) {
@@ -197,41 +298,42 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
         const index_t u1 = std::min(u0 + Tk, sp.end);
         const TileKind kind = classify(p, qt, sp, u0, u1);
         if (kind == kSkip) continue;
-        const index_t nk = u1 - u0, nkp = round8(nk);
-        for (index_t c = 0; c < nk; ++c) {
-          const index_t j = key_index(p, sp, u0 + c);
-          keys[c] = j;
-          trous::cpu::to_float_row(k + b * a.k.b + j * a.k.s + hk * a.k.h, tmp, D);
-          for (index_t d = 0; d < D; ++d) Kt[d * Tk + c] = tmp[d];
-          trous::cpu::to_float_row(v + b * a.v.b + j * a.v.s + hk * a.v.h, Vs + c * D, D);
-        }
-        for (index_t c = nk; c < nkp; ++c) {
-          for (index_t d = 0; d < D; ++d) Kt[d * Tk + c] = 0.f;
-          std::fill(Vs + c * D, Vs + (c + 1) * D, 0.f);
-        }
-        cpu::gemm(n, nkp, D, Qs, D, 1, Kt, Tk, S, Tk, false);
-        for (index_t t = 0; t < n; ++t) {
-          float* s = S + t * Tk;
-          if (cap) softcap_row(s, nullptr, nk, a.softcap);
-          if (kind == kPartial) {
-            const index_t i = rows[t];
-            for (index_t c = 0; c < nk; ++c)
-              if (!pair_counted(p, sp.kind, i, keys[c])) s[c] = kNegInf;
+        const BlockKeys bk = block_keys(p, sp, u0, u1, keys);
+        const index_t nk = bk.nk;
+        const float *Kb, *Vb;
+        index_t ldk, ldv;
+        if (bk.even) {
+          Kb = kvr.k + bk.j0 * kvr.k_row, ldk = bk.step * kvr.k_row;
+          Vb = kvr.v + bk.j0 * kvr.v_row, ldv = bk.step * kvr.v_row;
+        } else {
+          for (index_t c = 0; c < nk; ++c) {
+            std::copy(kvr.k + keys[c] * kvr.k_row, kvr.k + keys[c] * kvr.k_row + D, Kg + c * D);
+            std::copy(kvr.v + keys[c] * kvr.v_row, kvr.v + keys[c] * kvr.v_row + D, Vg + c * D);
           }
-          for (index_t c = nk; c < nkp; ++c) s[c] = kNegInf;
-          const float mx = row_max(s, nkp);
-          const float mnew = std::isnan(mx) ? mx : std::max(m[t], mx);
-          if (mnew == kNegInf) {
-            std::fill(s, s + nkp, 0.f);
-            continue;
-          }
-          const float alpha = m[t] == kNegInf ? 0.f : std::exp(m[t] - mnew);
-          const float sum = exp_sum(s, nkp, mnew);
-          if (alpha != 1.f) scale_row(O + t * D, D, alpha);
-          l[t] = l[t] * alpha + sum;
-          m[t] = mnew;
+          Kb = Kg, Vb = Vg, ldk = ldv = D;
         }
-        cpu::gemm(n, D, nkp, S, Tk, 1, Vs, D, O, D, true);
+        // S^T = K Q^T (nk x np)
+        cpu::gemm(nk, np, D, Kb, ldk, 1, Qt, Tq, St, Tq, false);
+        if (cap)
+          for (index_t c = 0; c < nk; ++c) softcap_row(St + c * Tq, nullptr, n, a.softcap);
+        if (kind == kPartial) mask_block(p, sp, rows, keys, n, nk, St, Tq);
+        std::fill(mx, mx + np, kNegInf);
+        for (index_t c = 0; c < nk; ++c) col_max(mx, St + c * Tq, np);
+        bool rescale = false;
+        for (index_t t = 0; t < np; ++t) {
+          const float mn = std::max(m[t], mx[t]);
+          ms[t] = mn == kNegInf ? 0.f : mn;
+          alpha[t] = m[t] == kNegInf ? 0.f : std::exp(m[t] - mn);
+          rescale = rescale || (alpha[t] != 1.f && t < n);
+          l[t] *= alpha[t];
+          m[t] = mn;
+        }
+        if (rescale)
+          for (index_t t = 0; t < n; ++t)
+            if (alpha[t] != 1.f) scale_row(O + t * D, D, alpha[t]);
+        for (index_t c = 0; c < nk; ++c) exp_col(St + c * Tq, ms, l, np);
+        // O += P V: A(t, c) = P^T[c][t]
+        cpu::gemm(n, D, nk, St, 1, Tq, Vb, ldv, O, D, true);
       }
     }
     for (index_t t = 0; t < n; ++t) {
@@ -253,58 +355,94 @@ template <typename T>
 void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, const float* lse, T* gq, T* gk, T* gv,
               const CpuAttnArgs& a) {
   const Pattern& p = a.pat;
-  const index_t D = a.D, Tq = kCpuQueryTile, Tk = kCpuKeyTile;
+  const index_t D = a.D, Tq = pick_query_tile(a.pat, kCpuBwdQueryTile, kCpuNarrowQueryTile), Tk = kCpuBwdKeyTile;
   const index_t ntiles = num_query_tiles(p, Tq);
   const index_t G = a.Hq / a.Hkv;
   const bool cap = a.softcap > 0.f;
   const float qscale = cap ? a.scale / a.softcap : a.scale;
   constexpr bool kF32 = std::is_same_v<T, float>;
-  for_items(a.B * a.Hkv, [&](index_t it) {
-    const index_t hk = it % a.Hkv, b = it / a.Hkv;
-    // dK / dV rows of (b, hk): the fp32 outputs themselves, or fp32 scratch for 16-bit outputs.
-    std::vector<float> scratch(kF32 ? 0 : static_cast<size_t>(2 * a.Sk * D));
-    float* dK;
-    float* dV;
+  KvSource<T> kv{{}, k, v, &a};
+  kv.prepare(true);
+  // Work items: (batch, kv head), each split into nch chunks of its (query head, query tile) sequence
+  // when there are fewer than kBwdItems (batch, kv head) pairs. nch depends on the shapes only, and
+  // every chunk sums into its own fp32 dK / dV rows, reduced in chunk order at the end: the result
+  // is bitwise the same whatever the thread count. One chunk of fp32 writes the outputs directly.
+  const index_t units = a.B * a.Hkv, work = G * ntiles;
+  const index_t nch = units >= kBwdItems ? 1 : std::max<index_t>(1, std::min(ceil_div(kBwdItems, units), work));
+  const bool direct = kF32 && nch == 1;
+  // (uninitialised: only the rows a chunk can reach are zeroed, below)
+  const std::unique_ptr<float[]> parts(direct ? nullptr : new float[static_cast<size_t>(units * nch * 2 * a.Sk * D)]);
+  // The key rows [jlo, jhi) a chunk's spans can reach (the same for every (batch, kv head)): only these
+  // are zeroed and reduced (a window's chunk touches a small part of Sk).
+  std::vector<index_t> jlo(static_cast<size_t>(nch), a.Sk), jhi(static_cast<size_t>(nch), 0);
+  for (index_t c = 0; c < nch && !direct; ++c) {
+    for (index_t w = work * c / nch; w < work * (c + 1) / nch; ++w) {
+      const QueryTile qt = query_tile(p, Tq, w % ntiles);
+      if (qt.count <= 0) continue;
+      KeySpan spans[2];
+      const int nspans = key_spans(p, qt, spans);
+      for (int si = 0; si < nspans; ++si) {
+        if (spans[si].end <= spans[si].first) continue;
+        jlo[c] = std::min(jlo[c], key_index(p, spans[si], spans[si].first));
+        jhi[c] = std::max(jhi[c], key_index(p, spans[si], spans[si].end - 1) + 1);
+      }
+    }
+  }
+  for_items(units * nch, [&](index_t it) {
+    const index_t ch = it % nch, unit = it / nch;
+    const index_t hk = unit % a.Hkv, b = unit / a.Hkv;
+    const KvRows kvr = kv.rows(b, hk);
+    float *dK, *dV;
     index_t ld;
-    if constexpr (kF32) {
-      dK = gk + b * a.Sk * a.Hkv * D + hk * D;
-      dV = gv + b * a.Sk * a.Hkv * D + hk * D;
+    if (direct) {
+      dK = reinterpret_cast<float*>(gk) + b * a.Sk * a.Hkv * D + hk * D;
+      dV = reinterpret_cast<float*>(gv) + b * a.Sk * a.Hkv * D + hk * D;
       ld = a.Hkv * D;
     } else {
-      dK = scratch.data();
+      dK = parts.get() + (unit * nch + ch) * 2 * a.Sk * D;
       dV = dK + a.Sk * D;
       ld = D;
     }
-    for (index_t j = 0; j < a.Sk; ++j) {
+    for (index_t j = direct ? 0 : jlo[ch]; j < (direct ? a.Sk : jhi[ch]); ++j) {
       std::fill(dK + j * ld, dK + j * ld + D, 0.f);
       std::fill(dV + j * ld, dV + j * ld + D, 0.f);
     }
-    std::vector<float> buf(static_cast<size_t>(Tq * D * 3 + D * Tk * 2 + Tk * D * 3 + Tq * Tk * 3 + 2 * Tq + 2 * D));
+    std::vector<float> buf(static_cast<size_t>(4 * Tq * D + 3 * Tk * Tq + 4 * Tk * D + 2 * Tq + D));
     std::vector<index_t> rows(Tq), keys(Tk);
-    std::vector<char> active(Tq);
-    float* Qs = buf.data();
-    float* dO = Qs + Tq * D;
-    float* dQ = dO + Tq * D;
-    float* Kt = dQ + Tq * D;
-    float* Vt = Kt + D * Tk;
-    float* Ks = Vt + D * Tk;
-    float* dVb = Ks + Tk * D;
-    float* dKb = dVb + Tk * D;
-    float* S = dKb + Tk * D;
-    float* dP = S + Tq * Tk;
-    float* Th = dP + Tq * Tk;
-    float* L = Th + Tq * Tk;
+    float* Qs = buf.data();     // Tq x D scaled Q
+    float* Qt = Qs + Tq * D;    // D x Tq
+    float* dO = Qt + D * Tq;    // Tq x D
+    float* dOt = dO + Tq * D;   // D x Tq
+    float* St = dOt + D * Tq;   // Tk x Tq: S^T then P^T
+    float* dPt = St + Tk * Tq;  // Tk x Tq: dP^T then dS^T
+    float* Th = dPt + Tk * Tq;  // Tk x Tq tanh (softcap)
+    float* Kg = Th + Tk * Tq;   // gathered keys (uneven spans)
+    float* Vg = Kg + Tk * D;
+    float* dKg = Vg + Tk * D;  // their gradients before the scatter
+    float* dVg = dKg + Tk * D;
+    float* L = dVg + Tk * D;  // lse per query (+inf: inactive row)
     float* Dv = L + Tq;
     float* tmp = Dv + Tq;
-    float* tmp2 = tmp + D;
-    for (index_t g = 0; g < G; ++g) {
-      const index_t h = hk * G + g;
-      for (index_t tile = 0; tile < ntiles; ++tile) {
+    std::vector<float> dQbuf(static_cast<size_t>(Tq * D));
+    float* dQ = dQbuf.data();
+    for (index_t w = work * ch / nch; w < work * (ch + 1) / nch; ++w) {
+      const index_t h = hk * G + w / ntiles;
+      {
+        const index_t tile = w % ntiles;
         const QueryTile qt = query_tile(p, Tq, tile);
         const index_t n = std::min<index_t>(qt.count, Tq);
         if (n <= 0) continue;
+        const index_t np = round8(n);
         bool any_row = false;
-        for (index_t t = 0; t < n; ++t) {
+        for (index_t t = 0; t < np; ++t) {
+          if (t >= n) {  // padding queries: zero operands, p = 0
+            for (index_t d = 0; d < D; ++d) Qt[d * Tq + t] = dOt[d * Tq + t] = 0.f;
+            std::fill(Qs + t * D, Qs + (t + 1) * D, 0.f);
+            std::fill(dO + t * D, dO + (t + 1) * D, 0.f);
+            L[t] = std::numeric_limits<float>::infinity();
+            Dv[t] = 0.f;
+            continue;
+          }
           const index_t i = query_row(p, qt, t);
           rows[t] = i;
           trous::cpu::to_float_row(q + b * a.q.b + i * a.q.s + h * a.q.h, Qs + t * D, D);
@@ -312,11 +450,16 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
           trous::cpu::to_float_row(go + b * a.go.b + i * a.go.s + h * a.go.h, dO + t * D, D);
           trous::cpu::to_float_row(out + b * a.o.b + i * a.o.s + h * a.o.h, tmp, D);
           float dv = 0.f;
-          for (index_t d = 0; d < D; ++d) dv += dO[t * D + d] * tmp[d];
+          for (index_t d = 0; d < D; ++d) {
+            dv += dO[t * D + d] * tmp[d];
+            Qt[d * Tq + t] = Qs[t * D + d];
+            dOt[d * Tq + t] = dO[t * D + d];
+          }
           Dv[t] = dv;
-          L[t] = lse[(b * a.Hq + h) * a.Sq + i];
-          active[t] = row_active(p, qt, i) && L[t] != kNegInf;
-          any_row = any_row || active[t];
+          const float lv = lse[(b * a.Hq + h) * a.Sq + i];
+          const bool act = row_active(p, qt, i) && lv != kNegInf;
+          L[t] = act ? lv : std::numeric_limits<float>::infinity();
+          any_row = any_row || act;
         }
         std::fill(dQ, dQ + n * D, 0.f);
         KeySpan spans[2];
@@ -328,53 +471,43 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
             const index_t u1 = std::min(u0 + Tk, sp.end);
             const TileKind kind = classify(p, qt, sp, u0, u1);
             if (kind == kSkip) continue;
-            const index_t nk = u1 - u0, nkp = round8(nk);
-            for (index_t c = 0; c < nk; ++c) {
-              const index_t j = key_index(p, sp, u0 + c);
-              keys[c] = j;
-              trous::cpu::to_float_row(k + b * a.k.b + j * a.k.s + hk * a.k.h, Ks + c * D, D);
-              trous::cpu::to_float_row(v + b * a.v.b + j * a.v.s + hk * a.v.h, tmp2, D);
-              for (index_t d = 0; d < D; ++d) {
-                Kt[d * Tk + c] = Ks[c * D + d];
-                Vt[d * Tk + c] = tmp2[d];
+            const BlockKeys bk = block_keys(p, sp, u0, u1, keys.data());
+            const index_t nk = bk.nk;
+            const float *Kb, *Vb;
+            float *dKb, *dVb;
+            index_t ldk, ldv, ldd;
+            if (bk.even) {
+              Kb = kvr.k + bk.j0 * kvr.k_row, ldk = bk.step * kvr.k_row;
+              Vb = kvr.v + bk.j0 * kvr.v_row, ldv = bk.step * kvr.v_row;
+              dKb = dK + bk.j0 * ld, dVb = dV + bk.j0 * ld, ldd = bk.step * ld;
+            } else {
+              for (index_t c = 0; c < nk; ++c) {
+                std::copy(kvr.k + keys[c] * kvr.k_row, kvr.k + keys[c] * kvr.k_row + D, Kg + c * D);
+                std::copy(kvr.v + keys[c] * kvr.v_row, kvr.v + keys[c] * kvr.v_row + D, Vg + c * D);
               }
+              Kb = Kg, Vb = Vg, ldk = ldv = D;
+              dKb = dKg, dVb = dVg, ldd = D;
             }
-            for (index_t c = nk; c < nkp; ++c) {
-              for (index_t d = 0; d < D; ++d) Kt[d * Tk + c] = Vt[d * Tk + c] = 0.f;
-              std::fill(Ks + c * D, Ks + (c + 1) * D, 0.f);
-            }
-            cpu::gemm(n, nkp, D, Qs, D, 1, Kt, Tk, S, Tk, false);
-            cpu::gemm(n, nkp, D, dO, D, 1, Vt, Tk, dP, Tk, false);
-            for (index_t t = 0; t < n; ++t) {
-              float* s = S + t * Tk;
-              float* dp = dP + t * Tk;
-              if (!active[t]) {
-                std::fill(s, s + nkp, 0.f);
-                std::fill(dp, dp + nkp, 0.f);
-                continue;
-              }
-              float* th = cap ? Th + t * Tk : nullptr;
-              if (cap) softcap_row(s, th, nk, a.softcap);
-              if (kind == kPartial) {
-                const index_t i = rows[t];
-                for (index_t c = 0; c < nk; ++c)
-                  if (!pair_counted(p, sp.kind, i, keys[c])) s[c] = kNegInf;
-              }
-              bwd_row(s, dp, th, nk, L[t], Dv[t], a.softcap);
-              for (index_t c = nk; c < nkp; ++c) s[c] = dp[c] = 0.f;
-            }
-            // dV_b = P^T dO, dK_b = dS^T Q (scaled Q), dQ += dS K.
-            cpu::gemm(nk, D, n, S, 1, Tk, dO, D, dVb, D, false);
-            cpu::gemm(nk, D, n, dP, 1, Tk, Qs, D, dKb, D, false);
-            cpu::gemm(n, D, nkp, dP, Tk, 1, Ks, D, dQ, D, true);
-            for (index_t c = 0; c < nk; ++c) {
-              float* kr = dK + keys[c] * ld;
-              float* vr = dV + keys[c] * ld;
-              const float* kb = dKb + c * D;
-              const float* vb = dVb + c * D;
-              for (index_t d = 0; d < D; ++d) {
-                kr[d] += kb[d];
-                vr[d] += vb[d];
+            cpu::gemm(nk, np, D, Kb, ldk, 1, Qt, Tq, St, Tq, false);    // S^T = K Q^T
+            cpu::gemm(nk, np, D, Vb, ldv, 1, dOt, Tq, dPt, Tq, false);  // dP^T = V dO^T
+            if (cap)
+              for (index_t c = 0; c < nk; ++c) softcap_row(St + c * Tq, Th + c * Tq, np, a.softcap);
+            if (kind == kPartial) mask_block(p, sp, rows.data(), keys.data(), n, nk, St, Tq);
+            for (index_t c = 0; c < nk; ++c)
+              bwd_col(St + c * Tq, dPt + c * Tq, cap ? Th + c * Tq : nullptr, L, Dv, np, a.softcap);
+            // dV += P^T dO, dK += dS^T Q (scaled Q), dQ += dS K.
+            const bool acc = bk.even;
+            cpu::gemm(nk, D, np, St, Tq, 1, dO, D, dVb, ldd, acc);
+            cpu::gemm(nk, D, np, dPt, Tq, 1, Qs, D, dKb, ldd, acc);
+            cpu::gemm(n, D, nk, dPt, 1, Tq, Kb, ldk, dQ, D, true);
+            if (!bk.even) {
+              for (index_t c = 0; c < nk; ++c) {
+                float* kr = dK + keys[c] * ld;
+                float* vr = dV + keys[c] * ld;
+                for (index_t d = 0; d < D; ++d) {
+                  kr[d] += dKg[c * D + d];
+                  vr[d] += dVg[c * D + d];
+                }
               }
             }
           }
@@ -387,11 +520,24 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
         }
       }
     }
-    if constexpr (!kF32) {
-      for (index_t j = 0; j < a.Sk; ++j) {
-        trous::cpu::from_float_row(dK + j * D, gk + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
-        trous::cpu::from_float_row(dV + j * D, gv + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
+  });
+  if (direct) return;
+  at::parallel_for(0, units * a.Sk, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(static_cast<size_t>(2 * D));
+    for (int64_t r = r0; r < r1; ++r) {
+      const index_t unit = r / a.Sk, j = r % a.Sk, hk = unit % a.Hkv, b = unit / a.Hkv;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (index_t c = 0; c < nch; ++c) {
+        if (j < jlo[c] || j >= jhi[c]) continue;
+        const float* dK = parts.get() + (unit * nch + c) * 2 * a.Sk * D + j * D;
+        const float* dV = dK + a.Sk * D;
+        for (index_t d = 0; d < D; ++d) {
+          acc[d] += dK[d];
+          acc[D + d] += dV[d];
+        }
       }
+      trous::cpu::from_float_row(acc.data(), gk + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
+      trous::cpu::from_float_row(acc.data() + D, gv + ((b * a.Sk + j) * a.Hkv + hk) * D, D);
     }
   });
 }

@@ -22,9 +22,13 @@ struct CpuAttnArgs {
   Pattern pat;
 };
 
-// Query rows per tile and keys per block of the CPU kernels.
-constexpr index_t kCpuQueryTile = 64;
+// Query rows per tile and keys per block of the CPU kernels (measured: the backward gains from longer
+// key blocks, the forward does not).
+constexpr index_t kCpuQueryTile = 256;
 constexpr index_t kCpuKeyTile = 64;
+constexpr index_t kCpuNarrowQueryTile = 32;
+constexpr index_t kCpuBwdQueryTile = 128;
+constexpr index_t kCpuBwdKeyTile = 128;
 
 void cpu_sparse_attention_fwd(DType dtype, const void* q, const void* k, const void* v, void* out, float* lse,
                               const CpuAttnArgs& a);

@@ -18,6 +18,7 @@
 
 #include "attention/attention_cpu.h"
 #include "attention/pattern.h"
+#include "attention/pattern_ops.h"
 #include "trous/checks_ops.h"
 #if defined(TROUS_WITH_CUDA) && __has_include("attention/attention_cuda.h")
 #include "attention/attention_cuda.h"
@@ -58,19 +59,10 @@ DType check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const 
               " must be a multiple of the key/value heads Hkv = k.size(2) = ", k.sym_size(2), " (k of shape ",
               k.sym_sizes(), ")");
   TORCH_CHECK(v.sym_sizes() == k.sym_sizes(), op, ": v must have k's shape ", k.sym_sizes(), ", got ", v.sym_sizes());
-  TORCH_CHECK(left >= -1 && right >= -1, op, ": window = (left, right) must be >= -1 each (-1: unbounded), got (", left,
-              ", ", right, ")");
-  TORCH_CHECK(chunk >= 0, op, ": chunk_size must be >= 0 (0: no chunks), got ", chunk);
-  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0: off), got ", softcap);
-  if (global_flags.has_value()) {
-    const at::Tensor& g = *global_flags;
-    TORCH_CHECK(g.scalar_type() == at::kBool || g.scalar_type() == at::kByte, op,
-                ": global_tokens (flags) must be bool or uint8, got ", g.scalar_type());
-    TORCH_CHECK(g.dim() == 1 && g.sym_size(0) == k.sym_size(1), op, ": global_tokens (flags) must have shape (Sk,) = (",
-                k.sym_size(1), ",), one per key position, got ", g.sym_sizes());
-  }
+  check_pattern_args(op, k.sym_size(1), global_flags, left, right, chunk, dilation);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0: off), got ",
+                    softcap);
   return dt;
 }
 
@@ -78,46 +70,37 @@ at::Tensor rows_input(const at::Tensor& x) { return x.stride(3) == 1 || x.size(3
 
 SeqStrides seq_strides(const at::Tensor& x) { return SeqStrides{x.stride(0), x.stride(1), x.stride(2)}; }
 
-// The Pattern of a call and the tensors its pointers read (global key positions and global query rows,
-// int64 sorted). global lists are empty (null pointers) when no flag is set.
-struct PatternHolder {
-  Pattern p{};
-  at::Tensor flags, keys, rows;
-};
+#if TROUS_ATTENTION_CUDA
+// The CUDA launchers' params (attention.h) from the same tensors, sizes and Pattern (device arrays).
+BSHStrides bsh(const at::Tensor& x) { return BSHStrides{x.stride(0), x.stride(1), x.stride(2)}; }
 
-PatternHolder make_pattern(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& global_flags,
-                           bool causal, int64_t left, int64_t right, int64_t chunk, int64_t dilation) {
-  PatternHolder h;
-  Pattern& p = h.p;
-  p.Sq = q.size(1);
-  p.Sk = k.size(1);
-  p.shift = p.Sk - p.Sq;
-  p.causal = causal;
-  p.left = left;
-  p.right = right;
-  p.chunk = chunk;
-  p.dilation = dilation;
-  p.global_flags = nullptr;
-  p.global_keys = nullptr;
-  p.n_global_keys = 0;
-  p.global_rows = nullptr;
-  p.n_global_rows = 0;
-  if (global_flags.has_value() && p.Sk > 0) {
-    h.flags = global_flags->to(at::kByte).contiguous();
-    h.keys = at::nonzero(h.flags).reshape({-1}).to(at::kLong).contiguous();
-    p.n_global_keys = h.keys.size(0);
-    if (p.n_global_keys > 0) {
-      p.global_flags = h.flags.data_ptr<uint8_t>();
-      p.global_keys = h.keys.data_ptr<int64_t>();
-      // Query rows i = j - shift of the global keys j that are query positions (0 <= i < Sq).
-      at::Tensor r = h.keys - p.shift;
-      h.rows = r.index({(r >= 0).logical_and(r < p.Sq)}).contiguous();
-      p.n_global_rows = h.rows.size(0);
-      p.global_rows = p.n_global_rows > 0 ? h.rows.data_ptr<int64_t>() : nullptr;
-    }
-  }
-  return h;
+AttnFwdParams cuda_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                              at::Tensor& lse, const CpuAttnArgs& a) {
+  AttnFwdParams p;
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.B = a.B, p.Sq = a.Sq, p.Sk = a.Sk, p.Hq = a.Hq, p.Hkv = a.Hkv, p.D = a.D;
+  p.sq = bsh(q), p.sk = bsh(k), p.sv = bsh(v), p.so = bsh(out);
+  p.scale = a.scale, p.softcap = a.softcap;
+  p.pattern = a.pat;
+  return p;
 }
+
+AttnBwdParams cuda_bwd_params(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& lse, at::Tensor& gq, at::Tensor& gk,
+                              at::Tensor& gv, const CpuAttnArgs& a) {
+  AttnBwdParams p;
+  p.grad_out = go.data_ptr(), p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.grad_q = gq.data_ptr(), p.grad_k = gk.data_ptr(), p.grad_v = gv.data_ptr();
+  p.B = a.B, p.Sq = a.Sq, p.Sk = a.Sk, p.Hq = a.Hq, p.Hkv = a.Hkv, p.D = a.D;
+  p.sdo = bsh(go), p.sq = bsh(q), p.sk = bsh(k), p.sv = bsh(v), p.so = bsh(out);
+  p.sdq = bsh(gq), p.sdk = bsh(gk), p.sdv = bsh(gv);
+  p.scale = a.scale, p.softcap = a.softcap;
+  p.pattern = a.pat;
+  return p;
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in,
@@ -133,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q_in, 
   if (q_in.is_meta()) return {out, lse};
   if (out.numel() == 0) return {out, lse};
   const at::Tensor q = rows_input(q_in), k = rows_input(k_in), v = rows_input(v_in);
-  const PatternHolder ph = make_pattern(q, k, global_flags, causal, left, right, chunk, dilation);
+  const PatternHolder ph = build_pattern(q.size(1), k.size(1), global_flags, causal, left, right, chunk, dilation);
   CpuAttnArgs a{};
   a.B = q.size(0), a.Sq = q.size(1), a.Sk = k.size(1), a.Hq = q.size(2), a.Hkv = k.size(2), a.D = q.size(3);
   a.q = seq_strides(q), a.k = seq_strides(k), a.v = seq_strides(v);
@@ -150,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q_in, 
       },
       [&](void* stream) {
 #if TROUS_ATTENTION_CUDA
-        AttnFwdParams prm = cuda_fwd_params(q, k, v, out, lse, a);
+        const AttnFwdParams prm = cuda_fwd_params(q, k, v, out, lse, a);
         launch_sparse_attention_fwd(dt, prm, stream);
 #else
         (void)stream;
@@ -198,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
   const at::Tensor q = rows_input(q_in), k = rows_input(k_in), v = rows_input(v_in);
   const at::Tensor go = rows_input(grad_out_in), out = rows_input(out_in);
   const at::Tensor lse = lse_in.contiguous();
-  const PatternHolder ph = make_pattern(q, k, global_flags, causal, left, right, chunk, dilation);
+  const PatternHolder ph = build_pattern(q.size(1), k.size(1), global_flags, causal, left, right, chunk, dilation);
   CpuAttnArgs a{};
   a.B = q.size(0), a.Sq = q.size(1), a.Sk = k.size(1), a.Hq = q.size(2), a.Hkv = k.size(2), a.D = q.size(3);
   a.q = seq_strides(q), a.k = seq_strides(k), a.v = seq_strides(v);
@@ -214,7 +197,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
       },
       [&](void* stream) {
 #if TROUS_ATTENTION_CUDA
-        AttnBwdParams prm = cuda_bwd_params(go, q, k, v, out, lse, grad_q, grad_k, grad_v, a, deterministic);
+        // (the CUDA backward is always deterministic: no atomics, see attention_cuda.h)
+        (void)deterministic;
+        AttnBwdParams prm = cuda_bwd_params(go, q, k, v, out, lse, grad_q, grad_k, grad_v, a);
+        const at::Tensor ws = at::empty({static_cast<int64_t>(sparse_attention_bwd_workspace_bytes(prm)) + 256},
+                                        q.options().dtype(at::kByte));
+        const auto addr = reinterpret_cast<uintptr_t>(ws.data_ptr());
+        prm.workspace = reinterpret_cast<void*>((addr + 255) / 256 * 256);
         launch_sparse_attention_bwd(dt, prm, stream);
 #else
         (void)stream;

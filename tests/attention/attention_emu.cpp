@@ -1,0 +1,292 @@
+// Runs the sparse attention CUDA kernels (csrc/attention/attention_kernels.cuh) through their real
+// launchers (csrc/attention/attention_cuda.cu) under the CUDA emulation, with the plain twins of the
+// tensor-core helpers (mma_tile.cuh), on small grids and edge shapes: lengths that are not multiples
+// of any tile, Sq != Sk both ways, fully masked rows, every pattern (dense, causal, windows, chunks,
+// dilation, global tokens at both ends and all tokens global, combinations), GQA, softcap, strided
+// (fused-QKV-like) inputs, every head-dim instance and fp16 / bf16 / fp32. Forward (out, lse) and
+// backward (dq, dk, dv, bitwise repeatable) are checked against a float64 host reference written
+// here over pattern.h's element predicate `allowed`. Exit status 0 iff all pass.
+#include "cuda_emu.h"
+#include "emu_check.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "attention/attention_cuda.cu"
+
+using namespace trous;
+using namespace trous::attention;
+
+namespace {
+
+template <typename T> double to_d(T v);
+template <> double to_d(float v) { return v; }
+template <> double to_d(__half v) { return __half2float(v); }
+template <> double to_d(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> T from_d(double v);
+template <> float from_d(double v) { return static_cast<float>(v); }
+template <> __half from_d(double v) { return __float2half_rn(static_cast<float>(v)); }
+template <> __nv_bfloat16 from_d(double v) { return __float2bfloat16_rn(static_cast<float>(v)); }
+template <typename T> const char* tname();
+template <> const char* tname<float>() { return "f32"; }
+template <> const char* tname<__half>() { return "f16"; }
+template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <> constexpr DType dtype_of<__half>() { return DType::kFloat16; }
+template <> constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+// Tolerances relative to max(1, max |reference|) of each output.
+template <typename T> double tol_out();
+template <> double tol_out<float>() { return 2e-5; }
+template <> double tol_out<__half>() { return 4e-3; }
+template <> double tol_out<__nv_bfloat16>() { return 3e-2; }
+template <typename T> double tol_grad() { return 2.5 * tol_out<T>(); }
+
+enum Global { kNone, kStart, kEnd, kBothEnds, kAll };
+
+struct Case {
+  index_t B, Sq, Sk, Hq, Hkv, D;
+  bool causal;
+  index_t left, right, chunk, dilation;
+  Global global;
+  index_t nglobal;
+  float softcap;
+  bool fused;  // q, k, v slices of one (B, S, Hq + 2 Hkv, D) buffer (needs Sq == Sk); else contiguous
+};
+
+std::string describe(const Case& c) {
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), "B%lld Sq%lld Sk%lld Hq%lld Hkv%lld D%lld%s w(%lld,%lld) chunk%lld dil%lld g%d/%lld%s%s",
+                (long long)c.B, (long long)c.Sq, (long long)c.Sk, (long long)c.Hq, (long long)c.Hkv, (long long)c.D,
+                c.causal ? " causal" : "", (long long)c.left, (long long)c.right, (long long)c.chunk,
+                (long long)c.dilation, (int)c.global, (long long)c.nglobal, c.softcap > 0 ? " softcap" : "",
+                c.fused ? " fused" : "");
+  return buf;
+}
+
+struct Tensor4 {  // (B, S, H, D) view into a buffer
+  index_t off;
+  BSHStrides st;
+};
+
+template <typename T>
+void run_case(const Case& c) {
+  Check chk{std::string("attention ") + tname<T>() + " " + describe(c)};
+  const index_t B = c.B, Sq = c.Sq, Sk = c.Sk, Hq = c.Hq, Hkv = c.Hkv, D = c.D, grp = Hq / Hkv;
+  // Global flags over key positions.
+  std::vector<uint8_t> flags(static_cast<size_t>(Sk), 0);
+  for (index_t j = 0; j < Sk; ++j) {
+    const bool start = j < c.nglobal, end = j >= Sk - c.nglobal;
+    flags[j] = c.global == kAll || ((c.global == kStart || c.global == kBothEnds) && start) ||
+               ((c.global == kEnd || c.global == kBothEnds) && end);
+  }
+  const index_t shift = Sk - Sq;
+  std::vector<int64_t> gkeys, grows;
+  for (index_t j = 0; j < Sk; ++j)
+    if (flags[j]) gkeys.push_back(j);
+  for (index_t i = 0; i < Sq; ++i)
+    if (i + shift >= 0 && i + shift < Sk && flags[i + shift]) grows.push_back(i);
+  Pattern pat{};
+  pat.Sq = Sq, pat.Sk = Sk, pat.shift = shift, pat.causal = c.causal, pat.left = c.left, pat.right = c.right;
+  pat.chunk = c.chunk, pat.dilation = c.dilation;
+  pat.global_flags = c.global == kNone ? nullptr : flags.data();
+  pat.global_keys = gkeys.data(), pat.n_global_keys = c.global == kNone ? 0 : (index_t)gkeys.size();
+  pat.global_rows = grows.data(), pat.n_global_rows = c.global == kNone ? 0 : (index_t)grows.size();
+
+  // Inputs: fused (one buffer, q | k | v heads interleaved per token) or three contiguous buffers.
+  const index_t Hf = Hq + 2 * Hkv;
+  std::vector<T> qkv, qb, kb, vb;
+  Tensor4 tq{}, tk{}, tv{};
+  const T *qp, *kp, *vp;
+  auto fill = [](std::vector<T>& v, size_t n) {
+    v.resize(n);
+    for (auto& x : v) x = from_d<T>(uniform() * 1.5);
+  };
+  if (c.fused) {
+    fill(qkv, static_cast<size_t>(B * Sq * Hf * D));
+    const BSHStrides st{Sq * Hf * D, Hf * D, D};
+    tq = {0, st}, tk = {Hq * D, st}, tv = {(Hq + Hkv) * D, st};
+    qp = qkv.data(), kp = qkv.data() + tk.off, vp = qkv.data() + tv.off;
+  } else {
+    fill(qb, static_cast<size_t>(B * Sq * Hq * D));
+    fill(kb, static_cast<size_t>(B * Sk * Hkv * D));
+    fill(vb, static_cast<size_t>(B * Sk * Hkv * D));
+    tq = {0, {Sq * Hq * D, Hq * D, D}}, tk = {0, {Sk * Hkv * D, Hkv * D, D}}, tv = tk;
+    qp = qb.data(), kp = kb.data(), vp = vb.data();
+  }
+  std::vector<T> dout;
+  fill(dout, static_cast<size_t>(B * Sq * Hq * D));
+  const BSHStrides so{Sq * Hq * D, Hq * D, D}, skv{Sk * Hkv * D, Hkv * D, D};
+  auto at = [&](const T* base, BSHStrides st, index_t b, index_t s, index_t h, index_t d) {
+    return to_d(base[b * st.b + s * st.s + h * st.h + d]);
+  };
+
+  // float64 reference.
+  const double scale = 1.0 / std::sqrt((double)D);
+  std::vector<double> ro(B * Sq * Hq * D, 0.0), rlse(B * Hq * Sq), rdq(B * Sq * Hq * D, 0.0),
+      rdk(B * Sk * Hkv * D, 0.0), rdv(B * Sk * Hkv * D, 0.0);
+  std::vector<double> srow(Sk), prow(Sk), dsc(Sk);
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < Hq; ++h) {
+      const index_t hk = h / grp;
+      for (index_t i = 0; i < Sq; ++i) {
+        double mx = -INFINITY;
+        for (index_t j = 0; j < Sk; ++j) {
+          srow[j] = -INFINITY;
+          if (!allowed(pat, i, j)) continue;
+          double s = 0;
+          for (index_t d = 0; d < D; ++d) s += at(qp, tq.st, b, i, h, d) * at(kp, tk.st, b, j, hk, d);
+          s *= scale;
+          dsc[j] = 1;
+          if (c.softcap > 0) {
+            const double th = std::tanh(s / c.softcap);
+            s = c.softcap * th, dsc[j] = 1 - th * th;
+          }
+          srow[j] = s, mx = std::max(mx, s);
+        }
+        double l = 0;
+        for (index_t j = 0; j < Sk; ++j) l += prow[j] = srow[j] == -INFINITY ? 0.0 : std::exp(srow[j] - mx);
+        const index_t ob = (b * Sq + i) * Hq * D + h * D;
+        rlse[(b * Hq + h) * Sq + i] = l > 0 ? mx + std::log(l) : -INFINITY;
+        if (l == 0) continue;
+        for (index_t j = 0; j < Sk; ++j) prow[j] /= l;
+        for (index_t j = 0; j < Sk; ++j)
+          if (prow[j] != 0)
+            for (index_t d = 0; d < D; ++d) ro[ob + d] += prow[j] * at(vp, tv.st, b, j, hk, d);
+        double delta = 0;
+        for (index_t d = 0; d < D; ++d) delta += to_d(dout[ob + d]) * ro[ob + d];
+        for (index_t j = 0; j < Sk; ++j) {
+          if (prow[j] == 0) continue;
+          double dp = 0;
+          for (index_t d = 0; d < D; ++d) dp += to_d(dout[ob + d]) * at(vp, tv.st, b, j, hk, d);
+          const double ds = prow[j] * (dp - delta) * dsc[j] * scale;
+          const index_t kbo = (b * Sk + j) * Hkv * D + hk * D;
+          for (index_t d = 0; d < D; ++d) {
+            rdq[ob + d] += ds * at(kp, tk.st, b, j, hk, d);
+            rdk[kbo + d] += ds * at(qp, tq.st, b, i, h, d);
+            rdv[kbo + d] += prow[j] * to_d(dout[ob + d]);
+          }
+        }
+      }
+    }
+
+  // Forward.
+  const T poison = from_d<T>(12345.0);
+  std::vector<T> out(B * Sq * Hq * D, poison);
+  std::vector<float> lse(B * Hq * Sq, 777.f);
+  AttnFwdParams fp{};
+  fp.q = qp, fp.k = kp, fp.v = vp, fp.out = out.data(), fp.lse = lse.data();
+  fp.B = B, fp.Sq = Sq, fp.Sk = Sk, fp.Hq = Hq, fp.Hkv = Hkv, fp.D = D;
+  fp.sq = tq.st, fp.sk = tk.st, fp.sv = tv.st, fp.so = so;
+  fp.scale = static_cast<float>(scale), fp.softcap = c.softcap, fp.pattern = pat;
+  launch_sparse_attention_fwd(dtype_of<T>(), fp, nullptr);
+
+  auto compare = [&](const char* what, const std::vector<T>& got, const std::vector<double>& ref, double tol) {
+    double mref = 1;
+    for (double r : ref) mref = std::max(mref, std::fabs(r));
+    double worst = 0;
+    size_t worst_at = 0;
+    for (size_t x = 0; x < ref.size(); ++x) {
+      const double e = std::fabs(to_d(got[x]) - ref[x]);
+      if (!(e <= worst)) worst = e, worst_at = x;  // NaN counts as worst
+    }
+    if (!(worst <= tol * mref))
+      chk.fail(std::string(what) + ": max error " + std::to_string(worst) + " at " + std::to_string(worst_at) +
+               " (got " + std::to_string(to_d(got[worst_at])) + ", want " + std::to_string(ref[worst_at]) +
+               "), bound " + std::to_string(tol * mref));
+  };
+  compare("out", out, ro, tol_out<T>());
+  for (size_t x = 0; x < lse.size(); ++x) {
+    const double r = rlse[x];
+    const bool bad = r == -INFINITY ? lse[x] != -INFINITY : !(std::fabs(lse[x] - r) <= 1e-3 * (1 + std::fabs(r)));
+    if (bad) {
+      chk.fail("lse at " + std::to_string(x) + ": got " + std::to_string(lse[x]) + ", want " + std::to_string(r));
+      break;
+    }
+  }
+  // Fully masked rows are exactly 0.
+  for (size_t x = 0; x < lse.size(); ++x)
+    if (rlse[x] == -INFINITY) {
+      const index_t i = x % Sq, h = x / Sq % Hq, b = x / (Sq * Hq);
+      for (index_t d = 0; d < D; ++d)
+        if (to_d(out[(b * Sq + i) * Hq * D + h * D + d]) != 0.0) {
+          chk.fail("fully masked row " + std::to_string(i) + " not 0");
+          break;
+        }
+    }
+
+  // Backward from the kernel's own out / lse, twice (bitwise repeatable).
+  std::vector<T> dq[2], dk[2], dv[2];
+  for (int rep = 0; rep < 2; ++rep) {
+    dq[rep].assign(B * Sq * Hq * D, poison);
+    dk[rep].assign(B * Sk * Hkv * D, poison);
+    dv[rep].assign(B * Sk * Hkv * D, poison);
+    AttnBwdParams bp{};
+    bp.grad_out = dout.data(), bp.q = qp, bp.k = kp, bp.v = vp, bp.out = out.data(), bp.lse = lse.data();
+    bp.grad_q = dq[rep].data(), bp.grad_k = dk[rep].data(), bp.grad_v = dv[rep].data();
+    bp.B = B, bp.Sq = Sq, bp.Sk = Sk, bp.Hq = Hq, bp.Hkv = Hkv, bp.D = D;
+    bp.sdo = so, bp.sq = tq.st, bp.sk = tk.st, bp.sv = tv.st, bp.so = so, bp.sdq = so, bp.sdk = skv, bp.sdv = skv;
+    bp.scale = static_cast<float>(scale), bp.softcap = c.softcap, bp.pattern = pat;
+    const size_t ws_bytes = sparse_attention_bwd_workspace_bytes(bp);
+    std::vector<float> ws((ws_bytes + 3) / 4 + 1, NAN);  // garbage content: the launcher owns it
+    bp.workspace = ws.data();
+    launch_sparse_attention_bwd(dtype_of<T>(), bp, nullptr);
+  }
+  compare("dq", dq[0], rdq, tol_grad<T>());
+  compare("dk", dk[0], rdk, tol_grad<T>());
+  compare("dv", dv[0], rdv, tol_grad<T>());
+  if (std::memcmp(dq[0].data(), dq[1].data(), dq[0].size() * sizeof(T)) ||
+      std::memcmp(dk[0].data(), dk[1].data(), dk[0].size() * sizeof(T)) ||
+      std::memcmp(dv[0].data(), dv[1].data(), dv[0].size() * sizeof(T)))
+    chk.fail("backward not bitwise repeatable");
+  chk.done();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string only = argc > 1 ? argv[1] : "";
+  //           B  Sq   Sk  Hq Hkv  D  causal  left right chunk dil global    ng softcap fused
+  const Case cases[] = {
+      {1, 37, 37, 2, 1, 64, false, -1, -1, 0, 1, kNone, 0, 0.f, false},      // dense, GQA 2
+      {1, 70, 70, 1, 1, 32, true, -1, -1, 0, 1, kNone, 0, 0.f, true},        // causal, fused QKV slices
+      {2, 45, 77, 2, 2, 64, true, -1, -1, 0, 1, kNone, 0, 0.f, false},       // causal, Sq < Sk
+      {1, 77, 45, 4, 1, 32, true, -1, -1, 0, 1, kNone, 0, 0.f, false},       // Sq > Sk: fully masked rows, GQA 4
+      {1, 90, 90, 1, 1, 80, false, 9, 5, 0, 1, kNone, 0, 0.f, false},        // window (9, 5), D 80
+      {1, 50, 50, 1, 1, 96, false, 0, 0, 0, 1, kNone, 0, 0.f, false},        // window (0, 0), D 96
+      {1, 83, 83, 1, 1, 40, true, 16, -1, 0, 1, kNone, 0, 0.f, false},       // causal window, D 40 (padded)
+      {1, 75, 75, 2, 2, 64, false, -1, -1, 16, 1, kNone, 0, 0.f, false},     // chunk 16
+      {1, 75, 60, 1, 1, 64, true, -1, -1, 32, 1, kNone, 0, 0.f, false},      // causal chunk, Sq > Sk
+      {1, 40, 40, 1, 1, 32, false, -1, -1, 100, 1, kNone, 0, 0.f, false},    // chunk larger than S
+      {1, 101, 101, 1, 1, 64, false, 3, 3, 0, 3, kNone, 0, 0.f, false},      // dilated window, S % d != 0
+      {1, 66, 70, 1, 1, 32, true, 5, -1, 0, 2, kNone, 0, 0.f, false},        // causal dilated, Sq != Sk
+      {1, 70, 70, 2, 1, 64, false, 4, 4, 0, 1, kStart, 3, 0.f, false},       // window + global start
+      {1, 70, 70, 1, 1, 32, true, 4, 0, 0, 1, kBothEnds, 2, 0.f, false},     // causal + global both ends
+      {1, 60, 72, 1, 1, 64, false, -1, -1, 16, 2, kEnd, 4, 0.f, false},      // chunk + dilation + global end
+      {1, 33, 33, 1, 1, 32, false, 2, 2, 0, 1, kAll, 0, 0.f, false},         // all tokens global
+      {1, 65, 65, 1, 1, 64, false, -1, -1, 0, 1, kNone, 0, 5.f, false},      // softcap
+      {1, 67, 67, 8, 1, 32, true, 8, 8, 0, 1, kNone, 0, 0.f, false},         // GQA 8
+      {1, 0, 20, 1, 1, 32, false, -1, -1, 0, 1, kNone, 0, 0.f, false},       // Sq = 0: dk, dv zero
+      {1, 20, 0, 1, 1, 32, false, -1, -1, 0, 1, kNone, 0, 0.f, false},       // Sk = 0: out 0, lse -inf
+  };
+  const Case big_d[] = {
+      {1, 40, 40, 1, 1, 128, true, -1, -1, 0, 1, kNone, 0, 0.f, false},
+      {1, 35, 35, 1, 1, 256, false, 6, 6, 0, 1, kStart, 2, 0.f, false},
+  };
+  for (const Case& c : cases) {
+    if (!only.empty() && describe(c).find(only) == std::string::npos) continue;
+    run_case<__half>(c);
+    run_case<__nv_bfloat16>(c);
+    run_case<float>(c);
+  }
+  for (const Case& c : big_d) {
+    if (!only.empty() && describe(c).find(only) == std::string::npos) continue;
+    run_case<__half>(c);
+    run_case<float>(c);
+  }
+  std::printf("attention_emu: %d passed, %d failed\n", g_passed, g_failed);
+  return g_failed ? 1 : 0;
+}
