@@ -225,7 +225,7 @@ def _case(name: str, p: AttentionPattern, shape, dt: str, device: str, bwd: bool
     return c
 
 
-def _cpu_cases(shape, dt: str, quick: bool) -> List[Case]:
+def _cpu_cases(shape, dt: str, quick: bool, default_shape: bool = True) -> List[Case]:
     B, H, S, D = shape
     device = "cpu"
     ps = patterns(S)
@@ -256,7 +256,7 @@ def _cpu_cases(shape, dt: str, quick: bool) -> List[Case]:
             flex = _Flex(p, S, device, bwd=False)
             tg = {"speedup": 1.2} if name in ("window+-128", "chunk256-causal") else {}
             out.append(_case(name, p, shape, dt, device, False, flex, "Flex compiled", tg, flex=flex))
-    if not quick:  # cost follows density at S = 16384
+    if not quick and default_shape:  # cost follows density at S = 16384
         long = (B, H, CPU_LONG_S, D)
         p = patterns(CPU_LONG_S)["window+-128"]
         density = p.density(CPU_LONG_S, CPU_LONG_S)
@@ -293,11 +293,14 @@ def _gpu_cases(dt: str, quick: bool, shape=None) -> List[Case]:
 
 
 def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> List[Case]:
-    """CPU: fp32 (B, H, S, D) = (1, 8, 8192, 64) (--quick: (1, 2, 1024, 64), no Flex, no targets);
-    CUDA: bf16 (1, 16, S, 128) for S in 4k, 8k, 16k. ``shape`` (B, H, S, D) replaces the shape."""
+    """CPU: fp32 (B, H, S, D) = (1, 8, 8192, 64) and the S = 16384 window rows (--quick: (1, 2, 1024,
+    64), no Flex, no targets); CUDA: bf16 (1, 16, S, 128) for S in 4k, 8k, 16k. ``shape`` (B, H, S, D)
+    replaces the shapes (and drops the S = 16384 rows)."""
     if device == "cuda":
         return _gpu_cases("bf16", quick, shape)
-    return _cpu_cases(tuple(shape) if shape is not None else (QUICK_SHAPE if quick else CPU_SHAPE), "fp32", quick)
+    if shape is not None:
+        return _cpu_cases(tuple(shape), "fp32", quick, default_shape=False)
+    return _cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick)
 
 
 # ---------------------------------------------------------------------------------------------
