@@ -1,0 +1,379 @@
+"""Sparse-attention cases (``python -m trous.bench --family attention``): trous.sparse_attention on
+each pattern of issue 11's performance section against, in the same run, SDPA with a dense boolean
+mask, SDPA's own kernel (is_causal / dense; on GPU the FlashAttention backend), FlexAttention
+compiled (forward on CPU: it has no CPU backward) and trous's own dense time (cost follows density).
+
+Rows (op names): ``<pattern> <fwd|fwd+bwd> vs <baseline>``; shape ``BxHxSxD``. CPU: fp32, B1 H8 D64,
+S = 8192 (and window +-128 against trous dense at S = 16384); CUDA: bf16, B1 H16 D128, S 4k..16k.
+Tensors are stored (B, S, H, D) (trous's layout); SDPA and Flex get (B, H, S, D) views of the same
+memory. fwd+bwd is ``torch.autograd.grad`` of the output for a fixed random grad_out (no grad
+accumulation). ``extra`` of each row: the pattern, its density and its FLOPs (4 * D per allowed pair
+and head forward, 2.5x that backward), and for Flex rows the compile and create_block_mask times.
+The effective FLOP/s (allowed pairs only) is ``extra["flops"] / trous_ms``: ``python -m
+trous.attention.bench <results.json>`` prints it with the machine's FMA peak.
+
+Targets (``--check``; full runs only, --quick has small shapes and no targets):
+- CPU window +-128 fwd and chunk-256 causal fwd: >= 1.2x faster than Flex compiled;
+- CPU window +-128 fwd+bwd: >= 20x faster than SDPA with the dense mask;
+- dense and causal, fwd and fwd+bwd: within 1.3x of SDPA's kernel (speed-up >= 1 / 1.3; GPU >= 0.6);
+- every sparse pattern: effective throughput >= 70% of trous dense (speed-up over trous dense
+  >= 0.7 / density);
+- S = 16384, window +-128: cost <= 1.3 x density x trous dense (speed-up >= 1 / (1.3 density));
+- GPU window / chunk / global: >= 1.2x faster than Flex compiled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..bench.harness import Case
+from .pattern import AttentionPattern
+
+FAMILY = "attention"
+CPU_SHAPE = (1, 8, 8192, 64)  # (B, H, S, D): issue 11's CPU shape
+CPU_LONG_S = 16384
+QUICK_SHAPE = (1, 2, 1024, 64)
+GPU_SHAPE = (1, 16, 0, 128)  # S from GPU_LENGTHS
+GPU_LENGTHS = (4096, 8192, 16384)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def patterns(S: int) -> Dict[str, AttentionPattern]:
+    """The rows of issue 11: dense, causal, window +-128, chunk-256 causal, a dilated window (the
+    count of window +-128, dilation 2) and global tokens (16, with window +-128)."""
+    return {
+        "dense": AttentionPattern(),
+        "causal": AttentionPattern(causal=True),
+        "window+-128": AttentionPattern(window=(128, 128)),
+        "chunk256-causal": AttentionPattern(chunk_size=256, causal=True),
+        "dilated-window+-128-d2": AttentionPattern(window=(128, 128), dilation=2),
+        "global16+window+-128": AttentionPattern(window=(128, 128), global_tokens=16),
+    }
+
+
+SPARSE = ("window+-128", "chunk256-causal", "dilated-window+-128-d2", "global16+window+-128")
+
+
+def targets(device: str) -> dict:
+    """The uniform part of the bars: the rows against SDPA's own kernel (dense, causal). The other
+    rows carry their own speed-up target (see the module docstring)."""
+    return {"speedup": 0.6 if device == "cuda" else 1 / 1.3}
+
+
+def _inputs(shape, dtype, device, seed: int, grad: bool, Hkv: Optional[int] = None):
+    B, H, S, D = shape
+    g = torch.Generator().manual_seed(3000 + seed)
+    q = torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, S, Hkv or H, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, S, Hkv or H, D, generator=g).to(device=device, dtype=dtype)
+    go = torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype)
+    if grad:
+        for t in (q, k, v):
+            t.requires_grad_()
+    return q, k, v, go
+
+
+def _trous(p: AttentionPattern, bwd: bool) -> Callable:
+    from .sparse import sparse_attention
+
+    def fwd(q, k, v, go):
+        with torch.no_grad():
+            return sparse_attention(q, k, v, pattern=p)
+
+    def fwd_bwd(q, k, v, go):
+        out = sparse_attention(q, k, v, pattern=p)
+        return torch.autograd.grad(out, (q, k, v), go)
+
+    return fwd_bwd if bwd else fwd
+
+
+def _bhsd(*ts):
+    return [t.transpose(1, 2) for t in ts]
+
+
+class _Mask:
+    """The dense boolean mask of a pattern, materialised on first use (S x S bytes) and shared by the
+    rows of that pattern."""
+
+    def __init__(self, p: AttentionPattern, S: int):
+        self.p, self.S, self.mask = p, S, None
+
+    def __call__(self, device) -> torch.Tensor:
+        if self.mask is None:
+            self.mask = self.p.materialize(self.S, self.S, device=device)
+        return self.mask
+
+
+def _sdpa(bwd: bool, mask: Optional[_Mask] = None, is_causal: bool = False, flash: bool = False) -> Callable:
+    def call(q, k, v):
+        qh, kh, vh = _bhsd(q, k, v)
+        if flash:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qh, kh, vh, is_causal=is_causal).transpose(1, 2)
+        m = mask(q.device) if mask is not None else None
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m, is_causal=is_causal).transpose(1, 2)
+
+    def fwd(q, k, v, go):
+        with torch.no_grad():
+            return call(q, k, v)
+
+    def fwd_bwd(q, k, v, go):
+        return torch.autograd.grad(call(q, k, v), (q, k, v), go)
+
+    return fwd_bwd if bwd else fwd
+
+
+def flex_available(device: str) -> Optional[str]:
+    """None when FlexAttention can be compiled here, else why not."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError as e:
+        return f"no FlexAttention in torch {torch.__version__} ({e})"
+    if device == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        return "no C++ compiler for inductor's CPU code"
+    return None
+
+
+class _Flex:
+    """FlexAttention compiled on the pattern's block mask, built on first use: create_block_mask and
+    the compile (first call) are timed separately and recorded in the case's ``extra``; when the
+    compile fails the case drops its baseline and targets and says why."""
+
+    def __init__(self, p: AttentionPattern, S: int, device: str, bwd: bool):
+        self.p, self.S, self.device, self.bwd = p, S, device, bwd
+        self.fn = None
+        self.case: Optional[Case] = None
+
+    def prepare(self, q, k, v) -> None:
+        if self.fn is not None or self.case.baseline is None:
+            return
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        try:
+            t0 = time.perf_counter()
+            bm = create_block_mask(self.p.mask_mod(self.S, self.S, self.device), None, None, self.S, self.S,
+                                   device=self.device)
+            t_mask = time.perf_counter() - t0
+            compiled = torch.compile(flex_attention, dynamic=False)
+            fn = (lambda q, k, v: compiled(q, k, v, block_mask=bm))
+            t0 = time.perf_counter()
+            qh, kh, vh = (t.detach().transpose(1, 2) for t in (q, k, v))
+            with torch.no_grad():
+                fn(qh, kh, vh)
+            t_compile = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            create_block_mask(self.p.mask_mod(self.S, self.S, self.device), None, None, self.S, self.S,
+                              device=self.device)
+            t_mask_warm = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001  (any compile failure: skip the row, say why)
+            msg = f"FlexAttention skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"trous.bench attention: {self.case.op}: {msg}", file=sys.stderr)
+            self.case.baseline = None
+            self.case.targets.clear()
+            self.case.extra["flex"] = msg
+            return
+        self.fn = fn
+        self.case.extra.update(flex_compile_s=round(t_compile, 2), flex_block_mask_s=round(t_mask, 3),
+                               flex_block_mask_warm_s=round(t_mask_warm, 3))
+        print(f"trous.bench attention: {self.case.op}: Flex compile + first call {t_compile:.1f} s, "
+              f"create_block_mask {t_mask:.3f} s (again: {t_mask_warm:.3f} s)", file=sys.stderr)
+
+    def __call__(self, q, k, v, go):
+        qh, kh, vh = _bhsd(q, k, v)
+        if not self.bwd:
+            with torch.no_grad():
+                return self.fn(qh, kh, vh).transpose(1, 2)
+        return torch.autograd.grad(self.fn(qh, kh, vh).transpose(1, 2), (q, k, v), go)
+
+
+def _shape_str(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _case(name: str, p: AttentionPattern, shape, dt: str, device: str, bwd: bool, baseline: Optional[Callable],
+          baseline_name: str, tg: dict, flex: Optional[_Flex] = None) -> Case:
+    B, H, S, D = shape
+    dtype = _DTYPES[dt]
+    esize = torch.empty((), dtype=dtype).element_size()
+    qkv_bytes = 3 * B * S * H * D * esize
+    n = p.count(S, S)
+    flops = 4.0 * B * H * D * n * (3.5 if bwd else 1.0)
+    # Bytes: q, k, v read and out written (fwd); fwd+bwd adds grad_out, out, lse read, three grads written.
+    moved = (4 if not bwd else 9) * B * S * H * D * esize
+
+    def make(i):
+        inputs = _inputs(shape, dtype, device, i, bwd)
+        if flex is not None:
+            flex.prepare(*inputs[:3])
+        return inputs
+
+    c = Case(family=FAMILY, op=f"{name} {'fwd+bwd' if bwd else 'fwd'} vs {baseline_name}", shape=_shape_str(shape),
+             dtype=dt, make_inputs=make, fn=_trous(p, bwd), baseline=baseline, bytes_moved=moved,
+             input_bytes=qkv_bytes, baseline_name=baseline_name, targets=dict(tg),
+             extra={"pattern": repr(p), "density": round(n / (S * S), 6), "allowed_pairs": n, "flops": flops})
+    if flex is not None:
+        flex.case = c
+    return c
+
+
+def _cpu_cases(shape, dt: str, quick: bool, default_shape: bool = True) -> List[Case]:
+    B, H, S, D = shape
+    device = "cpu"
+    ps = patterns(S)
+    sdpa_t = {} if quick else targets(device)
+    flex_why = "--quick" if quick else flex_available(device)
+    if flex_why:
+        print(f"trous.bench attention: FlexAttention rows skipped ({flex_why})", file=sys.stderr)
+    out: List[Case] = []
+    out.append(_case("dense", ps["dense"], shape, dt, device, False, _sdpa(False), "SDPA", sdpa_t))
+    out.append(_case("dense", ps["dense"], shape, dt, device, True, _sdpa(True), "SDPA", sdpa_t))
+    out.append(_case("causal", ps["causal"], shape, dt, device, False, _sdpa(False, is_causal=True),
+                     "SDPA is_causal", sdpa_t))
+    out.append(_case("causal", ps["causal"], shape, dt, device, True, _sdpa(True, is_causal=True),
+                     "SDPA is_causal", sdpa_t))
+    dense_fwd, dense_bwd = _trous(ps["dense"], False), _trous(ps["dense"], True)
+    for name in SPARSE:
+        p = ps[name]
+        mask = _Mask(p, S)
+        density = p.density(S, S)
+        for bwd in (False, True):
+            tg = {}
+            if not quick and name == "window+-128":
+                tg = {"speedup": 20.0} if bwd else {}
+            out.append(_case(name, p, shape, dt, device, bwd, _sdpa(bwd, mask=mask), "SDPA dense mask", tg))
+            out.append(_case(name, p, shape, dt, device, bwd, dense_bwd if bwd else dense_fwd, "trous dense",
+                             {} if quick else {"speedup": 0.7 / density}))
+        if not flex_why:
+            flex = _Flex(p, S, device, bwd=False)
+            tg = {"speedup": 1.2} if name in ("window+-128", "chunk256-causal") else {}
+            out.append(_case(name, p, shape, dt, device, False, flex, "Flex compiled", tg, flex=flex))
+    if not quick and default_shape:  # cost follows density at S = 16384
+        long = (B, H, CPU_LONG_S, D)
+        p = patterns(CPU_LONG_S)["window+-128"]
+        density = p.density(CPU_LONG_S, CPU_LONG_S)
+        dense = patterns(CPU_LONG_S)["dense"]
+        for bwd in (False, True):
+            out.append(_case("window+-128", p, long, dt, device, bwd, _trous(dense, bwd), "trous dense",
+                             {"speedup": 1 / (1.3 * density)}))
+    return out
+
+
+def _gpu_cases(dt: str, quick: bool, shape=None) -> List[Case]:
+    device = "cuda"
+    lengths = (shape[2],) if shape is not None else ((2048,) if quick else GPU_LENGTHS)
+    B, H, _, D = shape if shape is not None else GPU_SHAPE
+    flex_why = flex_available(device)
+    out: List[Case] = []
+    for S in lengths:
+        sh = (B, H, S, D)
+        ps = patterns(S)
+        for bwd in (False, True):
+            out.append(_case("dense", ps["dense"], sh, dt, device, bwd, _sdpa(bwd, flash=True), "SDPA flash",
+                             {"speedup": 0.6}))
+            out.append(_case("causal", ps["causal"], sh, dt, device, bwd, _sdpa(bwd, is_causal=True, flash=True),
+                             "SDPA flash", {"speedup": 0.6}))
+            for name in ("window+-128", "chunk256-causal", "global16+window+-128", "dilated-window+-128-d2"):
+                if flex_why:
+                    continue
+                flex = _Flex(ps[name], S, device, bwd)
+                tg = {} if name.startswith("dilated") else {"speedup": 1.2}
+                out.append(_case(name, ps[name], sh, dt, device, bwd, flex, "Flex compiled", tg, flex=flex))
+    if flex_why:
+        print(f"trous.bench attention: FlexAttention rows skipped ({flex_why})", file=sys.stderr)
+    return out
+
+
+def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> List[Case]:
+    """CPU: fp32 (B, H, S, D) = (1, 8, 8192, 64) and the S = 16384 window rows (--quick: (1, 2, 1024,
+    64), no Flex, no targets); CUDA: bf16 (1, 16, S, 128) for S in 4k, 8k, 16k. ``shape`` (B, H, S, D)
+    replaces the shapes (and drops the S = 16384 rows)."""
+    if device == "cuda":
+        return _gpu_cases("bf16", quick, shape)
+    if shape is not None:
+        return _cpu_cases(tuple(shape), "fp32", quick, default_shape=False)
+    return _cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick)
+
+
+# ---------------------------------------------------------------------------------------------
+# Effective FLOP/s (python -m trous.attention.bench <results.json>)
+
+
+def fma_peak_gflops(device: str = "cpu") -> Tuple[Optional[float], str]:
+    """The fp32 FMA peak of the CPU: cores x max clock x FMA lanes x 2 units x 2 FLOPs (AVX-512: 16
+    lanes, AVX2: 8), from /proc/cpuinfo and sysfs; (None, why) when the clock is unknown."""
+    if device != "cpu":
+        return None, "GPU: see the vendor's peak"
+    isa = torch.backends.cpu.get_cpu_capability()
+    lanes = 16 if "512" in isa else 8
+    ghz = None
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            ghz = int(f.read()) / 1e6
+    except (OSError, ValueError):
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("cpu MHz"):
+                        ghz = float(line.split(":")[1]) / 1e3
+                        break
+        except (OSError, ValueError):
+            pass
+    cores = os.cpu_count() or 1
+    if ghz is None:
+        return None, "clock unknown"
+    return cores * ghz * lanes * 2 * 2, f"{cores} cores x {ghz:.2f} GHz x {lanes} lanes x 2 FMA units x 2 ({isa})"
+
+
+def flops_table(rows: Sequence[dict], peak: Optional[float] = None, peak_how: str = "") -> str:
+    """One line per trous measurement (pattern, pass, shape): ms, density, effective GFLOP/s, % of
+    the FMA peak, and each baseline's ms beside it."""
+    by_key: Dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("family") != FAMILY or "extra" not in r:
+            continue
+        name, _, base = r["op"].partition(" vs ")
+        key = (name, r["shape"], r["dtype"])
+        e = by_key.setdefault(key, {"ms": [], "base": {}, "extra": r["extra"]})
+        e["ms"].append(r["trous_ms"])
+        if r.get("baseline_ms") is not None:
+            e["base"][base] = r["baseline_ms"]
+    head = (f"{'pattern pass':38s} {'shape':16s} {'density':>8s} {'trous ms':>9s} {'GFLOP/s':>8s} {'of peak':>7s}"
+            "  baselines")
+    lines = [head, "-" * len(head)]
+    for (name, shape, dt), e in by_key.items():
+        ms = sorted(e["ms"])[len(e["ms"]) // 2]
+        gf = e["extra"]["flops"] / ms / 1e6
+        of = f"{100 * gf / peak:6.1f}%" if peak else "      -"
+        base = ", ".join(f"{b} {t:.1f} ms" for b, t in e["base"].items())
+        lines.append(f"{name:38s} {shape + ' ' + dt:16s} {e['extra']['density']:8.4f} {ms:9.2f} {gf:8.1f} {of}  {base}")
+    if peak:
+        lines.append(f"FMA peak {peak:.0f} GFLOP/s ({peak_how}); FLOPs count allowed pairs only (4 D per pair "
+                     f"forward, 2.5x backward)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m trous.attention.bench <results.json> (from python -m trous.bench --family "
+              "attention)", file=sys.stderr)
+        return 2
+    with open(args[0]) as f:
+        report = json.load(f)
+    device = report.get("device", {}).get("type", "cpu")
+    peak, how = fma_peak_gflops(device)
+    print(flops_table(report["rows"], peak, how))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

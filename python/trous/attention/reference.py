@@ -1,0 +1,68 @@
+"""Slow, obviously correct attention with the materialised mask (shared/spec/attention.md, "How
+peers test"): scores in float64 on upcast inputs, the dense (Sq, Sk) mask of the pattern, GQA by
+repeating the KV heads, softcap, fully masked rows 0 with LSE -inf. Differentiable (the tests take
+its gradients); ``compute_dtype`` runs the same formula in a low precision, the "plain PyTorch at
+the low precision" of FlashAttention's tolerance rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .pattern import AttentionPattern
+
+__all__ = ["attention", "attention_from_mask"]
+
+
+def attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: Optional[float] = None, softcap: float = 0.0,
+                        compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hkv, D) where ``mask`` (Sq, Sk) is True;
+    query head h reads KV head h // (Hq / Hkv).
+
+    Returns ``out`` (B, Sq, Hq, D) and ``lse`` (B, Hq, Sq), both in ``compute_dtype``:
+    s = scale * q.k (then ``softcap * tanh(s / softcap)`` when softcap > 0), masked entries -inf,
+    lse = log sum_j exp(s), out = softmax(s) @ v; a row with no allowed key gives out 0 and
+    lse -inf. A non-finite value reaches only the rows that may attend it (masked keys never
+    contribute, not even 0 * NaN).
+    """
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if Hq % max(Hkv, 1) != 0:
+        raise ValueError(f"reference: Hq = {Hq} is not a multiple of Hkv = {Hkv}")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qd, kd, vd = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    if Hkv != Hq:
+        kd = kd.repeat_interleave(Hq // Hkv, dim=1)
+        vd = vd.repeat_interleave(Hq // Hkv, dim=1)
+    m = mask.to(q.device, torch.bool)
+    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~m, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
+    empty = row_max == float("-inf")
+    row_max = torch.where(empty, torch.zeros_like(row_max), row_max)
+    e = torch.exp(s - row_max)  # masked: exp(-inf) = 0
+    total = e.sum(dim=-1, keepdim=True)  # >= 1 where a key is allowed (NaN where a score is NaN)
+    has = ~empty
+    p = e / torch.where(has, total, torch.ones_like(total))
+    lse = torch.where(has, row_max + torch.log(torch.where(has, total, torch.ones_like(total))),
+                      torch.full_like(total, float("-inf")))
+    if bool(torch.isfinite(vd).all()):
+        out = torch.matmul(p, vd)
+    else:  # 0 * NaN must not leak from masked keys: sum only the allowed terms
+        terms = p[..., None] * vd[:, :, None, :, :]
+        out = torch.where(m[None, None, :, :, None], terms, torch.zeros_like(terms)).sum(dim=-2)
+    return out.transpose(1, 2), lse.squeeze(-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Optional[AttentionPattern] = None,
+              scale: Optional[float] = None, softcap: float = 0.0,
+              compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_from_mask` with ``pattern.materialize(Sq, Sk)`` (default: dense)."""
+    pattern = pattern if pattern is not None else AttentionPattern()
+    mask = pattern.materialize(q.shape[1], k.shape[1], device=q.device)
+    return attention_from_mask(q, k, v, mask, scale, softcap, compute_dtype)
