@@ -42,7 +42,7 @@ build: venv
 
 # The families' SIMD kernels have scalar twins (CPUs without AVX2): the second run forces them
 # (TROUS_CPU_SIMD=0) through the tests of the kernels that have SIMD paths.
-SIMD_TESTS := tests/kvcache tests/dcls/test_dcls_banded.py tests/pconv/test_pconv_channel_partial.py tests/pconv/test_pconv_masked.py
+SIMD_TESTS := tests/kvcache tests/dcls/test_dcls_banded.py tests/pconv/test_pconv_channel_partial.py tests/pconv/test_pconv_masked.py tests/attention/test_attention_cpu.py
 test: build
 	$(PY) -m pytest tests -q
 	TROUS_CPU_SIMD=0 $(PY) -m pytest $(SIMD_TESTS) -q -m "not slow and not props"
