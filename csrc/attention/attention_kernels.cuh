@@ -44,11 +44,11 @@ static_assert(kAttnThreads == 32 * mma::kMaxWarps, "the mma scratch is sized for
 template <typename T, int Dp>
 struct AttnTiles {
   static constexpr bool k32 = sizeof(T) == 4;
-  static constexpr int kTq = 64;                                      // forward / dQ: query rows (16 a warp)
-  static constexpr int kTk = Dp > 128 ? (k32 ? 16 : 32) : 64;         // forward / dQ: keys per step
-  static constexpr int kTkB = 64;                                     // dK/dV: keys per block (16 a warp)
-  static constexpr int kTqB = k32 ? 16 : (Dp > 64 ? 32 : 64);         // dK/dV: queries per step
-  static constexpr bool kSplitDkdv = Dp > 128 || (k32 && Dp >= 128);  // dV, then dK (registers)
+  static constexpr int kTq = 64;                                    // forward / dQ: query rows (16 a warp)
+  static constexpr int kTk = Dp > 128 ? (k32 ? 16 : 32) : 64;       // forward / dQ: keys per step
+  static constexpr int kTkB = 64;                                   // dK/dV: keys per block (16 a warp)
+  static constexpr int kTqB = k32 ? 16 : (Dp > 64 ? 32 : 64);       // dK/dV: queries per step
+  static constexpr bool kSplitDkdv = Dp > 128 || (k32 && Dp > 64);  // dV, then dK (registers)
   static constexpr int kLd = Dp + 8;  // shared row stride: 16-byte rows, no ldmatrix bank conflicts
   static_assert(Dp % 16 == 0 && kTk % 16 == 0 && kTqB % 16 == 0, "tiles are whole mma blocks");
 };
