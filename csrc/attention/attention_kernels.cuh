@@ -4,7 +4,7 @@
 // Every kernel works on the tiles of attention/pattern.h: per (query tile, key span tile) the
 // pattern says skip (never loaded), full (no element mask: only the ragged tile ends and the rows
 // that other tiles own are cut) or partial (pair_counted per element). Blocks are 4 warps; a warp
-// owns 16 rows of the block's tile and runs the tensor-core products of mma_tile.cuh:
+// owns 16 rows of the block's tile and runs the tensor-core products of mma_kernels.cuh:
 // - attn_fwd_kernel: one block per (query tile of 64 rows, head, batch); online softmax over the
 //   key tiles of the query tile's spans; writes out (0 for fully masked rows) and the fp32 lse
 //   (natural log, -inf there).
@@ -23,7 +23,7 @@
 #include <cstdint>
 
 #include "attention/attention.h"
-#include "attention/mma_tile.cuh"
+#include "attention/mma_kernels.cuh"
 #include "trous/common.h"
 #include "trous/convert.cuh"
 

@@ -1,6 +1,6 @@
 // Runs the sparse attention CUDA kernels (csrc/attention/attention_kernels.cuh) through their real
 // launchers (csrc/attention/attention_cuda.cu) under the CUDA emulation, with the plain twins of the
-// tensor-core helpers (mma_tile.cuh), on small grids and edge shapes: lengths that are not multiples
+// tensor-core helpers (mma_kernels.cuh), on small grids and edge shapes: lengths that are not multiples
 // of any tile, Sq != Sk both ways, fully masked rows, every pattern (dense, causal, windows, chunks,
 // dilation, global tokens at both ends and all tokens global, combinations), GQA, softcap, strided
 // (fused-QKV-like) inputs, every head-dim instance and fp16 / bf16 / fp32. Forward (out, lse) and
