@@ -119,8 +119,8 @@ void run(const T* x, const T* weight, T* out, const ChannelPartialArgs& a) {
         for (int s = 0; s < a.kw; ++s)
           wt[((i * a.kh + r) * a.kw + s) * a.cp + oc] =
               static_cast<float>(weight[((oc * a.cp + i) * a.kh + r) * a.kw + s]);
-  const index_t Wr = ceil_div(a.W, kCols) * kCols;  // columns computed (whole register blocks)
-  const index_t Wp = Wr + 2 * pw + kCols;           // padded scratch row
+  const index_t Wr = ceil_div(a.W, 8) * 8;  // columns computed (blocks of 16, then at most one of 8)
+  const index_t Wp = Wr + 2 * pw + kCols;   // padded scratch row
   at::parallel_for(0, rows, 1, [&](index_t begin, index_t end) {
     std::vector<float> buf, acc;
     if (simd) {

@@ -5,9 +5,12 @@
 // Routes (`algo`):
 //   "direct": one trous kernel writes the convolved channels and copies the others (one pass).
 //   "aten":   the cp-channel convolution runs in oneDNN / cuDNN on the view x[:, :cp], then one
-//             concatenation writes out (FasterNet's split_cat, into out's memory format).
-//   "auto":   CPU: the direct kernel when x's rows are contiguous (NCHW), oneDNN for channels_last;
+//             concatenation writes out (FasterNet's split_cat, into out's memory format; cp == C:
+//             the convolution's result itself).
+//   "auto":   CPU: the direct kernel for cp < 16 on NCHW rows, oneDNN otherwise (see `route`);
 //             CUDA: cuDNN until the direct CUDA kernel is measured on a GPU.
+// trous::channel_partial_conv2d_route(x, weight, algo) names the route a call takes ("direct" or
+// "aten"): the tests assert the CPU choices.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
@@ -85,13 +88,24 @@ ChannelPartialArgs make_args(const at::Tensor& x, const at::Tensor& weight, cons
   return a;
 }
 
-bool use_direct(Algo algo, const at::Tensor& x) {
-  if (algo != Algo::kAuto) return algo == Algo::kDirect;
-  if (x.scalar_type() == at::kDouble) return false;
-  if (!x.device().is_cpu()) return false;  // CUDA: cuDNN until the direct kernel is measured on a GPU
-  // CPU: the direct kernel where its rows are contiguous (NCHW-like); channels_last goes to oneDNN,
-  // whose NHWC path is its fastest (the direct kernel's strided twin is scalar).
-  return x.stride(3) == 1 || x.size(3) == 1;
+enum class Route { kDirect, kAten };
+
+// CPU "auto" (measured on a 2-core AVX2 EPYC, fp32, FasterNet's shapes; tests/pconv asserts it): the
+// direct kernel for few convolved channels (cp < 16) on NCHW rows of at least 16 columns, where
+// oneDNN pads the channels to its 8/16-wide blocks (FasterNet-T0 stage 1, cp = 10 at 56x56: the
+// direct kernel 2.4x faster than split_cat); oneDNN otherwise, whose arithmetic is faster than the
+// direct kernel's from cp = 16 up and on short rows (7x7, 14x14: the direct kernel's 8/16-column
+// register blocks are mostly padding; 2x slower at (32, 320, 7, 7)). (oneDNN per sample, reading
+// x[n, :cp] in place instead of copying x[:, :cp], was measured too: 0.87x of split_cat at
+// (8, 96, 56, 56), batch-1 convolutions being less efficient than the copy they save.)
+// channels_last goes to oneDNN (its NHWC path is its fastest; the direct kernel's strided twin is
+// scalar). CUDA: cuDNN until the direct kernel is measured on a GPU. float64: ATen (the direct
+// kernels accumulate in fp32).
+Route route(Algo algo, const at::Tensor& x, const at::Tensor& weight) {
+  if (algo != Algo::kAuto) return algo == Algo::kDirect ? Route::kDirect : Route::kAten;
+  if (x.scalar_type() == at::kDouble || !x.device().is_cpu()) return Route::kAten;
+  const bool rows = x.stride(3) == 1 || x.size(3) == 1;
+  return rows && weight.size(0) < 16 && x.size(3) >= 16 ? Route::kDirect : Route::kAten;
 }
 
 // The direct kernel into `out` (C channels: conv + pass-through; cp channels: conv only).
@@ -112,6 +126,17 @@ at::Tensor aten_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArray
   return at::conv2d(x.narrow(1, 0, cp), weight, {}, 1, padding, dilation);
 }
 
+std::string channel_partial_conv2d_route(const at::Tensor& x, const at::Tensor& weight, c10::string_view algo_name) {
+  const char* op = "trous.channel_partial_conv2d_route";
+  check_devices(op, {{"x", x}, {"weight", weight}});
+  const int64_t one[2] = {1, 1};
+  const DType dt = check_args(op, x, weight, one, one);
+  switch (route(parse_algo(algo_name, op, dt), x, weight)) {
+    case Route::kDirect: return "direct";
+    default: return "aten";
+  }
+}
+
 at::Tensor channel_partial_conv2d(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                   at::IntArrayRef dilation, c10::string_view algo_name) {
   const char* op = "trous.channel_partial_conv2d";
@@ -121,13 +146,16 @@ at::Tensor channel_partial_conv2d(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
   if (x.is_meta()) return out;
   if (out.numel() == 0) return out;
-  if (use_direct(algo, x)) {
+  const Route r = route(algo, x, weight);
+  if (r == Route::kDirect) {
     run_direct(x, weight, out, dilation, dt, op);
     return out;
   }
   const int64_t cp = weight.size(0), C = x.size(1);
   if (C == cp) {
-    out.copy_(aten_conv(x, weight, dilation));
+    at::Tensor conv = aten_conv(x, weight, dilation);
+    if (conv.strides() == out.strides()) return conv;  // already in out's layout: no copy
+    out.copy_(conv);
   } else {
     at::cat_out(out, {aten_conv(x, weight, dilation), x.narrow(1, cp, C - cp)}, 1);  // one pass over out
   }
@@ -152,7 +180,7 @@ void channel_partial_conv2d_(at::Tensor& x, const at::Tensor& weight, at::IntArr
   if (x.numel() == 0) return;
   const int64_t cp = weight.size(0);
   at::Tensor conv;
-  if (use_direct(algo, x)) {
+  if (route(algo, x, weight) == Route::kDirect) {
     conv = at::empty({x.size(0), cp, x.size(2), x.size(3)}, x.options());
     run_direct(x, weight, conv, dilation, dt, op);
   } else {
@@ -171,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> channel_partial_conv2d_backward(const at::Ten
   const char* op = "trous.channel_partial_conv2d_backward";
   check_devices(op, {{"grad_out", grad_out}, {"x", x}, {"weight", weight}});
   const int64_t one[2] = {1, 1};
-  check_args(op, x, weight, one, dilation);
+  const DType dt = check_args(op, x, weight, one, dilation);
   TORCH_CHECK(grad_out.sym_sizes() == x.sym_sizes(), op, ": grad_out must have the shape of x (", x.sym_sizes(),
               "), got ", grad_out.sym_sizes());
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (", x.scalar_type(),
@@ -186,9 +214,21 @@ std::tuple<at::Tensor, at::Tensor> channel_partial_conv2d_backward(const at::Ten
     return {gx, gw};
   }
   const std::vector<int64_t> padding{dilation[0] * (weight.size(2) - 1) / 2, dilation[1] * (weight.size(3) - 1) / 2};
-  auto grads = at::convolution_backward(grad_out.narrow(1, 0, cp), x.narrow(1, 0, cp), weight, std::nullopt, {1, 1},
-                                        padding, dilation, false, {0, 0}, 1, {output_mask[0], output_mask[1], false});
-  if (output_mask[0]) {
+  // grad_x where the forward's "auto" takes the direct kernel: the transposed convolution of
+  // grad_out[:, :cp] (stride 1, "same" padding) is the correlation with the kernel flipped and its
+  // channels transposed, so the forward's direct kernel writes all of grad_x in one pass (convolved
+  // channels from the strided view, the others copied from grad_out): no contiguous copy of
+  // grad_out[:, :cp], no second pass over grad_x.
+  const bool direct_gx = output_mask[0] && route(Algo::kAuto, grad_out, weight) == Route::kDirect &&
+                         (gx.stride(3) == 1 || gx.size(3) == 1);
+  if (direct_gx) {
+    run_direct(grad_out, weight.flip({2, 3}).transpose(0, 1), gx, dilation, dt, op);
+    if (!output_mask[1]) return {gx, gw};
+  }
+  auto grads =
+      at::convolution_backward(grad_out.narrow(1, 0, cp), x.narrow(1, 0, cp), weight, std::nullopt, {1, 1}, padding,
+                               dilation, false, {0, 0}, 1, {output_mask[0] && !direct_gx, output_mask[1], false});
+  if (output_mask[0] && !direct_gx) {
     gx.narrow(1, 0, cp).copy_(std::get<0>(grads));
     if (C > cp) gx.narrow(1, cp, C - cp).copy_(grad_out.narrow(1, cp, C - cp));
   }
@@ -210,6 +250,11 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   m.def(
       "channel_partial_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, int[2] dilation, bool[2] "
       "output_mask) -> (Tensor, Tensor)");
+  m.def("channel_partial_conv2d_route(Tensor x, Tensor weight, str algo=\"auto\") -> str");
+}
+
+TORCH_LIBRARY_IMPL(trous, CompositeExplicitAutograd, m) {
+  m.impl("channel_partial_conv2d_route", &channel_partial_conv2d_route);
 }
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {

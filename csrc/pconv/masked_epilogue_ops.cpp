@@ -144,18 +144,12 @@ std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue(const at::Tensor& raw
   return {out, new_mask};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue_backward(const at::Tensor& grad_out, const at::Tensor& S,
-                                                                    double K, c10::string_view mode_name,
-                                                                    bool has_bias) {
-  const char* op = "trous.masked_partial_epilogue_backward";
-  check_devices(op, {{"grad_out", grad_out}, {"S", S}});
-  const DType dt = check_common(op, "grad_out", grad_out, S, K);
-  const MaskedMode mode = parse_mode(mode_name, op);
-  const at::MemoryFormat mf = format_of(grad_out);
-  at::Tensor grad_raw = at::empty_symint(grad_out.sym_sizes(), grad_out.options().memory_format(mf));
+// grad_raw = grad_out * ratio (elementwise, into grad_raw) and the bias gradient (returned).
+at::Tensor epilogue_backward_into(const char* op, DType dt, const at::Tensor& grad_out, const at::Tensor& S, double K,
+                                  MaskedMode mode, bool has_bias, at::MemoryFormat mf, const at::Tensor& grad_raw) {
   at::Tensor grad_bias = has_bias ? at::empty_symint({grad_out.sym_size(1)}, grad_out.options())
                                   : at::empty_symint({0}, grad_out.options());
-  if (grad_out.is_meta()) return {grad_raw, grad_bias};
+  if (grad_out.is_meta()) return grad_bias;
   const at::Tensor g = grad_out.contiguous(mf);
   const at::Tensor s = S.contiguous();
   const MaskedEpilogueArgs a = make_args(g, s, K, mode, has_bias, mf);
@@ -173,7 +167,43 @@ std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue_backward(const at::Te
                                                         partial.data_ptr(), a, stream));
       });
   if (has_bias) grad_bias.copy_(partial.sum(0));
+  return grad_bias;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_partial_epilogue_backward(const at::Tensor& grad_out, const at::Tensor& S,
+                                                                    double K, c10::string_view mode_name,
+                                                                    bool has_bias) {
+  const char* op = "trous.masked_partial_epilogue_backward";
+  check_devices(op, {{"grad_out", grad_out}, {"S", S}});
+  const DType dt = check_common(op, "grad_out", grad_out, S, K);
+  const MaskedMode mode = parse_mode(mode_name, op);
+  const at::MemoryFormat mf = format_of(grad_out);
+  at::Tensor grad_raw = at::empty_symint(grad_out.sym_sizes(), grad_out.options().memory_format(mf));
+  at::Tensor grad_bias = epilogue_backward_into(op, dt, grad_out, S, K, mode, has_bias, mf, grad_raw);
   return {grad_raw, grad_bias};
+}
+
+// The same into a caller's buffer (python/trous/pconv/masked.py passes a reused scratch tensor):
+// grad_raw must have grad_out's shape and dtype and be contiguous in grad_out's memory format; it is
+// overwritten entirely. Returns the bias gradient.
+at::Tensor masked_partial_epilogue_backward_into(const at::Tensor& grad_out, const at::Tensor& S, double K,
+                                                 c10::string_view mode_name, bool has_bias, at::Tensor& grad_raw) {
+  const char* op = "trous.masked_partial_epilogue_backward_into";
+  check_devices(op, {{"grad_out", grad_out}, {"S", S}, {"grad_raw", grad_raw}});
+  const DType dt = check_common(op, "grad_out", grad_out, S, K);
+  const MaskedMode mode = parse_mode(mode_name, op);
+  const at::MemoryFormat mf = format_of(grad_out);
+  TORCH_CHECK(grad_raw.sym_sizes() == grad_out.sym_sizes(), op, ": grad_raw must have the shape of grad_out (",
+              grad_out.sym_sizes(), "), got ", grad_raw.sym_sizes());
+  TORCH_CHECK(grad_raw.scalar_type() == grad_out.scalar_type(), op, ": grad_raw must have the dtype of grad_out (",
+              grad_out.scalar_type(), "), got ", grad_raw.scalar_type());
+  TORCH_CHECK(grad_raw.is_contiguous(mf), op, ": grad_raw must be contiguous in grad_out's memory format (", mf,
+              "), got strides ", grad_raw.strides());
+  if (!grad_out.is_meta() && grad_raw.numel() > 0) {
+    TORCH_CHECK(!grad_raw.is_same(grad_out) && at::get_overlap_status(grad_raw, grad_out) == at::MemOverlapStatus::No,
+                op, ": grad_raw must not overlap grad_out");
+  }
+  return epilogue_backward_into(op, dt, grad_out, S, K, mode, has_bias, mf, grad_raw);
 }
 
 }  // namespace
@@ -190,15 +220,21 @@ TORCH_LIBRARY_FRAGMENT(trous, m) {
   m.def(
       "masked_partial_epilogue_backward(Tensor grad_out, Tensor S, float K, str form, bool has_bias) -> (Tensor, "
       "Tensor)");
+  // The same into grad_raw (overwritten; grad_out's shape, dtype and memory format); returns grad_bias.
+  m.def(
+      "masked_partial_epilogue_backward_into(Tensor grad_out, Tensor S, float K, str form, bool has_bias, "
+      "Tensor(a!) grad_raw) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(trous, CPU, m) {
+  m.impl("masked_partial_epilogue_backward_into", &masked_partial_epilogue_backward_into);
   m.impl("masked_partial_epilogue", &masked_partial_epilogue);
   m.impl("masked_partial_epilogue_", &masked_partial_epilogue_);
   m.impl("masked_partial_epilogue_backward", &masked_partial_epilogue_backward);
 }
 
 TORCH_LIBRARY_IMPL(trous, Meta, m) {
+  m.impl("masked_partial_epilogue_backward_into", &masked_partial_epilogue_backward_into);
   m.impl("masked_partial_epilogue", &masked_partial_epilogue);
   m.impl("masked_partial_epilogue_", &masked_partial_epilogue_);
   m.impl("masked_partial_epilogue_backward", &masked_partial_epilogue_backward);
@@ -207,10 +243,12 @@ TORCH_LIBRARY_IMPL(trous, Meta, m) {
 TORCH_LIBRARY_IMPL(trous, Autograd, m) {
   TROUS_NO_AUTOGRAD(m, "masked_partial_epilogue_");
   TROUS_NO_AUTOGRAD(m, "masked_partial_epilogue_backward");
+  TROUS_NO_AUTOGRAD(m, "masked_partial_epilogue_backward_into");
 }
 
 #ifdef TROUS_WITH_CUDA
 TORCH_LIBRARY_IMPL(trous, CUDA, m) {
+  m.impl("masked_partial_epilogue_backward_into", &masked_partial_epilogue_backward_into);
   m.impl("masked_partial_epilogue", &masked_partial_epilogue);
   m.impl("masked_partial_epilogue_", &masked_partial_epilogue_);
   m.impl("masked_partial_epilogue_backward", &masked_partial_epilogue_backward);

@@ -331,3 +331,89 @@ def test_inplace_refuses_x_with_shared_elements_and_outofplace_accepts_it():
             channel_partial_conv2d(x, w, inplace=True)
     out = channel_partial_conv2d(x, w)
     _close(out, ref.channel_partial_conv2d(x, w), torch.float32)
+
+
+# Larger images through both routes (odd N, cp == C, kernel 5x3 with dilation, W not a multiple of
+# 8), and the view x[:, :cp] with cp == C (pconv_pointwise's call, returning the convolution itself).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 20, 32, 33, 5, (3, 3), (1, 1)), (2, 6, 37, 29, 6, (5, 3), (2, 1)),
+                                   (5, 17, 35, 31, 16, (3, 3), (1, 2))], ids=str)
+def test_larger_images_match_reference(shape, dtype):
+    x, w = _make(shape, dtype, seed=11)
+    dil, cp = shape[6], shape[4]
+    want = ref.channel_partial_conv2d(x, w, dil)
+    for algo in ("aten", "auto", "direct"):
+        out = channel_partial_conv2d(x, w, dilation=dil, algo=algo)
+        assert out.dtype == dtype and out.is_contiguous()
+        _close(out, want, dtype)
+        assert torch.equal(out[:, cp:], x[:, cp:])
+        view = channel_partial_conv2d(x[:, :cp], w, dilation=dil, algo=algo)
+        assert view.is_contiguous() and view.shape == (shape[0], cp, *shape[2:4])
+        _close(view, want[:, :cp], dtype)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = channel_partial_conv2d(xl, wl, dilation=dil, algo="aten")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    gx, gw = torch.autograd.grad(out, (xl, wl), g)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    yr = torch.cat([ref.cp_conv(xr[:, :cp], wr, dil), xr[:, cp:]], 1)
+    rgx, rgw = torch.autograd.grad(yr, (xr, wr), g.double())
+    _close(gx, rgx, dtype)
+    _close(gw, rgw, dtype)
+
+
+def test_auto_route_choices():
+    """The CPU "auto" choices that the bench measured (csrc/pconv/channel_partial_ops.cpp, `route`):
+    the direct kernel for cp < 16 on NCHW rows of >= 16 columns, oneDNN otherwise (larger cp, short
+    rows, channels_last, float64)."""
+    route = ops.channel_partial_conv2d_route
+
+    def r(N, C, H, W, algo="auto", fmt=torch.contiguous_format, dtype=torch.float32):
+        x = torch.empty(N, C, H, W, dtype=dtype).contiguous(memory_format=fmt)
+        return route(x, torch.empty(C // 4, C // 4, 3, 3, dtype=dtype), algo)
+
+    assert r(32, 40, 56, 56) == "direct"  # FasterNet-T0 stage 1 (cp = 10)
+    assert r(32, 60, 20, 16) == "direct"  # cp = 15, 16 columns
+    assert r(8, 96, 56, 56) == "aten"  # the bench shape (cp = 24)
+    assert r(32, 80, 28, 28) == "aten"  # cp = 20
+    assert r(32, 320, 7, 7) == "aten"
+    assert r(32, 40, 56, 15) == "aten"  # rows shorter than 16 columns
+    assert r(32, 40, 56, 56, fmt=torch.channels_last) == "aten"
+    assert r(32, 40, 56, 56, dtype=torch.float64) == "aten"
+    assert r(32, 40, 56, 56, dtype=torch.bfloat16) == "direct"
+    assert r(8, 96, 56, 56, "direct") == "direct"
+    assert r(32, 40, 56, 56, "aten") == "aten"
+    x = torch.empty(8, 40, 56, 56)
+    assert route(x[:, :10], torch.empty(10, 10, 3, 3)) == "direct"  # strided views: rows still contiguous
+    assert route(x.to("meta"), torch.empty(10, 10, 3, 3, device="meta")) == "aten"
+    with pytest.raises(ValueError, match="algo"):
+        r(8, 96, 56, 56, "fast")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "expanded", "sliced"])
+def test_backward_grad_x_through_the_direct_kernel(dtype, grad_layout):
+    """cp < 16 on NCHW rows: grad_x comes from the direct kernel with the flipped, transposed kernel
+    (one pass, the untouched channels copied on the way); other grad_out layouts take oneDNN. Both
+    against the float64 reference, with and without the weight gradient."""
+    shape = (3, 14, 9, 21, 5, (3, 5), (2, 1))
+    x, w = _make(shape, dtype, seed=21)
+    N, C, H, W, cp = shape[:5]
+    assert ops.channel_partial_conv2d_route(x, w) == "direct"
+    g = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(4)).to(dtype)
+    if grad_layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    elif grad_layout == "expanded":
+        g = g[:1].expand(N, C, H, W)
+    elif grad_layout == "sliced":
+        wide = torch.zeros(N, C, H, 2 * W, dtype=dtype)
+        wide[..., ::2] = g
+        g = wide[..., ::2]
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    yr = torch.cat([ref.cp_conv(xr[:, :cp], wr, shape[6]), xr[:, cp:]], 1)
+    rgx, rgw = torch.autograd.grad(yr, (xr, wr), g.double())
+    gx, gw = ops.channel_partial_conv2d_backward(g, x, w, list(shape[6]), [True, True])
+    _close(gx, rgx, dtype)
+    _close(gw, rgw, dtype)
+    assert torch.equal(gx[:, cp:], g[:, cp:])
+    gx_only, empty = ops.channel_partial_conv2d_backward(g, x, w, list(shape[6]), [True, False])
+    assert empty.numel() == 0 and torch.equal(gx_only, gx)

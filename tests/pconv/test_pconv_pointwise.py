@@ -67,3 +67,35 @@ def test_bad_input():
         pconv_pointwise(x, torch.randn(9, 9, 3, 3), torch.randn(4, 8, 1, 1))
     with pytest.raises(ValueError, match="stride"):
         channel_partial_conv2d(x, w, stride=2)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channel_sliced"])
+def test_other_layouts_and_partial_gradients(layout):
+    """Inputs that are neither NCHW nor channels_last (made contiguous first), and backward with only
+    some of the gradients asked for (each path: grad_pw only, grad_x only, grad_weight only)."""
+    N, C, H, W, cp, O = 2, 10, 7, 9, 3, 6
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(N, C, H, W, generator=g)
+    if layout == "transposed":
+        x = base.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "sliced":
+        x = torch.zeros(N, C, H, 2 * W)
+        x[..., ::2] = base
+        x = x[..., ::2]
+    else:  # NCHW planes with a channel stride larger than H * W
+        x = torch.zeros(N, C + 3, H, W)
+        x[:, 2:2 + C] = base
+        x = x[:, 2:2 + C]
+    w = torch.randn(cp, cp, 3, 3, generator=g) / 3
+    pw = torch.randn(O, C, 1, 1, generator=g) / C**0.5
+    gz = torch.randn(N, O, H, W, generator=g)
+    ref_leaves = [t.double().requires_grad_() for t in (base, w, pw)]
+    zr = F.conv2d(channel_partial_conv2d(ref_leaves[0], ref_leaves[1]), ref_leaves[2])
+    want = torch.autograd.grad(zr, ref_leaves, gz.double())
+    for k in range(3):
+        leaves = [t.clone() if i != 0 else x for i, t in enumerate((x, w, pw))]
+        leaves[k] = leaves[k].detach().clone().requires_grad_() if k else x.detach().requires_grad_()
+        z = pconv_pointwise(*leaves)
+        torch.testing.assert_close(z.double(), zr.detach(), rtol=1e-4, atol=1e-4)
+        (got,) = torch.autograd.grad(z, [leaves[k]], gz)
+        torch.testing.assert_close(got.double(), want[k], rtol=1e-4, atol=1e-4)
