@@ -3,8 +3,8 @@
 //
 // Supported: dtype fp16 / bf16 (tensor cores, mma m16n8k16 with fp32 accumulation) with head dims
 // 1..256, and fp32 (the same kernels through a plain fp32 path, no tensor cores) with head dims
-// 1..128 (its fp32 fragments would spill at 256). Each D runs in the smallest instance of 32, 64, 80,
-// 96, 128, 256 holding it, zero padded; 16-byte loads where the tensor's base and strides allow.
+// 1..128 (its fp32 fragments would spill at 256). Each D runs in the smallest instance of 32, 64, 96,
+// 128, 256 holding it, zero padded; 16-byte loads where the tensor's base and strides allow.
 // sparse_attention_cuda_supported(dtype, D) says so for the op layer; the launchers throw
 // std::invalid_argument otherwise.
 //

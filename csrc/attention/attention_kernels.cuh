@@ -4,7 +4,7 @@
 // Every kernel works on the tiles of attention/pattern.h: per (query tile, key span tile) the
 // pattern says skip (never loaded), full (no element mask: only the ragged tile ends and the rows
 // that other tiles own are cut) or partial (pair_counted per element). Blocks are 4 warps; a warp
-// owns 16 rows of the block's tile and runs the tensor-core products of mma_tile.cuh:
+// owns 16 rows of the block's tile and runs the tensor-core products of mma_kernels.cuh:
 // - attn_fwd_kernel: one block per (query tile of 64 rows, head, batch); online softmax over the
 //   key tiles of the query tile's spans; writes out (0 for fully masked rows) and the fp32 lse
 //   (natural log, -inf there).
@@ -23,7 +23,7 @@
 #include <cstdint>
 
 #include "attention/attention.h"
-#include "attention/mma_tile.cuh"
+#include "attention/mma_kernels.cuh"
 #include "trous/common.h"
 #include "trous/convert.cuh"
 
@@ -44,11 +44,11 @@ static_assert(kAttnThreads == 32 * mma::kMaxWarps, "the mma scratch is sized for
 template <typename T, int Dp>
 struct AttnTiles {
   static constexpr bool k32 = sizeof(T) == 4;
-  static constexpr int kTq = 64;                                      // forward / dQ: query rows (16 a warp)
-  static constexpr int kTk = Dp > 128 ? (k32 ? 16 : 32) : 64;         // forward / dQ: keys per step
-  static constexpr int kTkB = 64;                                     // dK/dV: keys per block (16 a warp)
-  static constexpr int kTqB = k32 ? 16 : (Dp > 64 ? 32 : 64);         // dK/dV: queries per step
-  static constexpr bool kSplitDkdv = Dp > 128 || (k32 && Dp >= 128);  // dV, then dK (registers)
+  static constexpr int kTq = 64;                                    // forward / dQ: query rows (16 a warp)
+  static constexpr int kTk = Dp > 128 ? (k32 ? 16 : 32) : 64;       // forward / dQ: keys per step
+  static constexpr int kTkB = 64;                                   // dK/dV: keys per block (16 a warp)
+  static constexpr int kTqB = k32 ? 16 : (Dp > 64 ? 32 : 64);       // dK/dV: queries per step
+  static constexpr bool kSplitDkdv = Dp > 128 || (k32 && Dp > 64);  // dV, then dK (registers)
   static constexpr int kLd = Dp + 8;  // shared row stride: 16-byte rows, no ldmatrix bank conflicts
   static_assert(Dp % 16 == 0 && kTk % 16 == 0 && kTqB % 16 == 0, "tiles are whole mma blocks");
 };
