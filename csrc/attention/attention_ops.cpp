@@ -20,7 +20,7 @@
 #include "attention/pattern.h"
 #include "attention/pattern_ops.h"
 #include "trous/checks_ops.h"
-#if defined(TROUS_WITH_CUDA) && __has_include("attention/attention_cuda.h")
+#ifdef TROUS_WITH_CUDA
 #include "attention/attention_cuda.h"
 #define TROUS_ATTENTION_CUDA 1
 #else
