@@ -44,6 +44,7 @@ def run(r, quick: bool):
                 r.call("trous::channel_partial_conv2d_", y, w, [1, 1], list(dil), algo)
                 g = torch.randn_like(out)
                 gx, gw = r.call("trous::channel_partial_conv2d_backward", g, x, w, list(dil), [True, True])
+                route = r.call("trous::channel_partial_conv2d_route", x, w, algo)
                 if r.compare:
                     want = ref.channel_partial_conv2d(x, w, dil)
                     tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -51,6 +52,7 @@ def run(r, quick: bool):
                     r.check(label + " inplace", close(y, want, tol, tol), "in-place output differs")
                     r.check(label + " grad_x[cp:]", bool((gx[:, cp:] == g[:, cp:]).all()), "pass-through grad")
                     r.check(label + " grad_w shape", tuple(gw.shape) == tuple(w.shape), "grad_weight shape")
+                    r.check(label + " route", route == algo, f"route {route!r} for algo {algo!r}")
 
             r.case(label, case)
     _masked(r, quick)
@@ -85,6 +87,8 @@ def _masked(r, quick: bool):
             y = raw.clone()
             m2 = r.call("trous::masked_partial_epilogue_", y, S, b, 9.0, mode)
             gr, gb = r.call("trous::masked_partial_epilogue_backward", raw, S, 9.0, mode, True)
+            gr_into = torch.empty_like(raw)
+            gb_into = r.call("trous::masked_partial_epilogue_backward_into", raw, S, 9.0, mode, True, gr_into)
             if r.compare:
                 Sb = S.repeat_interleave(shape[1] // S.shape[1], 1).expand(shape)
                 bv = b.float().view(1, -1, *([1] * (len(shape) - 2)))
@@ -98,6 +102,8 @@ def _masked(r, quick: bool):
                 r.check(label + " inplace", close(out, y, 0, 0) and torch.equal(m, m2), "in-place differs")
                 r.check(label + " grads", tuple(gr.shape) == tuple(raw.shape) and tuple(gb.shape) == (shape[1],),
                         "gradient shapes")
+                r.check(label + " grads into", close(gr_into, gr, 0, 0) and close(gb_into, gb, 0, 0),
+                        "backward_into differs from backward")
 
         r.case(label, case)
 
