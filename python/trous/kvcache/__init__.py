@@ -3,6 +3,7 @@
 ``quantize`` holds the functions (fake kernels: the C++ Meta kernels), ``reference`` the slow reference
 written from the spec, ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
+from .cache import QuantizedKVCache  # noqa: F401  (TOP_LEVEL: trous.QuantizedKVCache)
 from .quantize import (
                        FP8_MAX,
                        QuantizedKV,
@@ -15,3 +16,5 @@ from .quantize import (
 
 __all__ = ["QuantizedKV", "quantize_per_token", "quantize_per_channel", "quantize_fp8", "dequantize", "fp8_scale",
            "FP8_MAX"]
+__all__.append("QuantizedKVCache")
+TOP_LEVEL = ("QuantizedKVCache",)
