@@ -38,10 +38,9 @@ def _gather(x, pages, dim_tokens=2):
 def _scatter(x, pages, first, values, t0, per):
     """Writes values [H, n, ...] (rows t0 .. t0 + n, in units of `per` tokens) into the pages."""
     page_rows = x.shape[2]
-    n = values.shape[1]
-    for i in range(n):
-        r = (t0 // per) + i - first // per
-        x[pages[r // page_rows], :, r % page_rows] = values[:, i]
+    r = torch.arange(values.shape[1]) + (t0 // per) - first // per
+    pid = torch.tensor(pages, dtype=torch.int64)[r // page_rows].to(x.device)
+    x[pid, :, (r % page_rows).to(x.device)] = values.transpose(0, 1)
 
 
 def kv_append(k_codes, k_params, v_codes, v_params, k_res, v_res, lengths, block_table, k, v, scheme, bits,
@@ -56,10 +55,9 @@ def kv_append(k_codes, k_params, v_codes, v_params, k_res, v_res, lengths, block
         T1 = T0 + n
         q0, q1 = _qlen(scheme, G, R, T0), _qlen(scheme, G, R, T1)
         # Full precision tokens [q0, T1): the ring then the new ones.
-        ring_k = [k_res[b, :, t % cap] for t in range(q0, T0)]
-        ring_v = [v_res[b, :, t % cap] for t in range(q0, T0)]
-        fk = torch.cat([torch.stack(ring_k, 1) if ring_k else k.new_empty(k.shape[1], 0, k.shape[3]), k[b]], 1)
-        fv = torch.cat([torch.stack(ring_v, 1) if ring_v else v.new_empty(v.shape[1], 0, v.shape[3]), v[b]], 1)
+        ring = (torch.arange(q0, T0) % max(cap, 1)).to(k.device)
+        fk = torch.cat([k_res[b][:, ring], k[b]], 1)
+        fv = torch.cat([v_res[b][:, ring], v[b]], 1)
         if q1 > q0:
             xk, xv = fk[:, :q1 - q0].unsqueeze(0), fv[:, :q1 - q0].unsqueeze(0)
             pages, first = _page_rows(k_codes, block_table, b, q0, q1, page_size)
@@ -82,9 +80,10 @@ def kv_append(k_codes, k_params, v_codes, v_params, k_res, v_res, lengths, block
                 _scatter(v_params, pages, first, qv.params[0], q0, 1)
                 _scatter(k_codes, pages, first, qk.codes[0], q0, 1)
                 _scatter(v_codes, pages, first, qv.codes[0], q0, 1)
-        for t in range(q1, T1):
-            k_res[b, :, t % cap] = fk[:, t - q0]
-            v_res[b, :, t % cap] = fv[:, t - q0]
+        if T1 > q1:
+            slots = (torch.arange(q1, T1) % cap).to(k.device)
+            k_res[b][:, slots] = fk[:, q1 - q0:]
+            v_res[b][:, slots] = fv[:, q1 - q0:]
         lengths[b] = T1
 
 
@@ -119,11 +118,10 @@ def dequantized_history(k_codes, k_params, v_codes, v_params, k_res, v_res, leng
         kq, vq = kvq.dequantize(qk, torch.float32)[0], kvq.dequantize(qv, torch.float32)[0]
     else:
         kq = vq = torch.zeros(H, 0, D, device=k_res.device)
-    rk = [k_res[b, :, t % cap].float() for t in range(ql, T)]
-    rv = [v_res[b, :, t % cap].float() for t in range(ql, T)]
-    if rk:
-        kq = torch.cat([kq, torch.stack(rk, 1)], 1)
-        vq = torch.cat([vq, torch.stack(rv, 1)], 1)
+    if T > ql:
+        slots = (torch.arange(ql, T) % cap).to(k_res.device)
+        kq = torch.cat([kq, k_res[b][:, slots].float()], 1)
+        vq = torch.cat([vq, v_res[b][:, slots].float()], 1)
     return kq, vq
 
 
