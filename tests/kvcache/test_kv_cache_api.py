@@ -23,6 +23,15 @@ REL_ERR = {2: 0.9, 4: 0.3, 8: 0.06}  # vs attention over the exact history (rand
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small shapes: one thread is faster than two (and much faster on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def cache_ops(monkeypatch):
     """The fused ops when built, else the stand-in (so the API is tested either way)."""

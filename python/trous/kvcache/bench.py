@@ -192,4 +192,59 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
     out = _cases_for_shape(REFERENCE_SHAPE, ["fp16"] if quick else ["fp16", "fp32"], device, quick)
     if device == "cuda":
         out += _cases_for_shape(GPU_SHAPE, ["fp16"], device, quick)
+    out += _generate_cases(device, quick)
+    return out
+
+
+# ---- generate() with the tiny LM: trous.hf.QuantizedCache vs transformers' caches -----------------------------
+def _generate_cases(device: str, quick: bool) -> List[Case]:
+    """A whole ``model.generate()`` of 256 new tokens after a 4k prompt (quick: 32 after 256) with the tiny LM of
+    trous.kvcache.tiny_lm (trained weights when tests/data has them; timing does not need them), greedy, batch 1.
+    fn: trous.hf.QuantizedCache of one format; baseline: transformers' DynamicCache (and a row for its
+    QuantizedCache fp8 backend, the one that installs with transformers). ``extra`` has the new tokens (time
+    per token = time / new_tokens) and the cache bytes at the end (the peak: caches only grow)."""
+    if not (hasattr(torch.ops.trous, "kv_append") and hasattr(torch.ops.trous, "quantized_decode_attention")):
+        return []
+    try:
+        import transformers
+    except ImportError:
+        return []
+    from ..hf.cache import QuantizedCache
+    from . import tiny_lm
+
+    model = (tiny_lm.load_tiny_lm() if tiny_lm.CHECKPOINT.is_file() else tiny_lm.build_model().eval()).to(device)
+    cfg = model.config
+    P, N = (256, 32) if quick else (4096, 256)
+    prompt = torch.randint(0, 256, (1, P), generator=torch.Generator().manual_seed(0)).to(device)
+    L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    dense_bytes = 2 * L * H * D * (P + N) * 4  # fp32 model: DynamicCache holds every token in fp32
+
+    def run(make):
+        with torch.no_grad():
+            return model.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False, cache=make())
+
+    def dynamic():
+        return run(lambda: transformers.DynamicCache(config=cfg))
+
+    formats = {"KIVI-2": dict(scheme="kivi", bits=2), "KIVI-4": dict(scheme="kivi", bits=4),
+               "int8": dict(scheme="symmetric", bits=8), "fp8 e4m3": dict(scheme="fp8", bits=8)}
+    if quick:
+        formats = {"KIVI-2": formats["KIVI-2"]}
+    out = []
+    for name, opts in formats.items():
+        probe = QuantizedCache(cfg, max_cache_len=P + N, **opts)
+        run(lambda p=probe: p)  # warm and measure the bytes it holds
+        cache_bytes = probe.memory_bytes()
+        out.append(Case(
+            family=FAMILY, op=f"generate {N} after {P} (tiny LM) trous {name}", shape=f"1x{P}+{N}", dtype="fp32",
+            make_inputs=lambda i: (), baseline_name="transformers DynamicCache (SDPA)",
+            fn=lambda o=opts: run(lambda: QuantizedCache(cfg, max_cache_len=P + N, **o)), baseline=dynamic,
+            bytes_moved=cache_bytes, input_bytes=0,
+            extra={"new_tokens": N, "cache_bytes": cache_bytes, "dense_cache_bytes": dense_bytes}))
+    hf_fp8 = transformers.QuantizedCache
+    out.append(Case(
+        family=FAMILY, op=f"generate {N} after {P} (tiny LM) HF QuantizedCache fp8", shape=f"1x{P}+{N}",
+        dtype="fp32", make_inputs=lambda i: (), baseline_name="transformers DynamicCache (SDPA)",
+        fn=lambda: run(lambda: hf_fp8("fp8", cfg)), baseline=dynamic, bytes_moved=dense_bytes // 4, input_bytes=0,
+        extra={"new_tokens": N, "cache_bytes": dense_bytes // 4, "dense_cache_bytes": dense_bytes}))
     return out

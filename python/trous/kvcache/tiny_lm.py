@@ -1,4 +1,4 @@
-"""Trains the tiny byte-level Llama-style LM of the KV-cache end-to-end tests (tests/data/tiny_lm.pt).
+"""The tiny byte-level Llama-style LM of the KV-cache end-to-end tests and bench (tests/data/tiny_lm.pt).
 
 A causal LM built with transformers from a config (3 layers, hidden 128, 4 query heads over 2 KV
 heads of head_dim 64, vocabulary: the 256 byte values), trained on the Python standard library's own
@@ -6,7 +6,7 @@ heads of head_dim 64, vocabulary: the 256 byte values), trained on the Python st
 brackets, identifiers repeated at a distance), not random. Seeded and a fixed number of steps on one
 CPU thread: the same torch build reproduces the same checkpoint. About 10 minutes on one (shared) core.
 
-    nice -n 10 python tests/hf/train_tiny_lm.py            # writes tests/data/tiny_lm.pt (fp16, ~1.5 MB)
+    nice -n 10 python -m trous.kvcache.tiny_lm             # writes tests/data/tiny_lm.pt (fp16, ~1.5 MB)
 
 ``load_tiny_lm()`` rebuilds the model from the checkpoint (config stored beside the weights).
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "tiny_lm.pt"
+# The checkpoint lives in the source tree's tests/data (not in the wheel): python/trous/kvcache -> repo root.
+CHECKPOINT = Path(__file__).resolve().parents[3] / "tests" / "data" / "tiny_lm.pt"
 
 CONFIG = dict(
     vocab_size=256,
@@ -129,9 +130,82 @@ def main(argv=None):
     weights = {k: v.half() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr, seed=args.seed,
-                heldout_loss=val, python=sys.version.split()[0], torch=torch.__version__)
+                heldout_loss=val, python=sys.version.split()[0], torch=str(torch.__version__))
     torch.save({"config": CONFIG, "weights": weights, "train": meta}, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+
+
+# ---- accuracy of a cache against the full-precision one ------------------------------------------------------
+# The formats of the README's accuracy table: name -> trous.hf.QuantizedCache options (G 32, R 128).
+ACCURACY_FORMATS = {
+    "int8 (symmetric)": dict(scheme="symmetric", bits=8),
+    "fp8 e4m3": dict(scheme="fp8", bits=8),
+    "KIVI-4": dict(scheme="kivi", bits=4),
+    "KIVI-2": dict(scheme="kivi", bits=2),
+    "per-token-2": dict(scheme="per_token", bits=2),
+}
+
+
+def _step_logits(model, tokens, n_prompt, cache):
+    """Logits [n_new, vocab] (fp32) of each decode step when feeding ``tokens`` [1, T] one by one after a
+    prefill of the first n_prompt (teacher forcing on one fixed trajectory)."""
+    out = []
+    with torch.no_grad():
+        model(input_ids=tokens[:, :n_prompt], cache=cache, use_cache=True)
+        for t in range(n_prompt, tokens.shape[1]):
+            logits = model(input_ids=tokens[:, t:t + 1], cache=cache, use_cache=True).logits
+            out.append(logits[0, -1].float())
+    return torch.stack(out)
+
+
+def cache_accuracy(model, prompt: torch.Tensor, n_new: int, make_cache, reference=None):
+    """KL(full precision || cache) of the next-token distributions (nats, mean over the n_new - 1 decode steps) and
+    the greedy-token agreement, along the full-precision greedy trajectory of ``n_new`` tokens after ``prompt``
+    [1, P]. make_cache() builds a fresh cache for the model; ``reference`` = (tokens, logits) reuses the
+    full-precision run. Returns (kl, agreement, reference)."""
+    from transformers import DynamicCache
+
+    if reference is None:
+        with torch.no_grad():
+            tokens = model.generate(prompt, max_new_tokens=n_new, do_sample=False,
+                                    cache=DynamicCache(config=model.config))
+        # Each step's token is fed (its logits are the next step's): n_new - 1 decode steps after the prefill.
+        logits = _step_logits(model, tokens[:, :-1], prompt.shape[1], DynamicCache(config=model.config))
+        reference = (tokens, logits)
+    tokens, ref_logits = reference
+    logits = _step_logits(model, tokens[:, :-1], prompt.shape[1], make_cache())
+    lp, lq = torch.log_softmax(ref_logits, -1), torch.log_softmax(logits, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    agree = (ref_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
+    return kl, agree, reference
+
+
+def accuracy_table(model=None, prompts=2, prompt_bytes=384, n_new=64, formats=None, group_size=32, residual=128,
+                   hf_fp8=True):
+    """{format: (KL, agreement)} averaged over ``prompts`` held-out prompts of the tiny LM (trous caches and, if
+    ``hf_fp8``, transformers' own QuantizedCache fp8 backend, the one that needs no extra package)."""
+    from transformers import QuantizedCache as HFQuantizedCache
+
+    from ..hf.cache import QuantizedCache
+
+    model = model or load_tiny_lm()
+    formats = formats or ACCURACY_FORMATS
+    data = load_corpus()
+    rows = {}
+    for i in range(prompts):
+        start = len(data) - (i + 1) * 8 * prompt_bytes
+        prompt = torch.tensor(list(data[start:start + prompt_bytes]), dtype=torch.long).reshape(1, -1)
+        ref = None
+        makers = {name: (lambda o=o: QuantizedCache(model.config, **{"group_size": group_size, "residual": residual,
+                                                                     **o}))
+                  for name, o in formats.items()}
+        if hf_fp8:
+            makers["HF QuantizedCache fp8"] = lambda: HFQuantizedCache("fp8", model.config)
+        for name, make in makers.items():
+            kl, agree, ref = cache_accuracy(model, prompt, n_new, make, ref)
+            k0, a0 = rows.get(name, (0.0, 0.0))
+            rows[name] = (k0 + kl / prompts, a0 + agree / prompts)
+    return rows
 
 
 if __name__ == "__main__":
