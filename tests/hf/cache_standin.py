@@ -6,6 +6,7 @@ Two uses: the API tests run through it while the fused ops are not built (``ops(
 ``torch.ops.trous`` has them), and, where both exist, it is an independent check of the fused ops'
 end result (tests/kvcache/test_kv_cache_api.py compares them).
 """
+import os
 import types
 
 import torch
@@ -160,5 +161,7 @@ def have_fused_ops():
 
 
 def ops():
-    """The fused ops when built, else the stand-in."""
+    """The fused ops when built (and TROUS_CACHE_STANDIN is not 1), else the stand-in."""
+    if os.environ.get("TROUS_CACHE_STANDIN") == "1":
+        return STANDIN
     return torch.ops.trous if have_fused_ops() else STANDIN
