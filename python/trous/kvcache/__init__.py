@@ -3,6 +3,7 @@
 ``quantize`` holds the functions (fake kernels: the C++ Meta kernels), ``reference`` the slow reference
 written from the spec, ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
+from .decode import quantized_decode_attention
 from .quantize import (
                        FP8_MAX,
                        QuantizedKV,
@@ -15,3 +16,4 @@ from .quantize import (
 
 __all__ = ["QuantizedKV", "quantize_per_token", "quantize_per_channel", "quantize_fp8", "dequantize", "fp8_scale",
            "FP8_MAX"]
+__all__ += ["quantized_decode_attention"]
