@@ -132,5 +132,20 @@ void from_float_row(const float* src, T* dst, index_t n) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// dst = T(src * f) for n elements (one pass: a normalised output row straight into its tensor).
+template <typename T>
+void from_float_row_scaled(const float* src, float f, T* dst, index_t n) {
+  index_t i = 0;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) {
+    [&]() TROUS_AVX2 {
+      const __m256 fv = _mm256_set1_ps(f);
+      for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), fv));
+    }();
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i] * f);
+}
+
 }  // namespace cpu
 }  // namespace trous
