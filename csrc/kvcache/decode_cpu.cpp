@@ -56,7 +56,20 @@ struct Deq {
   float* kS;
   float* kZ;
   const void* kivi_group;
+  // Channel order of the fp32 rows (see perm_pos): 1 = natural, 2 / 4 = the codes' byte order.
+  int per = 1;
+  float* tmp;  // D floats
 };
+
+// AVX2 path for 4- and 2-bit codes: the per = 8 / bits codes of each byte are unpacked to separate
+// vectors, so within each chunk of 8 * per channels the fp32 rows hold channel l * per + i at
+// position i * 8 + l. q rows, K / V rows and the output accumulator all use that order (dot products
+// and P V do not depend on it); the output is put back in channel order when it is written.
+inline index_t perm_pos(index_t d, int per) {
+  if (per == 1) return d;
+  const index_t C = 8 * per, c = d - d % C, r = d % C;
+  return c + (r % per) * 8 + r / per;
+}
 
 template <typename T>
 void resid_row(const void* src, float* dst, index_t n) {
@@ -72,10 +85,20 @@ inline float load_param(const void* p, index_t i, ParamType t) {
 inline void kivi_prepare(Deq& q, const void* group) {
   if (group == q.kivi_group) return;
   for (index_t d = 0; d < q.D; ++d) {
-    q.kS[d] = load_param(group, 2 * d, q.ptype);
-    q.kZ[d] = load_param(group, 2 * d + 1, q.ptype);
+    q.kS[perm_pos(d, q.per)] = load_param(group, 2 * d, q.ptype);
+    q.kZ[perm_pos(d, q.per)] = load_param(group, 2 * d + 1, q.ptype);
   }
   q.kivi_group = group;
+}
+
+// A residual (full-precision) row in the rows' channel order.
+inline void resid_into(Deq& q, const void* src, float* out) {
+  if (q.per == 1) {
+    q.resid(src, out, q.D);
+    return;
+  }
+  q.resid(src, q.tmp, q.D);
+  for (index_t d = 0; d < q.D; ++d) out[perm_pos(d, q.per)] = q.tmp[d];
 }
 
 inline uint32_t code_at(const uint8_t* c, index_t d, int bits) {
@@ -92,7 +115,7 @@ void dequant_rows_scalar(Deq& q, const Src* src, index_t nb, float* dst) {
     float* out = dst + j * D;
     const Src& s = src[j];
     if (s.codes == nullptr) {
-      q.resid(s.resid, out, D);
+      resid_into(q, s.resid, out);
       continue;
     }
     switch (q.kind) {
@@ -134,8 +157,24 @@ void qk_scalar(const float* Q, index_t M, const float* K, index_t nb4, index_t D
   }
 }
 
-void exp2_scalar(float* x, index_t n) {
-  for (index_t i = 0; i < n; ++i) x[i] = std::exp2(x[i]);
+// The new running maximum of a row after a block and the block's sum of 2^(s - max).
+struct BlockSoftmax {
+  float max, sum;
+};
+
+// s[0, valid) are the row's base-2 scores in the block (valid >= 1), s[valid, nb) masked. Replaces
+// s[j] by 2^(s[j] - max) (0 for masked j < nb) where max = max(old_max, max of s[0, valid)).
+BlockSoftmax softmax_scalar(float* s, index_t valid, index_t nb, float old_max) {
+  float mx = old_max;
+  for (index_t j = 0; j < valid; ++j) mx = s[j] > mx ? s[j] : mx;
+  if (mx == kNegInf) return BlockSoftmax{mx, 0.f};
+  float sum = 0.f;
+  for (index_t j = 0; j < valid; ++j) {
+    s[j] = std::exp2(s[j] - mx);
+    sum += s[j];
+  }
+  for (index_t j = valid; j < nb; ++j) s[j] = 0.f;
+  return BlockSoftmax{mx, sum};
 }
 
 // O[m] = O[m] * alpha[m] + sum_j P[m][j] V[j].
@@ -183,7 +222,7 @@ TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst
     float* out = dst + j * D;
     const Src& s = src[j];
     if (s.codes == nullptr) {
-      q.resid(s.resid, out, D);
+      resid_into(q, s.resid, out);
       continue;
     }
     for (index_t g = 0; g < D / G; ++g) {
@@ -202,7 +241,7 @@ TROUS_AVX2 void dequant_sym_avx2(Deq& q, const Src* src, index_t nb, float* dst)
     float* out = dst + j * D;
     const Src& s = src[j];
     if (s.codes == nullptr) {
-      q.resid(s.resid, out, D);
+      resid_into(q, s.resid, out);
       continue;
     }
     for (index_t g = 0; g < D / G; ++g) {
@@ -222,13 +261,72 @@ TROUS_AVX2 void dequant_kivi_avx2(Deq& q, const Src* src, index_t nb, float* dst
     float* out = dst + j * D;
     const Src& s = src[j];
     if (s.codes == nullptr) {
-      q.resid(s.resid, out, D);
+      resid_into(q, s.resid, out);
       continue;
     }
     kivi_prepare(q, s.params);
     for (index_t d = 0; d < D; d += 8) {
       const __m256 c = codes8<kBits>(s.codes + d * kBits / 8);
       _mm256_storeu_ps(out + d, _mm256_fmadd_ps(c, _mm256_loadu_ps(q.kS + d), _mm256_loadu_ps(q.kZ + d)));
+    }
+  }
+}
+
+// 8 bytes of 4- or 2-bit codes (8 * per channels) as per vectors of 8 codes each, in perm_pos order.
+template <int kBits>
+TROUS_AVX2 inline void codes_perm(const uint8_t* c, __m256* v) {
+  const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+  const __m256i mask = _mm256_set1_epi32((1 << kBits) - 1);
+  constexpr int per = 8 / kBits;
+  for (int i = 0; i < per; ++i) {
+    const __m256i e =
+        i == per - 1 ? _mm256_srli_epi32(x, i * kBits) : _mm256_and_si256(_mm256_srli_epi32(x, i * kBits), mask);
+    v[i] = _mm256_cvtepi32_ps(e);
+  }
+}
+
+template <int kBits>
+TROUS_AVX2 void dequant_asym_perm_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
+  constexpr int per = 8 / kBits, C = 8 * per;
+  const index_t D = q.D, G = q.G;
+  for (index_t j = 0; j < nb; ++j) {
+    float* out = dst + j * D;
+    const Src& s = src[j];
+    if (s.codes == nullptr) {
+      resid_into(q, s.resid, out);
+      continue;
+    }
+    for (index_t g = 0; g < D / G; ++g) {
+      const __m256 sc = _mm256_set1_ps(load_param_avx2(s.params, 2 * g, q.ptype));
+      const __m256 z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
+      for (index_t d = g * G; d < (g + 1) * G; d += C) {
+        __m256 v[per];
+        codes_perm<kBits>(s.codes + d * kBits / 8, v);
+        for (int i = 0; i < per; ++i) _mm256_storeu_ps(out + d + 8 * i, _mm256_fmadd_ps(v[i], sc, z));
+      }
+    }
+  }
+}
+
+template <int kBits>
+TROUS_AVX2 void dequant_kivi_perm_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
+  constexpr int per = 8 / kBits, C = 8 * per;
+  const index_t D = q.D;
+  for (index_t j = 0; j < nb; ++j) {
+    float* out = dst + j * D;
+    const Src& s = src[j];
+    if (s.codes == nullptr) {
+      resid_into(q, s.resid, out);
+      continue;
+    }
+    kivi_prepare(q, s.params);
+    for (index_t d = 0; d < D; d += C) {
+      __m256 v[per];
+      codes_perm<kBits>(s.codes + d * kBits / 8, v);
+      for (int i = 0; i < per; ++i) {
+        const index_t o = d + 8 * i;
+        _mm256_storeu_ps(out + o, _mm256_fmadd_ps(v[i], _mm256_loadu_ps(q.kS + o), _mm256_loadu_ps(q.kZ + o)));
+      }
     }
   }
 }
@@ -243,7 +341,7 @@ TROUS_AVX2 void dequant_fp8_avx2(Deq& q, const Src* src, index_t nb, float* dst)
     float* out = dst + j * D;
     const Src& s = src[j];
     if (s.codes == nullptr) {
-      q.resid(s.resid, out, D);
+      resid_into(q, s.resid, out);
       continue;
     }
     for (index_t d = 0; d < D; d += 8) {
@@ -335,15 +433,41 @@ TROUS_AVX2 inline __m256 exp2_avx2(__m256 x) {
   return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
-TROUS_AVX2 void exp2_avx2_row(float* x, index_t n) {
-  index_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp2_avx2(_mm256_loadu_ps(x + i)));
-  if (i < n) {
-    float tmp[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
-    for (index_t k = i; k < n; ++k) tmp[k - i] = x[k];
-    _mm256_storeu_ps(tmp, exp2_avx2(_mm256_loadu_ps(tmp)));
-    for (index_t k = i; k < n; ++k) x[k] = tmp[k - i];
+TROUS_AVX2 inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+TROUS_AVX2 inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+// The rows of S hold kBlock floats, so whole vectors up to nb rounded up to 8 are in bounds.
+TROUS_AVX2 BlockSoftmax softmax_avx2(float* s, index_t valid, index_t nb, float old_max) {
+  const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  __m256 vm = ninf;
+  for (index_t j = 0; j < valid; j += 8) {
+    const __m256 in =
+        _mm256_cmp_ps(_mm256_add_ps(iota, _mm256_set1_ps((float)j)), _mm256_set1_ps((float)valid), _CMP_LT_OQ);
+    vm = _mm256_max_ps(vm, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + j), in));
   }
+  float mx = hmax8(vm);
+  mx = mx > old_max ? mx : old_max;
+  if (mx == kNegInf) return BlockSoftmax{mx, 0.f};
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vs = _mm256_setzero_ps();
+  for (index_t j = 0; j < nb; j += 8) {
+    const __m256 in =
+        _mm256_cmp_ps(_mm256_add_ps(iota, _mm256_set1_ps((float)j)), _mm256_set1_ps((float)valid), _CMP_LT_OQ);
+    const __m256 e = _mm256_blendv_ps(_mm256_setzero_ps(), exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx)), in);
+    _mm256_storeu_ps(s + j, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  return BlockSoftmax{mx, hsum8(vs)};
 }
 
 // R rows (R <= 4) x 16 channels of accumulators per pass over the block's tokens; 8-channel tail.
@@ -402,9 +526,11 @@ DequantFn pick_dequant(const Deq& q, bool avx2) {
   if (avx2) {
     switch (q.kind) {
       case Kind::kAsym:
+        if (q.per > 1) return q.bits == 4 ? &dequant_asym_perm_avx2<4> : &dequant_asym_perm_avx2<2>;
         return q.bits == 8 ? &dequant_asym_avx2<8> : q.bits == 4 ? &dequant_asym_avx2<4> : &dequant_asym_avx2<2>;
       case Kind::kSym: return &dequant_sym_avx2;
       case Kind::kKiviKey:
+        if (q.per > 1) return q.bits == 4 ? &dequant_kivi_perm_avx2<4> : &dequant_kivi_perm_avx2<2>;
         return q.bits == 8 ? &dequant_kivi_avx2<8> : q.bits == 4 ? &dequant_kivi_avx2<4> : &dequant_kivi_avx2<2>;
       case Kind::kFp8: return &dequant_fp8_avx2;
     }
@@ -416,35 +542,36 @@ DequantFn pick_dequant(const Deq& q, bool avx2) {
 
 struct Kernels {
   void (*qk)(const float*, index_t, const float*, index_t, index_t, float*);
-  void (*exp2_row)(float*, index_t);
+  BlockSoftmax (*softmax)(float*, index_t, index_t, float);
   void (*pv)(float*, const float*, const float*, index_t, const float*, index_t, index_t);
 };
 
 Kernels pick_kernels(bool avx2) {
 #if TROUS_HAVE_AVX2_PATH
-  if (avx2) return Kernels{&qk_avx2, &exp2_avx2_row, &pv_avx2};
+  if (avx2) return Kernels{&qk_avx2, &softmax_avx2, &pv_avx2};
 #endif
   (void)avx2;
-  return Kernels{&qk_scalar, &exp2_scalar, &pv_scalar};
+  return Kernels{&qk_scalar, &softmax_scalar, &pv_scalar};
 }
 
 template <typename T>
-void load_q_rows(const DecodeParams& p, index_t b, index_t h, index_t ngroup, float qscale, float* Q) {
+void load_q_rows(const DecodeParams& p, index_t b, index_t h, index_t ngroup, float qscale, int per, float* tmp,
+                 float* Q) {
   const index_t D = p.cache.fmt.head_dim;
   const T* q = static_cast<const T*>(p.q);
   for (index_t i = 0; i < ngroup; ++i) {
     for (index_t s = 0; s < p.Sq; ++s) {
       const T* row = q + b * p.sq.b + (h * ngroup + i) * p.sq.h + s * p.sq.t;
       float* dst = Q + (i * p.Sq + s) * D;
-      cpu::to_float_row(row, dst, D);
-      for (index_t d = 0; d < D; ++d) dst[d] *= qscale;
+      cpu::to_float_row(row, tmp, D);
+      for (index_t d = 0; d < D; ++d) dst[perm_pos(d, per)] = tmp[d] * qscale;
     }
   }
 }
 
 template <typename T>
-void store_out_row(const float* o, float inv_l, T* dst, index_t D, float* tmp) {
-  for (index_t d = 0; d < D; ++d) tmp[d] = o[d] * inv_l;
+void store_out_row(const float* o, float inv_l, T* dst, index_t D, int per, float* tmp) {
+  for (index_t d = 0; d < D; ++d) tmp[d] = o[perm_pos(d, per)] * inv_l;
   cpu::from_float_row(tmp, dst, D);
 }
 
@@ -457,8 +584,8 @@ struct TaskOut {
 };
 
 template <typename T>
-void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, index_t b, index_t h, index_t t_begin, index_t t_end,
-              const TaskOut& to) {
+void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, int per, index_t b, index_t h, index_t t_begin,
+              index_t t_end, const TaskOut& to) {
   const CacheRef& c = p.cache;
   const CacheFormat& f = c.fmt;
   const index_t D = f.head_dim, Hkv = c.map.num_heads, ngroup = p.Hq / Hkv, M = ngroup * p.Sq;
@@ -468,7 +595,7 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, index_t b, in
   const float qscale = p.scale * (capped ? 1.f : kLog2e);
 
   // L1 scratch: Q rows, K / V blocks, scores, KIVI key parameters.
-  std::vector<float> buf(M * D + 2 * kBlock * D + M * kBlock + M + 2 * D, 0.f);
+  std::vector<float> buf(M * D + 2 * kBlock * D + M * kBlock + M + 3 * D, 0.f);
   float* Q = buf.data();
   float* Kb = Q + M * D;
   float* Vb = Kb + kBlock * D;
@@ -476,7 +603,8 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, index_t b, in
   float* alpha = S + M * kBlock;
   float* kS = alpha + M;
   float* kZ = kS + D;
-  load_q_rows<T>(p, b, h, ngroup, qscale, Q);
+  float* tmp = kZ + D;
+  load_q_rows<T>(p, b, h, ngroup, qscale, per, tmp, Q);
   for (index_t m = 0; m < M; ++m) {
     to.mx[m] = kNegInf;
     to.sum[m] = 0.f;
@@ -516,22 +644,43 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, index_t b, in
   }
   dk.kS = kS;
   dk.kZ = kZ;
+  dk.per = dv.per = per;
+  dk.tmp = dv.tmp = tmp;
   const DequantFn deq_k = pick_dequant(dk, avx2), deq_v = pick_dequant(dv, avx2);
 
   Src ks[kBlock], vs[kBlock];
+  const index_t ps = c.map.page_size, G = f.group;
   for (index_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
     const index_t nb = std::min(kBlock, t_end - t0);
-    for (index_t j = 0; j < nb; ++j) {
-      const index_t t = t0 + j;
-      if (t < qlen) {
-        const index_t row = token_row(c.map, b, h, t);
-        const index_t kprow = kivi ? key_group_row(c.map, f, b, h, t) * D * 2 : row * tok_params;
+    // Sources of the block's tokens: rows are consecutive within a page (cache.h), so token_row /
+    // key_group_row / residual_row are called once per page run and followed incrementally.
+    index_t t = t0, j = 0;
+    const index_t qe = std::min(t0 + nb, qlen);
+    while (t < qe) {
+      const index_t row0 = token_row(c.map, b, h, t);
+      const index_t run = std::min(qe - t, ps - t % ps);
+      index_t kg = kivi ? key_group_row(c.map, f, b, h, t) : 0, in_group = kivi ? (t % ps) % G : 0;
+      for (index_t i = 0; i < run; ++i, ++j) {
+        const index_t row = row0 + i;
+        const index_t kprow = kivi ? kg * D * 2 : row * tok_params;
         ks[j] = Src{kc + row * cb, kp + kprow * pbytes, nullptr};
         vs[j] = Src{vc + row * cb, vp + row * tok_params * pbytes, nullptr};
-      } else {
-        const index_t rrow = residual_row(f, Hkv, b, h, t) * D;
+        if (kivi && ++in_group == G) {
+          in_group = 0;
+          ++kg;
+        }
+      }
+      t += run;
+    }
+    if (t < t0 + nb) {
+      const index_t cap = residual_capacity(f);
+      index_t slot = residual_slot(f, t);
+      const index_t base = residual_row(f, Hkv, b, h, t) - slot;
+      for (; t < t0 + nb; ++t, ++j) {
+        const index_t rrow = (base + slot) * D;
         ks[j] = Src{nullptr, nullptr, kr + rrow};
         vs[j] = Src{nullptr, nullptr, vr + rrow};
+        if (++slot == cap) slot = 0;
       }
     }
     deq_k(dk, ks, nb, Kb);
@@ -544,31 +693,22 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, index_t b, in
       float* s = S + m * kBlock;
       const index_t pos = L - p.Sq + m % p.Sq;
       const index_t valid = std::min(nb, std::max<index_t>(0, pos - t0 + 1));
-      float bmax = kNegInf;
-      if (capped) {
+      if (capped && valid > 0) {
         const float inv_cap = 1.f / p.softcap, cap2 = p.softcap * kLog2e;
-        for (index_t j = 0; j < valid; ++j) s[j] = cap2 * std::tanh(s[j] * inv_cap);
+        for (index_t jj = 0; jj < valid; ++jj) s[jj] = cap2 * std::tanh(s[jj] * inv_cap);
       }
-      for (index_t j = 0; j < valid; ++j) bmax = s[j] > bmax ? s[j] : bmax;
-      const float new_max = bmax > to.mx[m] ? bmax : to.mx[m];
-      if (valid == 0 || new_max == kNegInf) {  // nothing for this row in the block
+      // p = 2^(s - new max) for the valid tokens, 0 for the rest; alpha = 2^(old max - new max).
+      const BlockSoftmax r = valid > 0 ? kn.softmax(s, valid, nb, to.mx[m]) : BlockSoftmax{kNegInf, 0.f};
+      if (r.max == kNegInf) {  // nothing for this row in the block
         alpha[m] = 1.f;
-        for (index_t j = 0; j < nb; ++j) s[j] = 0.f;
+        for (index_t jj = 0; jj < nb; ++jj) s[jj] = 0.f;
         continue;
       }
       any = true;
-      // alpha = 2^(old max - new max) (0 the first time), p = 2^(s - new max).
-      alpha[m] = to.mx[m] - new_max;
-      for (index_t j = 0; j < valid; ++j) s[j] -= new_max;
-      for (index_t j = valid; j < nb; ++j) s[j] = kNegInf;
-      kn.exp2_row(s, nb);
-      float a = alpha[m];
-      kn.exp2_row(&a, 1);
+      const float a = std::exp2(to.mx[m] - r.max);
       alpha[m] = a;
-      float sum = 0.f;
-      for (index_t j = 0; j < valid; ++j) sum += s[j];
-      to.sum[m] = to.sum[m] * a + sum;
-      to.mx[m] = new_max;
+      to.sum[m] = to.sum[m] * a + r.sum;
+      to.mx[m] = r.max;
     }
     if (!any) continue;
     deq_v(dv, vs, nb, Vb);
@@ -577,7 +717,7 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, index_t b, in
 }
 
 template <typename T>
-void write_rows(const DecodeParams& p, index_t b, index_t h, const float* O, const float* mx, const float* sum,
+void write_rows(const DecodeParams& p, int per, index_t b, index_t h, const float* O, const float* mx, const float* sum,
                 float* tmp) {
   const index_t D = p.cache.fmt.head_dim, ngroup = p.Hq / p.cache.map.num_heads;
   T* out = static_cast<T*>(p.out);
@@ -586,7 +726,7 @@ void write_rows(const DecodeParams& p, index_t b, index_t h, const float* O, con
       const index_t m = i * p.Sq + s;
       const index_t orow = (b * p.Hq + h * ngroup + i) * p.Sq + s;
       const bool empty = !(sum[m] > 0.f);
-      store_out_row<T>(O + m * D, empty ? 0.f : 1.f / sum[m], out + orow * D, D, tmp);
+      store_out_row<T>(O + m * D, empty ? 0.f : 1.f / sum[m], out + orow * D, D, per, tmp);
       p.lse[orow] = empty ? kNegInf : (mx[m] + std::log2(sum[m])) * kLn2;
     }
   }
@@ -599,6 +739,14 @@ void decode_typed(const DecodeParams& p) {
   if (B == 0 || p.Hq == 0 || p.Sq == 0) return;
   const bool avx2 = has_avx2() && D % 8 == 0;
   const Kernels kn = pick_kernels(avx2);
+  // The unpacked channel order of 4- / 2-bit codes (perm_pos) where chunks of 8 * per channels fit
+  // the head dimension and the groups.
+  int per = 1;
+  const CacheFormat& f = c.fmt;
+  if (avx2 && f.bits < 8 && (f.scheme == CacheScheme::kPerToken || f.scheme == CacheScheme::kKivi)) {
+    const index_t C = 8 * (8 / f.bits);
+    if (D % C == 0 && f.group % C == 0) per = 8 / f.bits;
+  }
   index_t max_len = 0;
   for (index_t b = 0; b < B; ++b) max_len = std::max<index_t>(max_len, c.lengths[b]);
   const index_t nsplit = cpu_decode_splits(B * Hkv, max_len, at::get_num_threads());
@@ -611,8 +759,8 @@ void decode_typed(const DecodeParams& p) {
       for (int64_t task = lo; task < hi; ++task) {
         const index_t b = task / Hkv, h = task % Hkv;
         TaskOut to{res.data(), res.data() + M * D, res.data() + M * D + M};
-        run_task<T>(p, kn, avx2, b, h, 0, c.lengths[b], to);
-        write_rows<T>(p, b, h, to.O, to.mx, to.sum, res.data() + per_task);
+        run_task<T>(p, kn, avx2, per, b, h, 0, c.lengths[b], to);
+        write_rows<T>(p, per, b, h, to.O, to.mx, to.sum, res.data() + per_task);
       }
     });
     return;
@@ -625,7 +773,7 @@ void decode_typed(const DecodeParams& p) {
       const index_t chunk = ceil_div(ceil_div(L, nsplit), kBlock) * kBlock;
       float* r = parts.data() + task * per_task;
       TaskOut to{r, r + M * D, r + M * D + M};
-      run_task<T>(p, kn, avx2, b, h, std::min(L, k * chunk), std::min(L, (k + 1) * chunk), to);
+      run_task<T>(p, kn, avx2, per, b, h, std::min(L, k * chunk), std::min(L, (k + 1) * chunk), to);
     }
   });
   // Merge the splits of each (b, h) with their log-sum-exp (base 2).
@@ -650,7 +798,7 @@ void decode_typed(const DecodeParams& p) {
           for (index_t d = 0; d < D; ++d) O[m * D + d] = fmaf(r[m * D + d], w, O[m * D + d]);
         }
       }
-      write_rows<T>(p, bh / Hkv, bh % Hkv, O, mx, sum, res.data() + per_task);
+      write_rows<T>(p, per, bh / Hkv, bh % Hkv, O, mx, sum, res.data() + per_task);
     }
   });
 }
