@@ -1,0 +1,101 @@
+// Launchers of the quantized KV cache kernels (cache_kernels.cuh): raw pointers and a stream, no
+// torch headers. The op layers (kv_append, quantized_decode_attention) validate everything first.
+#include <string>
+
+#include "kvcache/cache_cuda.h"
+#include "kvcache/cache_kernels.cuh"
+#include "trous/launch.cuh"
+
+namespace trous {
+namespace kv {
+namespace {
+
+int device_attr(cudaDeviceAttr attr, const char* what) {
+  int dev = 0, v = 0;
+  cuda_check(cudaGetDevice(&dev), what);
+  cuda_check(cudaDeviceGetAttribute(&v, attr, dev), what);
+  return v;
+}
+
+// Tokens a sequence can hold: its pages (contiguous: one page of T_max tokens).
+index_t token_capacity(const CacheRef& c) {
+  return c.map.block_table ? c.map.max_pages * c.map.page_size : c.map.page_size;
+}
+
+// The split-KV plan: enough (sequence, KV head, split) blocks for about two waves of the device,
+// each split a whole number of tiles; query rows beyond kDecodeMaxRows (or beyond the shared memory
+// of a block) go to more blocks along z.
+DecodePlan decode_plan(const DecodeParams& p) {
+  const char* what = "trous quantized_decode_attention";
+  const CacheRef& c = p.cache;
+  const index_t D = c.fmt.head_dim;
+  DecodePlan plan;
+  plan.nq = (p.Hq / c.map.num_heads) * p.Sq;
+  const int optin = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, what);
+  plan.rows = (int)(plan.nq < kDecodeMaxRows ? plan.nq : kDecodeMaxRows);
+  while (plan.rows > 1 && (size_t)decode_smem_floats(plan.rows, D) * sizeof(float) > (size_t)optin)
+    plan.rows = (plan.rows + 1) / 2;
+  plan.smem = (size_t)decode_smem_floats(plan.rows, D) * sizeof(float);
+  if (plan.smem > (size_t)optin)
+    throw std::runtime_error(std::string(what) + " (CUDA): head_dim " + std::to_string(D) + " needs " +
+                             std::to_string(plan.smem) + " B of shared memory per block, the device allows " +
+                             std::to_string(optin));
+  plan.row_blocks = (int)ceil_div(plan.nq, plan.rows);
+  const index_t cap = token_capacity(c);
+  const index_t blocks = c.batch * c.map.num_heads * plan.row_blocks;
+  const int sms = device_attr(cudaDevAttrMultiProcessorCount, what);
+  index_t target = blocks > 0 ? ceil_div(2 * (index_t)sms, blocks) : 1;
+  target = target < 1 ? 1 : (target > 256 ? 256 : target);
+  plan.chunk = ceil_div(ceil_div(cap > 0 ? cap : 1, target), kDecodeTile) * kDecodeTile;
+  plan.splits = (int)ceil_div(cap > 0 ? cap : 1, plan.chunk);
+  return plan;
+}
+
+template <typename K>
+void allow_smem(K* kernel, size_t bytes, const char* what) {
+  if (bytes > 48 * 1024)
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+               what);
+}
+
+}  // namespace
+
+void launch_kv_append(const AppendParams& p, void* stream) {
+  if (p.cache.batch == 0 || p.n_new == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const float limit = finite_limit(p.cache.act);
+  dispatch_dtype<CudaTypes>(p.cache.act, [&](auto tag) {
+    using T = decltype(tag);
+    TROUS_LAUNCH((unsigned)p.cache.batch, kAppendThreads, 0, s, kv_append_kernel<T>)(p, limit);
+  });
+  check_launch("trous kv_append");
+}
+
+size_t decode_workspace_bytes(const DecodeParams& p) {
+  if (p.cache.batch == 0 || p.Hq == 0 || p.Sq == 0) return 0;
+  const DecodePlan plan = decode_plan(p);
+  const size_t rows = (size_t)plan.splits * (size_t)(p.cache.batch * p.cache.map.num_heads) * (size_t)plan.nq;
+  return rows * (size_t)(p.cache.fmt.head_dim + 1) * sizeof(float);
+}
+
+void launch_quantized_decode(const DecodeParams& p, void* stream) {
+  if (p.cache.batch == 0 || p.Hq == 0 || p.Sq == 0) return;
+  const char* what = "trous quantized_decode_attention";
+  const auto s = static_cast<cudaStream_t>(stream);
+  const DecodePlan plan = decode_plan(p);
+  const index_t bh = p.cache.batch * p.cache.map.num_heads;
+  if (plan.splits > 65535 || plan.row_blocks > 65535)
+    throw std::runtime_error(std::string(what) + " (CUDA): the cache capacity needs " + std::to_string(plan.splits) +
+                             " splits, more than the CUDA grid allows (65535)");
+  dispatch_dtype<CudaTypes>(p.cache.act, [&](auto tag) {
+    using T = decltype(tag);
+    allow_smem(quantized_decode_kernel<T>, plan.smem, what);
+    const dim3 grid((unsigned)bh, (unsigned)plan.splits, (unsigned)plan.row_blocks);
+    TROUS_LAUNCH(grid, kDecodeThreads, plan.smem, s, quantized_decode_kernel<T>)(p, plan);
+    TROUS_LAUNCH((unsigned)(bh * plan.nq), kDecodeThreads, 0, s, quantized_decode_merge<T>)(p, plan);
+  });
+  check_launch(what);
+}
+
+}  // namespace kv
+}  // namespace trous
