@@ -22,9 +22,9 @@ index_t token_capacity(const CacheRef& c) {
   return c.map.block_table ? c.map.max_pages * c.map.page_size : c.map.page_size;
 }
 
-// The split-KV plan: enough (sequence, KV head, split) blocks for about two waves of the device,
-// each split a whole number of tiles; query rows beyond kDecodeMaxRows (or beyond the shared memory
-// of a block) go to more blocks along z.
+// The split-KV plan: enough (sequence, KV head, split) blocks for about four per SM (several
+// resident at once hide the load latency), never more splits than tiles in the capacity; query rows beyond
+// kDecodeMaxRows (or beyond the shared memory of a block) go to more blocks along z.
 DecodePlan decode_plan(const DecodeParams& p) {
   const char* what = "trous quantized_decode_attention";
   const CacheRef& c = p.cache;
@@ -44,10 +44,10 @@ DecodePlan decode_plan(const DecodeParams& p) {
   const index_t cap = token_capacity(c);
   const index_t blocks = c.batch * c.map.num_heads * plan.row_blocks;
   const int sms = device_attr(cudaDevAttrMultiProcessorCount, what);
-  index_t target = blocks > 0 ? ceil_div(2 * (index_t)sms, blocks) : 1;
-  target = target < 1 ? 1 : (target > 256 ? 256 : target);
-  plan.chunk = ceil_div(ceil_div(cap > 0 ? cap : 1, target), kDecodeTile) * kDecodeTile;
-  plan.splits = (int)ceil_div(cap > 0 ? cap : 1, plan.chunk);
+  index_t target = blocks > 0 ? ceil_div(4 * (index_t)sms, blocks) : 1;
+  const index_t tiles = ceil_div(cap > 0 ? cap : 1, kDecodeTile);
+  target = target > tiles ? tiles : target;
+  plan.splits = (int)(target < 1 ? 1 : (target > 256 ? 256 : target));
   return plan;
 }
 
@@ -84,9 +84,9 @@ void launch_quantized_decode(const DecodeParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   const DecodePlan plan = decode_plan(p);
   const index_t bh = p.cache.batch * p.cache.map.num_heads;
-  if (plan.splits > 65535 || plan.row_blocks > 65535)
-    throw std::runtime_error(std::string(what) + " (CUDA): the cache capacity needs " + std::to_string(plan.splits) +
-                             " splits, more than the CUDA grid allows (65535)");
+  if (plan.row_blocks > 65535)
+    throw std::runtime_error(std::string(what) + " (CUDA): " + std::to_string(plan.nq) +
+                             " query rows per KV head need more row blocks than the CUDA grid allows (65535)");
   dispatch_dtype<CudaTypes>(p.cache.act, [&](auto tag) {
     using T = decltype(tag);
     allow_smem(quantized_decode_kernel<T>, plan.smem, what);

@@ -178,17 +178,22 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(AppendParams 
 
 // ---------------------------------------------------------------- quantized_decode_attention
 
-// Split-KV plan, computed on the host (decode_plan in cache_cuda.cu): the token range [0, capacity)
-// of every sequence is cut into `splits` chunks of `chunk` tokens (a multiple of kDecodeTile); the
-// query rows of a KV head ((Hq / Hkv) * Sq, row r = g * Sq + s) into `row_blocks` blocks of `rows`.
+// Split-KV plan, computed on the host (decode_plan in cache_cuda.cu): the tokens [0, L) of every
+// sequence are cut into `splits` chunks of whole tiles (the chunk is computed on the device from its
+// length, see decode_chunk, so short sequences of a long cache still use every split); the query rows
+// of a KV head ((Hq / Hkv) * Sq, row r = g * Sq + s) into `row_blocks` blocks of `rows`.
 struct DecodePlan {
-  index_t chunk = 0;
   int splits = 0;
   int rows = 0;        // rows per block
   int row_blocks = 0;  // ceil(nq / rows)
   index_t nq = 0;      // query rows per KV head
   size_t smem = 0;     // dynamic shared memory per block, bytes
 };
+
+// Tokens per split of a sequence holding L tokens: ceil(L / splits), rounded up to whole tiles.
+TROUS_INLINE index_t decode_chunk(index_t L, int splits) {
+  return ceil_div(ceil_div(L, (index_t)splits), kDecodeTile) * kDecodeTile;
+}
 
 // Floats of dynamic shared memory of a decode block with `rows` query rows.
 TROUS_INLINE index_t decode_smem_floats(index_t rows, index_t D) {
@@ -261,8 +266,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) quantized_decode_kernel(Dec
   const index_t r0 = (index_t)blockIdx.z * plan.rows;
   const index_t nr = plan.nq - r0 < plan.rows ? plan.nq - r0 : plan.rows;
   const index_t L = c.lengths[b], Q = quantized_length(f, L);
-  const index_t t_begin = split * plan.chunk;
-  const index_t t_end = t_begin + plan.chunk < L ? t_begin + plan.chunk : L;
+  const index_t chunk = decode_chunk(L, plan.splits);
+  const index_t t_begin = split * chunk;
+  const index_t t_end = t_begin + chunk < L ? t_begin + chunk : L;
   const index_t group = p.Hq / Hkv;
 
   TROUS_DYNAMIC_SHARED(float, smem);

@@ -243,6 +243,11 @@ struct NewTokens {
           const float centre = 2.f * (float)uniform(), spread = std::ldexp(1.f, (int)((t + h + salt) % 5) - 2);
           for (index_t d = 0; d < D; ++d)
             at(b, h, t, d) = from_f<T>(centre + spread * (float)uniform() * (1.f + (float)(d % 7) * 0.3f));
+          // Constant groups: channel 3 of every token (a constant KIVI key channel), and every
+          // channel of some tokens (constant per-token groups): scale = the smallest scale, codes 0.
+          at(b, h, t, 3) = from_f<T>(0.75f);
+          if ((t + salt) % 5 == 4)
+            for (index_t d = 0; d < D; ++d) at(b, h, t, d) = from_f<T>(-1.25f);
         }
   }
   T& at(index_t b, index_t h, index_t t, index_t d) { return buf[b * s.b + h * s.h + t * s.t + d]; }
@@ -464,7 +469,7 @@ struct Case {
   std::vector<Step> steps;
   index_t Hq, Sq;  // decode (Hq 0: append only)
   float softcap = 0.f;
-  int sm_count = 132;
+  int sm_count = 0;  // emulated SMs (fewer: fewer splits of more tiles); 0: alternate 132 and 1
 };
 
 template <typename T>
@@ -475,7 +480,8 @@ void run_case(const Case& k) {
                 k.paged ? ("paged/" + std::to_string(k.page_size)).c_str() : "contig", (int)k.D, (int)k.B, (int)k.H,
                 (int)k.Hq, (int)k.Sq, k.softcap > 0 ? " softcap" : "");
   Check chk{name};
-  trous_emu::device().sm_count = k.sm_count;
+  static int n_runs = 0;
+  trous_emu::device().sm_count = k.sm_count ? k.sm_count : (n_runs++ % 2 ? 1 : 132);
   HostCache<T> c(k.f, k.B, k.H, k.D, k.paged, k.page_size, k.max_pages);
   run_appends(c, k.steps, chk, true);
   if (k.Hq) check_decode(c, k.Hq, k.Sq, k.softcap, chk);
@@ -517,9 +523,10 @@ int main() {
       {{FP8, 8, 8, P32, E5, false, 0}, 2, 2, 96, false, 48, 1, mixed, 2, 4},
       // 40 query rows per KV head (GQA 8 x Sq 5): two row blocks; few SMs: one split of many tiles
       {{TOK, 4, 32, P16, E4, false, 6}, 2, 1, 64, false, 48, 1, mixed, 8, 5},
-      {{KIVI, 2, 8, P16, E4, false, 8}, 2, 2, 64, true, 16, 3, mixed, 4, 2, 0.f, 2},
-      // a longer context: 5 splits of one tile, the last one partial, with residual tokens
+      {{KIVI, 2, 8, P16, E4, false, 8}, 2, 2, 64, true, 16, 3, mixed, 4, 2, 0.f, 1},
+      // a longer context: many splits of one tile, the last one partial, with residual tokens
       {{KIVI, 4, 16, P16, E4, false, 32}, 2, 2, 64, true, 16, 10, long_ctx, 8, 1},
+      {{FP8, 8, 8, P32, E4, true, 16}, 2, 2, 64, true, 16, 10, long_ctx, 4, 3, 0.f, 3},  // 3 splits of 2 tiles
       {{TOK, 4, 32, P32, E4, false, 5}, 2, 2, 64, false, 160, 1, long_ctx, 4, 2},
   };
   int i = 0;
