@@ -41,6 +41,8 @@ DecodePlan decode_plan(const DecodeParams& p) {
                              std::to_string(plan.smem) + " B of shared memory per block, the device allows " +
                              std::to_string(optin));
   plan.row_blocks = (int)ceil_div(plan.nq, plan.rows);
+  const auto a16 = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
+  plan.vec = a16(c.k_residual) && a16(c.v_residual) && (c.fmt.scheme != CacheScheme::kKivi || a16(c.k_params));
   const index_t cap = token_capacity(c);
   const index_t blocks = c.batch * c.map.num_heads * plan.row_blocks;
   const int sms = device_attr(cudaDevAttrMultiProcessorCount, what);

@@ -21,8 +21,10 @@ namespace kv {
 
 constexpr int kAppendThreads = 256;
 constexpr int kDecodeThreads = 128;
-constexpr int kDecodeTile = 32;     // cache tokens per tile of the decode block
+constexpr int kDecodeTile = 32;     // cache tokens per tile of the decode block: one per lane of a warp
 constexpr int kDecodeMaxRows = 32;  // query rows ((Hq / Hkv) * Sq) per decode block
+
+static_assert(kDecodeTile == 32 && kDecodeThreads % 32 == 0, "the decode softmax maps a tile onto a warp");
 
 // ---------------------------------------------------------------- kv_append
 
@@ -187,6 +189,7 @@ struct DecodePlan {
   int rows = 0;        // rows per block
   int row_blocks = 0;  // ceil(nq / rows)
   index_t nq = 0;      // query rows per KV head
+  bool vec = false;    // residual rings and KIVI key params 16-byte aligned: 16-byte loads
   size_t smem = 0;     // dynamic shared memory per block, bytes
 };
 
@@ -205,18 +208,51 @@ TROUS_INLINE index_t decode_smem_floats(index_t rows, index_t D) {
          + 3 * rows;              // running max, sum, rescale factor
 }
 
+// The (scale, min) pairs of 8 consecutive channels (16 parameters from element i, a multiple of 16),
+// with 16-byte loads when VEC.
+TROUS_DEVICE inline void load_param_pairs(const void* params, index_t i, ParamType t, bool vec, float (&s)[kPack],
+                                          float (&z)[kPack]) {
+  if (vec && t == ParamType::kFloat32) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(params) + i);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float4 w = p[k];
+      s[2 * k] = w.x, z[2 * k] = w.y, s[2 * k + 1] = w.z, z[2 * k + 1] = w.w;
+    }
+  } else if (vec) {
+    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(params) + i);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const uint4 w = p[k];
+      const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[4 * k + e] = half_bits_to_float((uint16_t)(u[e] & 0xffffu));
+        z[4 * k + e] = half_bits_to_float((uint16_t)(u[e] >> 16));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPack; ++e)
+      s[e] = load_param(params, i + 2 * e, t), z[e] = load_param(params, i + 2 * e + 1, t);
+  }
+}
+
 // Dequantizes pack j (channels 8j..8j+7) of token t of head h of sequence b (t < Q: from the codes;
 // else from the residual ring) into v.
 template <typename T>
-TROUS_DEVICE inline void decode_load_pack(const CacheRef& c, bool keys, index_t b, index_t h, index_t t, index_t Q,
-                                          index_t j, float (&v)[kPack]) {
+TROUS_DEVICE inline void decode_load_pack(const CacheRef& c, bool keys, bool vec, index_t b, index_t h, index_t t,
+                                          index_t Q, index_t j, float (&v)[kPack]) {
   const CacheFormat& f = c.fmt;
   const index_t D = f.head_dim;
   if (t >= Q) {
     const T* src = static_cast<const T*>(keys ? c.k_residual : c.v_residual) +
                    residual_row(f, c.map.num_heads, b, h, t) * D + j * kPack;
-#pragma unroll
-    for (int e = 0; e < kPack; ++e) v[e] = to_float(src[e]);
+    if (vec) {
+      load_pack<T, true>(src, v);
+    } else {
+      load_pack<T, false>(src, v);
+    }
     return;
   }
   const index_t row = token_row(c.map, b, h, t);
@@ -233,12 +269,10 @@ TROUS_DEVICE inline void decode_load_pack(const CacheRef& c, bool keys, index_t 
   }
   load_codes(codes + j * f.bits, q, f.bits);
   if (keys && f.scheme == CacheScheme::kKivi) {
-    const index_t p0 = (key_group_row(c.map, f, b, h, t) * D + j * kPack) * 2;
+    float sc[kPack], zr[kPack];
+    load_param_pairs(params, (key_group_row(c.map, f, b, h, t) * D + j * kPack) * 2, f.param_type, vec, sc, zr);
 #pragma unroll
-    for (int e = 0; e < kPack; ++e) {
-      v[e] = asym_decode(q[e], load_param(params, p0 + 2 * e, f.param_type),
-                         load_param(params, p0 + 2 * e + 1, f.param_type));
-    }
+    for (int e = 0; e < kPack; ++e) v[e] = asym_decode(q[e], sc[e], zr[e]);
     return;
   }
   const index_t gi = row * (D / f.group) + (j * kPack) / f.group;
@@ -302,11 +336,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) quantized_decode_kernel(Dec
       const index_t t = k / packs, j = k % packs;
       float v[kPack];
       if (keys) {
-        decode_load_pack<T>(c, true, b, h, tile0 + t, Q, j, v);
+        decode_load_pack<T>(c, true, plan.vec, b, h, tile0 + t, Q, j, v);
 #pragma unroll
         for (int e = 0; e < kPack; ++e) ks[t * (D + 1) + j * kPack + e] = v[e];
       } else {
-        decode_load_pack<T>(c, false, b, h, tile0 + t, Q, j, v);
+        decode_load_pack<T>(c, false, plan.vec, b, h, tile0 + t, Q, j, v);
 #pragma unroll
         for (int e = 0; e < kPack; ++e) vs[t * D + j * kPack + e] = v[e];
       }
@@ -328,27 +362,29 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) quantized_decode_kernel(Dec
       ss[i] = sc;
     }
     __syncthreads();
-    for (index_t r = threadIdx.x; r < nr; r += blockDim.x) {
+    // Online softmax: one warp per row, one lane per token of the tile (kDecodeTile == warpSize).
+    for (index_t r = threadIdx.x / 32; r < nr; r += blockDim.x / 32) {  // warp-uniform bounds
+      const int lane = threadIdx.x % 32;
       float* sr = ss + r * kDecodeTile;
-      float mx = -INFINITY;
-      for (int t = 0; t < kDecodeTile; ++t) mx = fmaxf(mx, sr[t]);
+      const float sc = sr[lane];
+      float mx = sc;
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       const float m_old = m_run[r];
       const float m_new = fmaxf(m_old, mx);
-      if (m_new == -INFINITY) {  // nothing visible yet: probabilities 0, accumulators stay 0
-        for (int t = 0; t < kDecodeTile; ++t) sr[t] = 0.f;
-        alpha[r] = 1.f;
-        continue;
+      const bool none = m_new == -INFINITY;           // nothing visible yet: probabilities 0, accumulators stay 0
+      const float e = none ? 0.f : expf(sc - m_new);  // masked: exp(-inf) = 0
+      float sum = e;
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      sr[lane] = e;
+      __syncwarp();  // every lane has read m_run[r] before lane 0 updates it
+      if (lane == 0) {
+        const float a = none ? 1.f : expf(m_old - m_new);  // m_old = -inf: 0
+        l_run[r] = l_run[r] * a + sum;
+        m_run[r] = m_new;
+        alpha[r] = a;
       }
-      const float a = expf(m_old - m_new);  // m_old = -inf: 0
-      float sum = 0.f;
-      for (int t = 0; t < kDecodeTile; ++t) {
-        const float e = expf(sr[t] - m_new);  // masked: exp(-inf) = 0
-        sr[t] = e;
-        sum += e;
-      }
-      l_run[r] = l_run[r] * a + sum;
-      m_run[r] = m_new;
-      alpha[r] = a;
     }
     __syncthreads();
     // Each (row, channel) accumulator belongs to one thread for the whole kernel (fixed mapping).

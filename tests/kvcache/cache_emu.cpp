@@ -143,12 +143,16 @@ struct HostCache {
   index_t page_size, max_pages, pages;
   std::vector<uint8_t> kc, vc, kp, vp;  // codes, params (bytes)
   std::vector<float> ks8, vs8;          // fp8 scales
-  std::vector<T> kr, vr;                // residual rings
+  std::vector<T> kr, vr;                // residual rings (from element ring_off)
+  index_t ring_off = 0, poff = 0;       // misaligned: rings 1 element, params 1 parameter off 16 bytes
   std::vector<int32_t> lengths, bt;
   std::vector<std::vector<float>> hk, hv;  // history per (b, h): tokens x D, as T values
 
-  HostCache(const Fmt& f_, index_t B_, index_t H_, index_t D_, bool paged_, index_t page_size_, index_t max_pages_)
+  HostCache(const Fmt& f_, index_t B_, index_t H_, index_t D_, bool paged_, index_t page_size_, index_t max_pages_,
+            bool misaligned)
       : f(f_), B(B_), H(H_), D(D_), paged(paged_), page_size(page_size_), max_pages(paged_ ? max_pages_ : 1) {
+    ring_off = misaligned ? 1 : 0;
+    poff = misaligned ? (index_t)ps() : 0;
     pages = paged ? B * max_pages + 2 : B;  // paged: two pages no sequence uses
     const index_t cb = D * (f.scheme == CacheScheme::kFp8 ? 8 : f.bits) / 8;
     kc.assign(pages * H * page_size * cb, 0xcd);
@@ -161,10 +165,12 @@ struct HostCache {
       for (size_t i = 0; i < ks8.size(); ++i)
         ks8[i] = (3.f + (float)i) / 448.f, vs8[i] = (2.f + 0.5f * (float)i) / 448.f;
     } else {
-      vp.assign(pages * H * page_size * (D / f.G) * np * ps, 0xcd);
-      kp = f.scheme == CacheScheme::kKivi ? std::vector<uint8_t>(pages * H * (page_size / f.G) * D * 2 * ps, 0xcd) : vp;
+      vp.assign(poff + pages * H * page_size * (D / f.G) * np * ps, 0xcd);
+      kp = f.scheme == CacheScheme::kKivi
+               ? std::vector<uint8_t>(poff + pages * H * (page_size / f.G) * D * 2 * ps, 0xcd)
+               : vp;
     }
-    kr.assign(B * H * ref_cap(f) * D, from_f<T>(-7.f));
+    kr.assign(ring_off + B * H * ref_cap(f) * D, from_f<T>(-7.f));
     vr = kr;
     lengths.assign(B, 0);
     if (paged) {  // a shuffled page pool
@@ -188,14 +194,15 @@ struct HostCache {
     return (page(b, t) * H + h) * (page_size / f.G) + (t % page_size) / f.G;
   }
   index_t rrow(index_t b, index_t h, index_t t) const { return (b * H + h) * ref_cap(f) + t % ref_cap(f); }
+  index_t relem(index_t b, index_t h, index_t t) const { return ring_off + rrow(b, h, t) * D; }
   float param(const std::vector<uint8_t>& buf, index_t i) const {
     if (f.pt == ParamType::kFloat32) {
       float v;
-      std::memcpy(&v, buf.data() + 4 * i, 4);
+      std::memcpy(&v, buf.data() + poff + 4 * i, 4);
       return v;
     }
     __half h;
-    std::memcpy(&h, buf.data() + 2 * i, 2);
+    std::memcpy(&h, buf.data() + poff + 2 * i, 2);
     return __half2float(h);
   }
 
@@ -216,11 +223,11 @@ struct HostCache {
       const index_t voff = paged ? 0 : b0 * H * page_size * (D / f.G) * np * ps();
       const index_t koff =
           f.scheme == CacheScheme::kKivi ? (paged ? 0 : b0 * H * (page_size / f.G) * D * 2 * ps()) : voff;
-      c.k_params = kp.data() + koff;
-      c.v_params = vp.data() + voff;
+      c.k_params = kp.data() + poff + koff;
+      c.v_params = vp.data() + poff + voff;
     }
-    c.k_residual = ref_cap(f) ? kr.data() + b0 * H * ref_cap(f) * D : nullptr;
-    c.v_residual = ref_cap(f) ? vr.data() + b0 * H * ref_cap(f) * D : nullptr;
+    c.k_residual = ref_cap(f) ? kr.data() + ring_off + b0 * H * ref_cap(f) * D : nullptr;
+    c.v_residual = ref_cap(f) ? vr.data() + ring_off + b0 * H * ref_cap(f) * D : nullptr;
     c.lengths = lengths.data() + b0;
     c.batch = nb;
     c.act = dtype_of<T>();
@@ -274,7 +281,7 @@ void check_state(HostCache<T>& c, Check& chk) {
         // Ring: tokens [Q, L) exactly.
         for (index_t t = Q; t < L; ++t)
           for (index_t d = 0; d < D; ++d)
-            if (!same(to_f(ring[c.rrow(b, h, t) * D + d]), hist[t * D + d]))
+            if (!same(to_f(ring[c.relem(b, h, t) + d]), hist[t * D + d]))
               chk.fail(who + " ring token " + std::to_string(t) + " ch " + std::to_string(d));
         if (f.scheme == CacheScheme::kFp8) {
           const float s = (kv ? c.vs8 : c.ks8)[f.per_head ? h : 0];
@@ -368,7 +375,7 @@ void ref_dequant(const HostCache<T>& c, bool keys, index_t b, index_t h, index_t
   const index_t D = c.D, cb = c.cb();
   if (t >= Q) {
     const std::vector<T>& ring = keys ? c.kr : c.vr;
-    for (index_t d = 0; d < D; ++d) out[d] = to_f(ring[c.rrow(b, h, t) * D + d]);
+    for (index_t d = 0; d < D; ++d) out[d] = to_f(ring[c.relem(b, h, t) + d]);
     return;
   }
   const uint8_t* row = (keys ? c.kc : c.vc).data() + c.trow(b, h, t) * cb;
@@ -479,10 +486,13 @@ void run_case(const Case& k) {
                 k.f.pt == ParamType::kFloat16 ? "p16" : "p32", k.f.G, (int)k.f.R,
                 k.paged ? ("paged/" + std::to_string(k.page_size)).c_str() : "contig", (int)k.D, (int)k.B, (int)k.H,
                 (int)k.Hq, (int)k.Sq, k.softcap > 0 ? " softcap" : "");
-  Check chk{name};
   static int n_runs = 0;
-  trous_emu::device().sm_count = k.sm_count ? k.sm_count : (n_runs++ % 2 ? 1 : 132);
-  HostCache<T> c(k.f, k.B, k.H, k.D, k.paged, k.page_size, k.max_pages);
+  const bool misaligned = n_runs % 3 == 2;  // rings and params off 16 bytes: the scalar loads
+  if (misaligned) std::strcat(name, " misaligned");
+  Check chk{name};
+  trous_emu::device().sm_count = k.sm_count ? k.sm_count : (n_runs % 2 ? 1 : 132);
+  ++n_runs;
+  HostCache<T> c(k.f, k.B, k.H, k.D, k.paged, k.page_size, k.max_pages, misaligned);
   run_appends(c, k.steps, chk, true);
   if (k.Hq) check_decode(c, k.Hq, k.Sq, k.softcap, chk);
   trous_emu::device().sm_count = 132;
