@@ -1,5 +1,6 @@
 // Launchers of the quantized KV cache kernels (cache_kernels.cuh): raw pointers and a stream, no
 // torch headers. The op layers (kv_append, quantized_decode_attention) validate everything first.
+#include <stdexcept>
 #include <string>
 
 #include "kvcache/cache_cuda.h"
@@ -17,6 +18,25 @@ int device_attr(cudaDeviceAttr attr, const char* what) {
   return v;
 }
 
+// What the kernels assume of the format (the op layer has checked it; a violation would corrupt
+// memory, so the launchers refuse it too): packs of 8 channels, whole groups, whole KIVI key groups
+// per page, 8-bit codes for symmetric int8 and fp8.
+void check_format(const CacheRef& c, const char* what) {
+  const CacheFormat& f = c.fmt;
+  const bool fp8 = f.scheme == CacheScheme::kFp8;
+  const bool ok =
+      f.head_dim > 0 && f.head_dim % kPack == 0 && f.residual >= 0 &&
+      (fp8 || (f.group > 0 && f.group % kPack == 0 && f.head_dim % f.group == 0)) &&
+      (f.scheme != CacheScheme::kKivi || (c.map.page_size % f.group == 0 && f.residual % f.group == 0)) &&
+      ((fp8 || f.scheme == CacheScheme::kSymmetric) ? f.bits == 8 : (f.bits == 2 || f.bits == 4 || f.bits == 8));
+  if (!ok)
+    throw std::invalid_argument(std::string(what) + " (CUDA): unsupported cache format (head_dim " +
+                                std::to_string(f.head_dim) + ", group " + std::to_string(f.group) + ", bits " +
+                                std::to_string(f.bits) + ", page_size " + std::to_string(c.map.page_size) +
+                                ", residual " + std::to_string(f.residual) +
+                                "): head_dim and group must be multiples of 8, group must divide head_dim");
+}
+
 // Tokens a sequence can hold: its pages (contiguous: one page of T_max tokens).
 index_t token_capacity(const CacheRef& c) {
   return c.map.block_table ? c.map.max_pages * c.map.page_size : c.map.page_size;
@@ -29,6 +49,7 @@ DecodePlan decode_plan(const DecodeParams& p) {
   const char* what = "trous quantized_decode_attention";
   const CacheRef& c = p.cache;
   const index_t D = c.fmt.head_dim;
+  check_format(c, what);
   DecodePlan plan;
   plan.nq = (p.Hq / c.map.num_heads) * p.Sq;
   const int optin = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, what);
@@ -64,6 +85,7 @@ void allow_smem(K* kernel, size_t bytes, const char* what) {
 
 void launch_kv_append(const AppendParams& p, void* stream) {
   if (p.cache.batch == 0 || p.n_new == 0) return;
+  check_format(p.cache, "trous kv_append");
   const auto s = static_cast<cudaStream_t>(stream);
   const float limit = finite_limit(p.cache.act);
   dispatch_dtype<CudaTypes>(p.cache.act, [&](auto tag) {

@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstring>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -549,6 +550,38 @@ int main() {
       if (dt == 2) F<__nv_bfloat16>::run(k);
     }
     ++i;
+  }
+  {
+    // A format the kernels cannot address (D % 8 != 0, G not dividing D) is refused before any launch.
+    Check chk{"unsupported formats refused, nothing launched"};
+    for (const Fmt& f : {Fmt{TOK, 4, 32, P16, E4, false, 4}, Fmt{KIVI, 4, 12, P16, E4, false, 12}}) {
+      HostCache<__half> c(f, 1, 1, 60, false, 48, 1, false);
+      NewTokens<__half> k(1, 1, 2, 60, false, 0);
+      AppendParams p;
+      p.cache = c.ref(0, 1);
+      p.k = p.v = k.buf.data();
+      p.sk = p.sv = k.s;
+      p.n_new = 2;
+      bool threw = false;
+      try {
+        launch_kv_append(p, nullptr);
+      } catch (const std::invalid_argument&) {
+        threw = true;
+      }
+      DecodeParams d;
+      d.cache = p.cache;
+      d.Hq = d.Sq = 1;
+      bool threw_decode = false;
+      try {
+        launch_quantized_decode(d, nullptr);
+      } catch (const std::invalid_argument&) {
+        threw_decode = true;
+      }
+      if (!threw || !threw_decode) chk.fail(std::string(sname(f)) + " D=60 not refused");
+      if (!trous_emu::launches().empty() || c.lengths[0] != 0) chk.fail("a refused call launched a kernel");
+      trous_emu::launches().clear();
+    }
+    chk.done();
   }
   {
     Check chk{"coverage: every kernel instance launched"};
