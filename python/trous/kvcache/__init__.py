@@ -4,6 +4,8 @@
 written from the spec, ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
 from .cache import QuantizedKVCache  # noqa: F401  (TOP_LEVEL: trous.QuantizedKVCache)
+from .cache_ops import kv_append  # noqa: F401  (kv_append: the cache op of one layer)
+from .decode import quantized_decode_attention
 from .quantize import (
                        FP8_MAX,
                        QuantizedKV,
@@ -18,3 +20,4 @@ __all__ = ["QuantizedKV", "quantize_per_token", "quantize_per_channel", "quantiz
            "FP8_MAX"]
 __all__.append("QuantizedKVCache")
 TOP_LEVEL = ("QuantizedKVCache",)
+__all__ += ["quantized_decode_attention"]

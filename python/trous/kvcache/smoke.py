@@ -130,3 +130,120 @@ def run(r, quick: bool):
                     r.check(label + " dequant", close(out, back, 1e-2, 1e-6), "dequantized values differ")
 
             r.case(label, run)
+
+    _append_cases(r, quick, dev)
+    _decode_smoke(r, quick)
+
+
+def _append_cases(r, quick, dev):
+    """kv_append: every scheme, contiguous and paged (pages out of order, tokens crossing page ends),
+    a prefill then decode steps, dequantized through the block table and ring against the reference
+    of the whole history."""
+    # (scheme, bits, G, R, dtype, paged)
+    configs = [("kivi", 2, 8, 16, torch.float16, True), ("per_token", 4, 32, 3, torch.bfloat16, False),
+               ("symmetric", 8, 64, 0, torch.float32, True), ("fp8", 8, 0, 2, torch.float16, False)]
+    if not quick:
+        configs += [("kivi", 4, 32, 32, torch.bfloat16, False), ("per_token", 8, 128, 0, torch.float16, True),
+                    ("fp8", 8, 0, 0, torch.bfloat16, True)]
+    for i, (scheme, bits, G, R, dtype, paged) in enumerate(configs):
+        label = f"kv_append {scheme} bits={bits} G={G} R={R} {dtype} {'paged' if paged else 'contiguous'}"
+
+        def run(scheme=scheme, bits=bits, G=G, R=R, dtype=dtype, paged=paged, label=label, seed=100 + i):
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            B, H, D, t_max = 3, 2, 128, 64
+            page = 16 if paged else t_max
+            max_pages = t_max // page
+            pages = B * max_pages + 1 if paged else B
+            table = torch.randperm(pages, generator=g)[:B * max_pages].reshape(B, max_pages) if paged else None
+            table = table.to(device=dev, dtype=torch.int32) if paged else None
+            cb = D if scheme in ("symmetric", "fp8") else D * bits // 8
+            cdt = torch.int8 if scheme == "symmetric" else torch.uint8
+            pdt = torch.float16 if dtype == torch.float16 else torch.float32
+            cap = R + (G - 1 if scheme == "kivi" else 0)
+            codes = [torch.zeros(pages, H, page, cb, dtype=cdt, device=dev) for _ in range(2)]
+            if scheme == "fp8":
+                params = [torch.full((H,), 0.01, device=dev), torch.tensor(0.02, device=dev)]
+                params[1] = params[1].expand(H).contiguous()
+            else:
+                kshape = (pages, H, page // G, D, 2) if scheme == "kivi" else (pages, H, page, D // G, 2)
+                vshape = (pages, H, page, D // G, 1 if scheme == "symmetric" else 2)
+                if scheme == "symmetric":
+                    kshape = vshape
+                params = [torch.zeros(kshape, dtype=pdt, device=dev), torch.zeros(vshape, dtype=pdt, device=dev)]
+            ring = [torch.zeros(B, H, cap, D, dtype=dtype, device=dev) for _ in range(2)]
+            lengths = torch.zeros(B, dtype=torch.int32, device=dev)
+            hist = [torch.randn(B, H, 45, D, generator=g).to(device=dev, dtype=dtype) for _ in range(2)]
+            for t0, t1 in ((0, 37), (37, 38), (38, 39), (39, 45)):
+                r.call("trous::kv_append", codes[0], params[0], codes[1], params[1], ring[0], ring[1], lengths,
+                       table, hist[0][:, :, t0:t1], hist[1][:, :, t0:t1], scheme, bits, G, R, "e4m3")
+            if r.compare:
+                r.check(label + " lengths", lengths.cpu().tolist() == [45] * B, f"lengths {lengths.tolist()}")
+                got = ref.reference_dequantize_cache(codes[0], params[0], codes[1], params[1], ring[0], ring[1],
+                                                     lengths, table, scheme, bits, G, R)
+                want = ref.reference_cache_history(hist[0], hist[1], scheme, bits, G, R, pdt, "e4m3", params[0],
+                                                   params[1])
+                for name, a, b in zip("kv", got, want):
+                    r.check(f"{label} {name}", close(a, b, 1e-2, 1e-2),
+                            "the cache differs from the history's reference")
+
+        r.case(label, run)
+
+
+def _decode_smoke(r, quick: bool):
+    """quantized_decode_attention on small contiguous caches: every token quantized (the quantize
+    ops' output is the contiguous layout), the rest of a shorter sequence in the residual ring, or
+    everything in the residual; GQA, Sq > 1, softcap, fp16 / bf16 / fp32."""
+    dev = r.device
+    # (scheme, bits, G, residual, D, Hkv, Hq, Sq, T, lengths, dtype, softcap)
+    cases = [
+        ("per_token", 4, 32, 0, 64, 2, 8, 2, 37, [37, 20], torch.float16, 0.0),
+        ("kivi", 2, 32, 0, 64, 2, 4, 1, 64, [64, 40], torch.float32, 0.0),
+        ("fp8", 8, 0, 0, 128, 2, 16, 1, 19, [19, 1], torch.bfloat16, 30.0),
+        ("per_token", 8, 64, 64, 64, 1, 1, 3, 64, [50, 2], torch.float32, 0.0),
+    ]
+    if not quick:
+        cases += [("symmetric", 8, 32, 0, 96, 2, 16, 4, 45, [45, 44], torch.float16, 0.0),
+                  ("kivi", 4, 16, 32, 128, 4, 16, 1, 96, [96, 57], torch.bfloat16, 0.0)]
+    for k, (scheme, bits, G, R, D, Hkv, Hq, Sq, T, lengths, dtype, cap) in enumerate(cases):
+        label = f"quantized_decode_attention {scheme} bits={bits} G={G} R={R} D={D} {Hq}/{Hkv} Sq={Sq} {dtype}"
+
+        def run(scheme=scheme, bits=bits, G=G, R=R, D=D, Hkv=Hkv, Hq=Hq, Sq=Sq, T=T, lengths=lengths, dtype=dtype,
+                cap=cap, seed=500 + k, label=label):
+            B = len(lengths)
+            k_hist = _kv_input((B, Hkv, T, D), dtype, dev, seed)
+            v_hist = _kv_input((B, Hkv, T, D), dtype, dev, seed + 1)
+            q = _kv_input((B, Hq, Sq, D), dtype, dev, seed + 2)
+            pdt = torch.float16 if dtype == torch.float16 else torch.float32
+            if scheme == "fp8":
+                kp = torch.rand(Hkv, device=dev) * 0.01 + 0.004  # per-head scales
+                vp = torch.rand(Hkv, device=dev) * 0.01 + 0.004
+                kc = r.call("trous::kv_quantize_fp8", k_hist, kp, "e4m3")
+                vc = r.call("trous::kv_quantize_fp8", v_hist, vp, "e4m3")
+            elif scheme == "kivi":
+                kc, kp = r.call("trous::kv_quantize_channel", k_hist, bits, G, pdt)
+                vc, vp = r.call("trous::kv_quantize", v_hist, bits, G, False, pdt)
+            else:
+                sym = scheme == "symmetric"
+                kc, kp = r.call("trous::kv_quantize", k_hist, bits, G, sym, pdt)
+                vc, vp = r.call("trous::kv_quantize", v_hist, bits, G, sym, pdt)
+            g = G if scheme == "kivi" else 1
+            rcap = R + g - 1
+            k_res = torch.zeros(B, Hkv, rcap, D, device=dev, dtype=dtype)
+            v_res = torch.zeros_like(k_res)
+            for b, L in enumerate(lengths):  # the tokens the residual rule keeps in full precision
+                qlen = 0 if L <= R else ((L - R) // g) * g
+                slots = torch.arange(qlen, L, device=dev) % max(rcap, 1)
+                k_res[b][:, slots] = k_hist[b, :, qlen:L]
+                v_res[b][:, slots] = v_hist[b, :, qlen:L]
+            lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
+            args = (q, kc, kp, vc, vp, k_res, v_res, lens, None, scheme, bits, G, R, "e4m3", D ** -0.5, cap)
+            out, lse = r.call("trous::quantized_decode_attention", *args)
+            if r.compare:
+                want, want_lse = ref.reference_decode_attention(*args)
+                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                r.check(label + " out", close(out.float(), want, tol, tol), "outputs differ")
+                fin = torch.isfinite(want_lse)
+                r.check(label + " lse", bool((torch.isinf(lse) == ~fin).all())
+                        and close(lse[fin], want_lse[fin], 1e-4, 1e-4), "lse differs")
+
+        r.case(label, run)
