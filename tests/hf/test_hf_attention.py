@@ -18,7 +18,7 @@ from transformers import masking_utils as mu  # noqa: E402
 import trous  # noqa: E402
 import trous.hf  # noqa: E402
 from helpers import close  # noqa: E402
-from trous.hf.attention import TrousMask, pattern_of  # noqa: E402
+from trous.hf.attention import TrousMask, attention_forward, pattern_of  # noqa: E402
 
 S = 256  # tokens per row
 W = 64  # sliding window (HF convention: W keys, the query included)
@@ -221,3 +221,17 @@ def test_dense_masks_static_cache_and_dropout_are_refused():
 def test_unsupported_mask_function_is_refused():
     with pytest.raises(NotImplementedError, match="not expressible"):
         pattern_of(mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv < 4))
+
+
+def test_attention_function_without_a_mask_reads_the_call_and_module():
+    """A model that builds no mask: causal from module.is_causal, W keys (query included) from
+    sliding_window; (B, H, S, D) in, (B, S, H, D) out; flattened packed batches are refused."""
+    q, k, v = (torch.randn(2, h, 40, 32, generator=torch.Generator().manual_seed(h)) for h in (4, 2, 2))
+    mod = torch.nn.Module()
+    mod.is_causal = True
+    out, weights = attention_forward(mod, q, k, v, None, scaling=0.2, sliding_window=6)
+    want = trous.sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                  window=(5, 0), scale=0.2)
+    assert weights is None and torch.equal(out, want)
+    with pytest.raises(NotImplementedError, match="packed"):
+        attention_forward(mod, q, k, v, None, cu_seq_lens_q=torch.tensor([0, 20, 40], dtype=torch.int32))

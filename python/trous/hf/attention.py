@@ -197,6 +197,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     for unsupported in ("position_bias", "s_aux", "sinks"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"trous attention (transformers): {unsupported} is not supported")
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        raise NotImplementedError("trous attention (transformers): packed sequences (cu_seq_lens_q / cu_seq_lens_k) "
+                                  "are not supported yet; pass one sequence per row")
     if isinstance(attention_mask, TrousMask):
         pattern = attention_mask.pattern
         if attention_mask.key_start:
