@@ -71,7 +71,6 @@ EXPECTED = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     assert trous.hf.register() == "trous"
 
 
