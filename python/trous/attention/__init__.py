@@ -11,10 +11,10 @@ of ``python -m trous.bench --family attention`` / ``trous.smoke``.
 """
 from .module import SparseMultiheadAttention
 from .pattern import AttentionPattern
-from .sparse import sparse_attention
+from .sparse import sparse_attention, sparse_attention_varlen
 
-TOP_LEVEL = ("sparse_attention", "AttentionPattern")
+TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern")
 # The layers, as trous.nn.SparseMultiheadAttention (module.py).
 NN = ("SparseMultiheadAttention",)
 
-__all__ = ["sparse_attention", "AttentionPattern", "SparseMultiheadAttention"]
+__all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "SparseMultiheadAttention"]
