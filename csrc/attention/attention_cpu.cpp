@@ -101,6 +101,10 @@ struct KvSource {
   }
 };
 
+// Rows prefetched ahead of the one being loaded (query rows are strided by Hq * D: a few misses in
+// flight at once matter for narrow bands, where loading the rows is a tenth of a tile's time).
+constexpr index_t kAhead = 8;
+
 template <typename T>
 void prefetch_row(const T* row, index_t n) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -358,9 +362,6 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     if (n <= 0) return;
     const index_t np = round8(n);
     // Q rows into O (free until the first P V), then transposed and scaled into Qt; padding rows 0.
-    // (rows are strided by Hq * D: prefetching a few ahead keeps several misses in flight, which
-    // matters for narrow bands, where loading Q is a tenth of a tile's time)
-    constexpr index_t kAhead = 8;
     const T* q_bh = q + b * a.q.b + h * a.q.h;
     for (index_t t = 0; t < std::min(n, kAhead); ++t) prefetch_row(q_bh + query_row(p, qt, t) * a.q.s, D);
     for (index_t t = 0; t < n; ++t) {
@@ -522,13 +523,16 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
           }
           const index_t i = query_row(p, qt, t);
           rows[t] = i;
-          trous::cpu::to_float_row(q + b * a.q.b + i * a.q.s + h * a.q.h, Qs + t * D, D);
-          scale_row(Qs + t * D, D, qscale);
+          if (t + kAhead < n) {  // (strided rows: keep a few misses in flight, as in the forward)
+            const index_t ia = query_row(p, qt, t + kAhead);
+            prefetch_row(q + b * a.q.b + ia * a.q.s + h * a.q.h, D);
+            prefetch_row(go + b * a.go.b + ia * a.go.s + h * a.go.h, D);
+            prefetch_row(out + b * a.o.b + ia * a.o.s + h * a.o.h, D);
+          }
+          trous::cpu::to_float_row_scaled(q + b * a.q.b + i * a.q.s + h * a.q.h, qscale, Qs + t * D, D);
           trous::cpu::to_float_row(go + b * a.go.b + i * a.go.s + h * a.go.h, dO + t * D, D);
           trous::cpu::to_float_row(out + b * a.o.b + i * a.o.s + h * a.o.h, tmp, D);
-          float dv = 0.f;
-          for (index_t d = 0; d < D; ++d) dv += dO[t * D + d] * tmp[d];
-          Dv[t] = dv;
+          Dv[t] = trous::cpu::dot_row(dO + t * D, tmp, D);
           const float lv = lse[(b * a.Hq + h) * a.Sq + i];
           const bool act = row_active(p, qt, i) && lv != kNegInf;
           L[t] = act ? lv : std::numeric_limits<float>::infinity();
@@ -590,8 +594,7 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
         for (index_t t = 0; t < n; ++t) {
           const index_t i = rows[t];
           if (!row_active(p, qt, i)) continue;
-          scale_row(dQ + t * D, D, qscale);
-          trous::cpu::from_float_row(dQ + t * D, gq + ((b * a.Sq + i) * a.Hq + h) * D, D);
+          trous::cpu::from_float_row_scaled(dQ + t * D, qscale, gq + ((b * a.Sq + i) * a.Hq + h) * D, D);
         }
       }
     }

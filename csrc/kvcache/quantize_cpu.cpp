@@ -3,6 +3,8 @@
 // computes the same bits from the shared math in kvcache.h.
 #include "kvcache/quantize_cpu.h"
 
+#include "kvcache/append_cpu.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -426,38 +428,59 @@ TROUS_AVX2 void channel_params_avx2(const float* mn, const float* mx, const uint
 }
 #endif
 
+// The channel-wise functions of the machine (AVX2 or scalar), chosen once.
+struct KeyGroupFns {
+  void (*minmax)(const float*, float*, float*, uint32_t*, index_t) = &channel_minmax_scalar;
+  void (*codes)(const float*, const float*, const float*, int, index_t, uint8_t*) = &channel_codes_scalar;
+  void (*params)(const float*, const float*, const uint32_t*, const ChannelQuantArgs&, void*, index_t, float*,
+                 float*) = &channel_params_scalar;
+  KeyGroupFns() {
+#if TROUS_HAVE_AVX2_PATH
+    if (has_avx2()) {
+      minmax = &channel_minmax_avx2;
+      codes = &channel_codes_avx2;
+      params = &channel_params_avx2;
+    }
+#endif
+  }
+};
+
+// Scratch of one key group: D floats each (bad: D flags).
+struct KeyGroupScratch {
+  std::vector<float> mn, mx, zero, inv;
+  std::vector<uint32_t> bad;
+  explicit KeyGroupScratch(index_t D) : mn(D), mx(D), zero(D), inv(D), bad(D) {}
+};
+
+// One token group of G rows (tile, row-major, fp32): channel min / max, the D parameter pairs at pair
+// index p0, then the codes of row t at dst + t * code_bytes.
+void quantize_key_group(const KeyGroupFns& fn, const float* tile, const ChannelQuantArgs& a, void* params, index_t p0,
+                        uint8_t* dst, KeyGroupScratch& s) {
+  const index_t D = a.in.D, G = a.group, code_bytes = D * a.bits / 8;
+  std::copy(tile, tile + D, s.mn.data());
+  std::copy(tile, tile + D, s.mx.data());
+  std::fill(s.bad.begin(), s.bad.end(), 0u);
+  for (index_t t = 0; t < G; ++t) fn.minmax(tile + t * D, s.mn.data(), s.mx.data(), s.bad.data(), D);
+  fn.params(s.mn.data(), s.mx.data(), s.bad.data(), a, params, p0, s.zero.data(), s.inv.data());
+  for (index_t t = 0; t < G; ++t) fn.codes(tile + t * D, s.zero.data(), s.inv.data(), a.bits, D, dst + t * code_bytes);
+}
+
 // KIVI keys: one task = one token group of one (b, h), G rows reduced channel-wise.
 template <typename T>
 void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const ChannelQuantArgs& a) {
   const index_t D = a.in.D, G = a.group, token_groups = a.in.T / G;
   const index_t code_bytes = D * a.bits / 8;
-  auto* minmax_fn = &channel_minmax_scalar;
-  auto* codes_fn = &channel_codes_scalar;
-  auto* params_fn = &channel_params_scalar;
-#if TROUS_HAVE_AVX2_PATH
-  if (has_avx2()) {
-    minmax_fn = &channel_minmax_avx2;
-    codes_fn = &channel_codes_avx2;
-    params_fn = &channel_params_avx2;
-  }
-#endif
+  const KeyGroupFns fn;
   at::parallel_for(0, a.in.B * a.in.H * token_groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> tile(G * D), scratch(D), mn(D), mx(D), zero(D), inv(D);
-    std::vector<uint32_t> bad(D);
+    std::vector<float> tile(G * D), scratch(D);
+    KeyGroupScratch s(D);
     for (int64_t task = t0; task < t1; ++task) {
       const index_t row0 = (task / token_groups) * a.in.T + (task % token_groups) * G;
       for (index_t t = 0; t < G; ++t) {
         const float* row = row_as_float(x + row_offset(row0 + t, a.in.H, a.in.T, a.in.stride), D, scratch);
         std::copy(row, row + D, tile.data() + t * D);
       }
-      std::copy(tile.data(), tile.data() + D, mn.data());
-      std::copy(tile.data(), tile.data() + D, mx.data());
-      std::fill(bad.begin(), bad.end(), 0u);
-      for (index_t t = 0; t < G; ++t) minmax_fn(tile.data() + t * D, mn.data(), mx.data(), bad.data(), D);
-      params_fn(mn.data(), mx.data(), bad.data(), a, params, task * D, zero.data(), inv.data());
-      for (index_t t = 0; t < G; ++t) {
-        codes_fn(tile.data() + t * D, zero.data(), inv.data(), a.bits, D, codes + (row0 + t) * code_bytes);
-      }
+      quantize_key_group(fn, tile.data(), a, params, task * D, codes + row0 * code_bytes, s);
     }
   });
 }
@@ -562,6 +585,28 @@ void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index
 }
 
 }  // namespace
+
+// ---- Row kernels shared with kv_append (append_cpu.h).
+
+void cpu_quantize_token_row(const float* row, const TokenQuantArgs& a, void* params, index_t row_index, uint8_t* dst) {
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) return quantize_row_avx2(row, a, params, row_index, dst);
+#endif
+  quantize_row_scalar(row, a, params, row_index, dst);
+}
+
+void cpu_quantize_key_group(const float* tile, const ChannelQuantArgs& a, void* params, index_t p0, uint8_t* dst) {
+  static const KeyGroupFns fn;
+  KeyGroupScratch s(a.in.D);
+  quantize_key_group(fn, tile, a, params, p0, dst, s);
+}
+
+void cpu_quantize_fp8_row(const float* row, float scale, Fp8Format format, index_t D, uint8_t* dst) {
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) return fp8_row_avx2(row, scale, format, D, dst);
+#endif
+  fp8_row_scalar(row, scale, format, D, dst);
+}
 
 void cpu_quantize_token(DType dtype, const void* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
   dispatch_dtype<cpu::CpuTypes>(dtype, [&](auto tag) {

@@ -3,6 +3,7 @@
 ``quantize`` holds the functions (fake kernels: the C++ Meta kernels), ``reference`` the slow reference
 written from the spec, ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
+from .cache_ops import kv_append  # noqa: F401  (kv_append: the cache op of one layer)
 from .decode import quantized_decode_attention
 from .quantize import (
                        FP8_MAX,

@@ -192,8 +192,46 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
     out = _cases_for_shape(REFERENCE_SHAPE, ["fp16"] if quick else ["fp16", "fp32"], device, quick)
     if device == "cuda":
         out += _cases_for_shape(GPU_SHAPE, ["fp16"], device, quick)
+    out.append(_append_case(device))
     out += decode_cases(device, quick)
     return out
+
+
+APPEND_SHAPE = (8, 8, 1, 128)  # one decode step of a layer: B 8, Hkv 8, n_new 1, D 128
+
+
+def _append_case(device: str) -> Case:
+    """kv_append of one decode step of all K and V of a layer (int4 per-token groups of 32, fp16
+    activations and parameters, contiguous cache of 4096 tokens holding 1000) against a plain copy_
+    of the same K and V bytes into a preallocated buffer. Target (issue 13): < 2x the copy's time."""
+    import trous  # noqa: F401
+
+    ops = torch.ops.trous
+    B, H, n, D = APPEND_SHAPE
+    bits, G, t_max, start = 4, 32, 4096, 1000
+    dtype = torch.float16
+
+    def make_inputs(i):
+        kv = _randn((2, B, H, n, D), dtype, device, i)
+        codes = [torch.zeros(B, H, t_max, D * bits // 8, dtype=torch.uint8, device=device) for _ in range(2)]
+        params = [torch.zeros(B, H, t_max, D // G, 2, dtype=dtype, device=device) for _ in range(2)]
+        ring = [torch.zeros(B, H, 0, D, dtype=dtype, device=device) for _ in range(2)]
+        lengths = torch.full((B,), start, dtype=torch.int32, device=device)
+        return (codes[0], params[0], codes[1], params[1], ring[0], ring[1], lengths, kv, torch.empty_like(kv))
+
+    # The harness calls fn at most warm-up + max_repeats (~52) times in all: the cache never fills.
+    def append(kc, kp, vc, vp, kr, vr, lengths, kv, buf):
+        ops.kv_append(kc, kp, vc, vp, kr, vr, lengths, None, kv[0], kv[1], "per_token", bits, G, 0, "e4m3")
+
+    N = 2 * B * H * n * D
+    x_bytes = _nbytes(N, dtype)
+    written = N * bits // 8 + _nbytes(2 * B * H * n * (D // G) * 2, dtype)
+    return Case(family=FAMILY, op="append decode step int4 G=32 (K+V of a layer)", shape=_shape_str(APPEND_SHAPE),
+                dtype="fp16", make_inputs=make_inputs, fn=append,
+                baseline=lambda *a: a[-1].copy_(a[-2]), bytes_moved=x_bytes + written,
+                input_bytes=x_bytes + 2 * _nbytes(B * H * t_max * D // 2, torch.uint8),
+                baseline_name="copy_ of the same K and V bytes into a preallocated buffer",
+                targets={"speedup": 0.5})
 
 
 

@@ -143,6 +143,104 @@ def dequantize_fp8(codes, scale, fmt, dtype=torch.float32):
     return (codes.view(FP8_DTYPES[fmt]).float() * _scale_view(scale, codes)).to(dtype)
 
 
+# ---- cache: append reference
+# What a layer's quantized cache (csrc/kvcache/cache.h) holds, from the spec alone: the residual rule
+# and the layouts, then the per-format reference quantizers above.
+
+
+def ref_token_group(scheme, group_size):
+    """Tokens quantized together along the sequence: G for KIVI, 1 for every other scheme."""
+    return group_size if scheme == "kivi" else 1
+
+
+def ref_residual_capacity(scheme, group_size, residual):
+    """Slots of the residual ring: R plus the G - 1 tokens of an incomplete KIVI group."""
+    return residual + ref_token_group(scheme, group_size) - 1
+
+
+def ref_quantized_length(scheme, group_size, residual, length):
+    """The largest multiple of the token group that leaves at least `residual` tokens in full precision."""
+    g = ref_token_group(scheme, group_size)
+    return 0 if length <= residual else (length - residual) // g * g
+
+
+def _ref_roundtrip(x, scheme, bits, group_size, param_dtype, fp8_format, scale, key):
+    """x [B, H, T, D] through the scheme's reference quantizer and back, as float32."""
+    if scheme == "fp8":
+        return dequantize_fp8(quantize_fp8(x, scale, fp8_format), scale, fp8_format, torch.float32)
+    if scheme == "kivi" and key:
+        codes, params = quantize_per_channel(x, bits, group_size, param_dtype)
+        return dequantize_per_channel(codes, params, bits, group_size, torch.float32)
+    sym = scheme == "symmetric"
+    codes, params = quantize_per_token(x, bits, group_size, sym, param_dtype)
+    return dequantize_per_token(codes, params, bits, group_size, sym, torch.float32)
+
+
+def reference_cache_history(k_hist, v_hist, scheme, bits, group_size, residual, param_dtype=torch.float32,
+                            fp8_format="e4m3", k_scale=None, v_scale=None, lengths=None):
+    """What the cache must dequantize to after appending the whole history ``k_hist``, ``v_hist``
+    ``[B, Hkv, T, D]`` (in any interleaving of prefill and decode steps): tokens ``[0, Tq)`` through the
+    reference quantizers, ``Tq = ref_quantized_length(T)`` (KIVI keys per channel over groups of G
+    tokens, values per token; other schemes per token), tokens ``[Tq, T)`` exact. ``lengths`` (a list
+    of B ints <= T) gives sequences of different lengths; positions beyond a sequence's length are 0.
+    fp8: ``k_scale`` / ``v_scale`` are the fixed fp32 scales ([] or [Hkv]). Returns float32 (k, v)."""
+    B, H, T, D = k_hist.shape
+    lengths = [T] * B if lengths is None else [int(n) for n in lengths]
+    k_out = torch.zeros(B, H, T, D, dtype=torch.float32, device=k_hist.device)
+    v_out = torch.zeros_like(k_out)
+    for b, n in enumerate(lengths):
+        tq = ref_quantized_length(scheme, group_size, residual, n)
+        for hist, out, scale, key in ((k_hist, k_out, k_scale, True), (v_hist, v_out, v_scale, False)):
+            x = hist[b:b + 1, :, :n]
+            if tq > 0:
+                out[b:b + 1, :, :tq] = _ref_roundtrip(x[:, :, :tq], scheme, bits, group_size, param_dtype, fp8_format,
+                                                      scale, key)
+            out[b:b + 1, :, tq:n] = x[:, :, tq:].float()
+    return k_out, v_out
+
+
+def _gather_pages(t, b, block_table, n_pages):
+    """Sequence b's first n_pages pages of a [pages, H, page, ...] tensor, as [H, n_pages * page, ...]."""
+    rows = t[b:b + 1] if block_table is None else t[block_table[b, :n_pages].long()]
+    rows = rows.movedim(1, 0)  # [H, n_pages, page, ...]
+    return rows.reshape(rows.shape[0], rows.shape[1] * rows.shape[2], *rows.shape[3:])
+
+
+def reference_dequantize_cache(k_codes, k_params, v_codes, v_params, k_residual, v_residual, lengths, block_table,
+                               scheme, bits, group_size, residual, fp8_format="e4m3"):
+    """Reads a layer's cache tensors (the layouts of ``trous.kvcache.kv_append``) back into float32
+    (k, v) ``[B, Hkv, max(lengths), D]``: quantized tokens gathered through the block table (contiguous:
+    page b) and dequantized with the reference decoders, residual tokens read from ring slot
+    ``t % capacity``; positions beyond a sequence's length are 0."""
+    lens = [int(n) for n in lengths.tolist()]
+    B, H = len(lens), k_residual.shape[1]
+    D = k_residual.shape[3]
+    page = k_codes.shape[2]
+    cap = ref_residual_capacity(scheme, group_size, residual)
+    T = max(lens, default=0)
+    out = [torch.zeros(B, H, T, D, dtype=torch.float32, device=k_codes.device) for _ in range(2)]
+    sides = ((k_codes, k_params, k_residual, True), (v_codes, v_params, v_residual, False))
+    for b, n in enumerate(lens):
+        tq = ref_quantized_length(scheme, group_size, residual, n)
+        n_pages = -(-tq // page)
+        for (codes, params, ring, key), o in zip(sides, out):
+            if tq > 0:
+                c = _gather_pages(codes, b, block_table, n_pages)[:, :tq].unsqueeze(0)
+                if scheme == "fp8":
+                    o[b:b + 1, :, :tq] = dequantize_fp8(c, params, fp8_format, torch.float32)
+                elif scheme == "kivi" and key:
+                    p = _gather_pages(params, b, block_table, n_pages)[:, :tq // group_size].unsqueeze(0)
+                    o[b:b + 1, :, :tq] = dequantize_per_channel(c, p, bits, group_size, torch.float32)
+                else:
+                    p = _gather_pages(params, b, block_table, n_pages)[:, :tq].unsqueeze(0)
+                    o[b:b + 1, :, :tq] = dequantize_per_token(c, p, bits, group_size, scheme == "symmetric",
+                                                              torch.float32)
+            if n > tq:
+                slots = torch.arange(tq, n, device=ring.device) % cap
+                o[b, :, tq:n] = ring[b, :, slots].float()
+    return out[0], out[1]
+
+
 # ---- cache: decode reference
 # quantized_decode_attention written from cache.h's layout and the residual rule: every sequence's
 # history is gathered token by token (page block_table[b][t // page_size] at offset t % page_size, or

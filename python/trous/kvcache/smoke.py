@@ -131,7 +131,62 @@ def run(r, quick: bool):
 
             r.case(label, run)
 
+    _append_cases(r, quick, dev)
     _decode_smoke(r, quick)
+
+
+def _append_cases(r, quick, dev):
+    """kv_append: every scheme, contiguous and paged (pages out of order, tokens crossing page ends),
+    a prefill then decode steps, dequantized through the block table and ring against the reference
+    of the whole history."""
+    # (scheme, bits, G, R, dtype, paged)
+    configs = [("kivi", 2, 8, 16, torch.float16, True), ("per_token", 4, 32, 3, torch.bfloat16, False),
+               ("symmetric", 8, 64, 0, torch.float32, True), ("fp8", 8, 0, 2, torch.float16, False)]
+    if not quick:
+        configs += [("kivi", 4, 32, 32, torch.bfloat16, False), ("per_token", 8, 128, 0, torch.float16, True),
+                    ("fp8", 8, 0, 0, torch.bfloat16, True)]
+    for i, (scheme, bits, G, R, dtype, paged) in enumerate(configs):
+        label = f"kv_append {scheme} bits={bits} G={G} R={R} {dtype} {'paged' if paged else 'contiguous'}"
+
+        def run(scheme=scheme, bits=bits, G=G, R=R, dtype=dtype, paged=paged, label=label, seed=100 + i):
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            B, H, D, t_max = 3, 2, 128, 64
+            page = 16 if paged else t_max
+            max_pages = t_max // page
+            pages = B * max_pages + 1 if paged else B
+            table = torch.randperm(pages, generator=g)[:B * max_pages].reshape(B, max_pages) if paged else None
+            table = table.to(device=dev, dtype=torch.int32) if paged else None
+            cb = D if scheme in ("symmetric", "fp8") else D * bits // 8
+            cdt = torch.int8 if scheme == "symmetric" else torch.uint8
+            pdt = torch.float16 if dtype == torch.float16 else torch.float32
+            cap = R + (G - 1 if scheme == "kivi" else 0)
+            codes = [torch.zeros(pages, H, page, cb, dtype=cdt, device=dev) for _ in range(2)]
+            if scheme == "fp8":
+                params = [torch.full((H,), 0.01, device=dev), torch.tensor(0.02, device=dev)]
+                params[1] = params[1].expand(H).contiguous()
+            else:
+                kshape = (pages, H, page // G, D, 2) if scheme == "kivi" else (pages, H, page, D // G, 2)
+                vshape = (pages, H, page, D // G, 1 if scheme == "symmetric" else 2)
+                if scheme == "symmetric":
+                    kshape = vshape
+                params = [torch.zeros(kshape, dtype=pdt, device=dev), torch.zeros(vshape, dtype=pdt, device=dev)]
+            ring = [torch.zeros(B, H, cap, D, dtype=dtype, device=dev) for _ in range(2)]
+            lengths = torch.zeros(B, dtype=torch.int32, device=dev)
+            hist = [torch.randn(B, H, 45, D, generator=g).to(device=dev, dtype=dtype) for _ in range(2)]
+            for t0, t1 in ((0, 37), (37, 38), (38, 39), (39, 45)):
+                r.call("trous::kv_append", codes[0], params[0], codes[1], params[1], ring[0], ring[1], lengths,
+                       table, hist[0][:, :, t0:t1], hist[1][:, :, t0:t1], scheme, bits, G, R, "e4m3")
+            if r.compare:
+                r.check(label + " lengths", lengths.cpu().tolist() == [45] * B, f"lengths {lengths.tolist()}")
+                got = ref.reference_dequantize_cache(codes[0], params[0], codes[1], params[1], ring[0], ring[1],
+                                                     lengths, table, scheme, bits, G, R)
+                want = ref.reference_cache_history(hist[0], hist[1], scheme, bits, G, R, pdt, "e4m3", params[0],
+                                                   params[1])
+                for name, a, b in zip("kv", got, want):
+                    r.check(f"{label} {name}", close(a, b, 1e-2, 1e-2),
+                            "the cache differs from the history's reference")
+
+
 
 
 def _decode_smoke(r, quick: bool):
