@@ -111,7 +111,7 @@ inline uint32_t code_at(const uint8_t* c, index_t d, int bits) {
 // ---- scalar twins
 
 void dequant_rows_scalar(Deq& q, const Src* src, index_t nb, float* dst) {
-  const index_t D = q.D, G = q.G, ng = D / G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -218,7 +218,7 @@ TROUS_AVX2 inline float load_param_avx2(const void* p, index_t i, ParamType t) {
 
 template <int kBits>
 TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
-  const index_t D = q.D, G = q.G, ng = D / G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -237,7 +237,7 @@ TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst
 }
 
 TROUS_AVX2 void dequant_sym_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
-  const index_t D = q.D, G = q.G, ng = D / G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -289,7 +289,7 @@ TROUS_AVX2 inline void codes_perm(const uint8_t* c, __m256* v) {
 template <int kBits>
 TROUS_AVX2 void dequant_asym_perm_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
   constexpr int per = 8 / kBits, C = 8 * per;
-  const index_t D = q.D, G = q.G, ng = D / G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -525,7 +525,7 @@ TROUS_AVX2 void pv_avx2(float* O, const float* alpha, const float* P, index_t M,
 template <int kBits, bool kKivi, int R>
 TROUS_AVX2 void qk_fused_avx2(Deq& q, const Src* src, index_t nb, const float* Q, float* S) {
   constexpr int per = kBits == 8 ? 1 : 8 / kBits, C = 8 * per;
-  const index_t D = q.D, G = q.G, ng = D / G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     const Src& s = src[j];
     __m256 acc[R];
