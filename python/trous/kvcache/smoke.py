@@ -186,7 +186,7 @@ def _append_cases(r, quick, dev):
                     r.check(f"{label} {name}", close(a, b, 1e-2, 1e-2),
                             "the cache differs from the history's reference")
 
-
+        r.case(label, run)
 
 
 def _decode_smoke(r, quick: bool):
