@@ -358,3 +358,37 @@ def test_bad_input_named():
     args[3] = args[3].to("meta")
     with pytest.raises(RuntimeError, match="v_codes must be on the device"):
         OP(*args)
+
+
+@pytest.mark.parametrize("scheme,bits,G,R,dtype,paged", [
+    ("kivi", 4, 32, 32, torch.float16, True), ("per_token", 2, 32, 16, torch.float32, False),
+    ("fp8", 8, 0, 8, torch.bfloat16, True), ("symmetric", 8, 64, 0, torch.float32, True)])
+def test_after_kv_append(scheme, bits, G, R, dtype, paged):
+    """The cache kv_append fills (prefill, then decode steps) decodes exactly like the one placed from
+    the same history with the bulk quantize ops, and like the reference on it."""
+    from trous.kvcache.cache_ops import kv_append
+
+    B, Hkv, D, steps = 2, 2, 64, [45, 1, 1, 2, 1]
+    T = sum(steps)
+    placed, hk, hv = build_cache(scheme, bits, G, R, dtype, [T] * B, Hkv, D, paged=paged,
+                                 page_size=32 if paged else None, seed=21,
+                                 per_head=True)
+    c = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in placed.items()}
+    for name in ("k_codes", "v_codes", "k_residual", "v_residual"):
+        c[name].zero_()
+    if scheme != "fp8":
+        c["k_params"].zero_()
+        c["v_params"].zero_()
+    c["lengths"].zero_()
+    q = _q(B, 8, 1, D, dtype, seed=22)
+    t = 0
+    for n in steps:
+        kv_append(c["k_codes"], c["k_params"], c["v_codes"], c["v_params"], c["k_residual"], c["v_residual"],
+                  c["lengths"], c["block_table"], hk[:, :, t:t + n], hv[:, :, t:t + n], scheme, bits, G, R, "e4m3")
+        t += n
+        if t >= 3:  # decode after every step (Sq = 1 query over the cache so far)
+            check_decode(q, c)
+    assert c["lengths"].tolist() == [T] * B
+    want, want_lse = OP(*op_args(q, placed, 0.125))
+    got, got_lse = OP(*op_args(q, c, 0.125))
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
