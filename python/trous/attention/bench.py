@@ -364,6 +364,66 @@ def _hf_cases(device: str, quick: bool) -> List[Case]:
     return out
 
 
+# The packed-batch rows (issue 12, "Performance" second bullet): 8 documents of random lengths
+# (seeded) totalling 16384 tokens (--quick: 2048), causal, fwd+bwd, B1 H8 D64 (--quick H2): the varlen op
+# against the sum of per-document dense-causal calls (target: within 1.3x) and against SDPA with the
+# block-diagonal causal mask (target: >= 5x).
+VARLEN_TOKENS, VARLEN_QUICK_TOKENS, VARLEN_DOCS = 16384, 2048, 8
+
+
+def _doc_lengths(total: int, docs: int, seed: int = 0) -> List[int]:
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randperm(total - 1, generator=g)[:docs - 1].add(1).tolist())
+    edges = [0] + cuts + [total]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+def _varlen_cases(device: str, quick: bool) -> List[Case]:
+    from . import reference as ref
+    from .sparse import sparse_attention, sparse_attention_varlen
+
+    total = VARLEN_QUICK_TOKENS if quick else VARLEN_TOKENS
+    H, D = (2, 64) if quick else (8, 64)
+    lengths = _doc_lengths(total, VARLEN_DOCS)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    causal = AttentionPattern(causal=True)
+    n = sum(causal.count(L, L) for L in lengths)
+    flops = 4.0 * H * D * n * 3.5
+    moved = 9 * total * H * D * 4
+
+    def make(i):
+        q, k, v, go = _inputs((1, H, total, D), torch.float32, device, i, True)
+        return q[0], k[0], v[0], go[0]
+
+    def packed(q, k, v, go):
+        out = sparse_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+        return torch.autograd.grad(out, (q, k, v), go)
+
+    def per_document(q, k, v, go):
+        outs = [sparse_attention(q[a:b][None], k[a:b][None], v[a:b][None], causal=True)[0]
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        return torch.autograd.grad(outs, (q, k, v), [go[a:b] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+    block_mask = ref.varlen_mask(cu.cpu(), cu.cpu(), causal, device=device)
+
+    def sdpa_block_diagonal(q, k, v, go):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=block_mask).transpose(0, 1)
+        return torch.autograd.grad(out, (q, k, v), go)
+
+    shape = f"{total}x{H}x{D} ({VARLEN_DOCS} docs {min(lengths)}..{max(lengths)})"
+    extra = {"pattern": "causal per document", "documents": lengths, "density": round(n / total ** 2, 6),
+             "allowed_pairs": n, "flops": flops}
+    rows = []
+    for name, base, tg in (("per-document trous causal calls", per_document, {"speedup": 1 / 1.3}),
+                           ("SDPA block-diagonal mask", sdpa_block_diagonal, {"speedup": 5.0})):
+        rows.append(Case(family=FAMILY, op=f"varlen {VARLEN_DOCS} docs causal fwd+bwd vs {name}", shape=shape,
+                         dtype="fp32", make_inputs=make, fn=packed, baseline=base, bytes_moved=moved,
+                         input_bytes=3 * total * H * D * 4, baseline_name=name, targets={} if quick else tg,
+                         extra=dict(extra)))
+    return rows
+
+
 def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> List[Case]:
     """CPU: fp32 (B, H, S, D) = (1, 8, 8192, 64) and the S = 16384 window rows (--quick: (1, 2, 1024,
     64), no Flex, no targets); CUDA: bf16 (1, 16, S, 128) for S in 4k, 8k, 16k. ``shape`` (B, H, S, D)
@@ -374,7 +434,8 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
         return _gpu_cases("bf16", quick, shape)
     if shape is not None:
         return _cpu_cases(tuple(shape), "fp32", quick, default_shape=False)
-    return _cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick) + _hf_cases(device, quick)
+    return (_cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick) + _varlen_cases(device, quick)
+            + _hf_cases(device, quick))
 
 
 # ---------------------------------------------------------------------------------------------
