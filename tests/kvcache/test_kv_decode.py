@@ -37,8 +37,8 @@ def build_cache(scheme, bits, G, residual, dtype, lengths, Hkv, D, paged=False, 
     B, Lmax = len(lengths), max(max(lengths), 1)
     hk = (torch.randn(B, Hkv, Lmax, D, generator=gen) * 1.5 + 0.3).to(dtype)
     hv = torch.randn(B, Hkv, Lmax, D, generator=gen).to(dtype)
-    g = ref.cache_token_group(scheme, G)
-    cap = ref.cache_residual_capacity(scheme, G, residual)
+    g = ref.ref_token_group(scheme, G)
+    cap = ref.ref_residual_capacity(scheme, G, residual)
     if paged:
         ps = page_size
         need = [math.ceil(L / ps) for L in lengths]
@@ -72,7 +72,7 @@ def build_cache(scheme, bits, G, residual, dtype, lengths, Hkv, D, paged=False, 
     k_res = torch.full((B, Hkv, cap, D), nan, dtype=dtype)
     v_res = torch.full((B, Hkv, cap, D), nan, dtype=dtype)
     for b, L in enumerate(lengths):
-        qlen = ref.cache_quantized_length(scheme, G, residual, L)
+        qlen = ref.ref_quantized_length(scheme, G, residual, L)
         xk, xv = hk[b:b + 1, :, :qlen], hv[b:b + 1, :, :qlen]
         if qlen:
             if scheme == "fp8":
@@ -112,20 +112,25 @@ def op_args(q, c, scale, softcap=0.0):
             scale, softcap)
 
 
+def history(c):
+    """The float32 (k, v) [B, Hkv, max length, D] the cache holds (the reference reader)."""
+    return ref.reference_dequantize_cache(c["k_codes"], c["k_params"], c["v_codes"], c["v_params"], c["k_residual"],
+                                          c["v_residual"], c["lengths"], c["block_table"], c["scheme"], c["bits"],
+                                          c["group_size"], c["residual"], c["fp8_format"])
+
+
 def plain_error(q, c, want, scale, softcap):
     """Max error of plain PyTorch at q's precision on the same dequantized cache (the spec's bar)."""
     dt = q.dtype
     B, Hq, Sq, D = q.shape
     Hkv = c["k_codes"].shape[1]
     err = 0.0
-    args = (c["lengths"], c["block_table"])
-    fmt = (c["scheme"], c["bits"], c["group_size"], c["residual"], c["fp8_format"])
+    hist = history(c)
     for b in range(B):
         T = int(c["lengths"][b])
         if T == 0:
             continue
-        K = ref.decode_cache_history(c["k_codes"], c["k_params"], c["k_residual"], *args, b, "k", *fmt).to(dt)
-        V = ref.decode_cache_history(c["v_codes"], c["v_params"], c["v_residual"], *args, b, "v", *fmt).to(dt)
+        K, V = (h[b, :, :T].to(dt) for h in hist)
         K = K.repeat_interleave(Hq // Hkv, 0)
         V = V.repeat_interleave(Hq // Hkv, 0)
         s = (q[b] @ K.transpose(1, 2)) * scale
@@ -230,9 +235,8 @@ def test_context_one_and_python_api():
     q = _q(1, 4, 1, 64, torch.float32)
     out, lse = check_decode(q, c, scale=0.125)
     # One token: the output is that token's (dequantized) value for every head.
-    v = ref.decode_cache_history(c["v_codes"], c["v_params"], c["v_residual"], c["lengths"], None, 0, "v", "per_token",
-                                 8, 64, 0)
-    torch.testing.assert_close(out[0, :, 0], v[0, 0].expand(4, 64), rtol=1e-6, atol=1e-6)
+    v = history(c)[1]
+    torch.testing.assert_close(out[0, :, 0], v[0, 0, 0].expand(4, 64), rtol=1e-6, atol=1e-6)
     args = {k: c[k] for k in ("scheme", "bits", "group_size", "residual", "fp8_format")}
     o2, l2 = quantized_decode_attention(q, c["k_codes"], c["k_params"], c["v_codes"], c["v_params"], c["k_residual"],
                                         c["v_residual"], c["lengths"], None, scale=0.125, return_lse=True, **args)
