@@ -159,3 +159,17 @@ def test_tiny_lm_accuracy_ordering_and_bounds(tiny):
     assert kl["KIVI-2"] * 2 < kl["per-token-2"]  # the negative control is clearly worse
     assert agree["KIVI-2"] >= agree["per-token-2"]
     assert all(v >= -1e-6 for v in kl.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_equals_contiguous_with_quantized_history(dtype, monkeypatch):
+    model = _model("qwen2").to(dtype)
+    ids = torch.randint(0, 256, (1, 75), generator=torch.Generator().manual_seed(5))
+    calls = _count_attend(monkeypatch)
+    outs = []
+    for paged in (False, True):
+        cache = QuantizedCache(model.config, scheme="kivi", bits=2, group_size=32, residual=32, paged=paged,
+                               page_size=32, max_cache_len=128)
+        outs.append(model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache))
+        assert cache.store.quantized_length(cache.get_seq_length()) == 32 and cache.store.dtype == dtype
+    assert torch.equal(outs[0], outs[1]) and len(calls) == 2 * 11 * 2
