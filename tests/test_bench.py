@@ -32,7 +32,13 @@ def test_kv_cases_cover_the_schemes():
                  "quantize fp8 e4m3 per-tensor", "dequantize fp8 e4m3 per-head"):
         assert any(n.startswith(want) for n in names), (want, names)
     full = load_family("kv").cases("cpu", quick=False)
-    assert {c.shape for c in full} == {"1x8x8192x128"} and {c.dtype for c in full} == {"fp16", "fp32"}
+    bulk = [c for c in full if c.op.startswith(("quantize", "dequantize"))]
+    assert {c.shape for c in bulk} == {"1x8x8192x128"} and {c.dtype for c in full} == {"fp16", "fp32"}
+    # the cache rows of issue 13: one decode step's append, decode attention at 4k..32k, generate()
+    for want in ("append decode step", "decode int4 G=32 vs grouped matmul", "decode int8 G=D vs dequantize+SDPA",
+                 "generate 256 after 4096"):
+        assert any(c.op.startswith(want) for c in full), want
+    assert {c.shape for c in full if c.op.startswith("decode")} >= {"B=1 T=32768 Hq=32 Hkv=8 D=128"}
     assert len(load_family("kv").cases("cpu", quick=True)) < len(full)
 
 

@@ -1,8 +1,6 @@
 """trous.hf.QuantizedCache with transformers: generate() through both keywords on Llama / Mistral / Qwen2
 style models, decode through the fused op, beam search, crop, clear errors; and the accuracy of the tiny
 trained LM (KL and greedy agreement vs the full-precision cache, ordering and bounds).
-
-Runs through the plain-PyTorch stand-in of the cache ops (cache_standin.py) until the fused ops are built.
 """
 import warnings
 
@@ -10,8 +8,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="trous.hf needs transformers (pip install 'trous[hf]')")
-
-import cache_standin as standin  # noqa: E402
 
 import trous  # noqa: E402, F401
 from trous.hf import QuantizedCache  # noqa: E402
@@ -28,13 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def cache_ops(monkeypatch):
-    ops = standin.ops()
-    monkeypatch.setattr(cache_mod, "_ops", lambda: ops)
-    return ops
 
 
 def _count_attend(monkeypatch):
@@ -147,9 +136,6 @@ def tiny():
 
 
 def test_tiny_lm_accuracy_ordering_and_bounds(tiny):
-    ops = standin.ops()
-    cache_mod_ops = cache_mod._ops
-    assert cache_mod_ops() is ops
     rows = tiny_lm.accuracy_table(tiny, prompts=1, n_new=48)
     kl = {k: v[0] for k, v in rows.items()}
     agree = {k: v[1] for k, v in rows.items()}

@@ -2,20 +2,14 @@
 bit for bit, subsets of sequences, memory arithmetic at 32k tokens, capacity checks that change nothing,
 freeing pages, reorder / truncate, fp8 scale calibration, and the errors of bad arguments.
 
-The ops are ``torch.ops.trous.kv_append`` / ``quantized_decode_attention`` when built; otherwise the tests run
-through the plain-PyTorch stand-in of tests/hf/cache_standin.py (same schemas, same cache.h layout).
+The cache runs ``torch.ops.trous.kv_append`` / ``quantized_decode_attention``; what it holds is read back by the
+reference reader (``trous.kvcache.reference.reference_dequantize_cache``).
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import trous
-from trous.kvcache import cache as cache_mod
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "hf"))
-import cache_standin as standin  # noqa: E402
+from trous.kvcache import reference as ref
 
 FORMATS = [("kivi", 2), ("kivi", 4), ("per_token", 2), ("per_token", 4), ("per_token", 8), ("symmetric", 8),
            ("fp8", 8)]
@@ -32,14 +26,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def cache_ops(monkeypatch):
-    """The fused ops when built, else the stand-in (so the API is tested either way)."""
-    ops = standin.ops()
-    monkeypatch.setattr(cache_mod, "_ops", lambda: ops)
-    return ops
-
-
 def _make(scheme, bits, paged=False, dtype=torch.float32, **kw):
     opts = dict(num_layers=2, num_kv_heads=2, head_dim=64, bits=bits, scheme=scheme, group_size=32, residual=32,
                 paged=paged, page_size=32, max_batch=3, max_tokens=160, dtype=dtype)
@@ -48,11 +34,14 @@ def _make(scheme, bits, paged=False, dtype=torch.float32, **kw):
 
 
 def _history(c, layer, b):
+    """Keys and values [Hkv, T, D] (fp32) that sequence b of the layer holds."""
     t = c.layer_tensors(layer)
     lengths = t["lengths"].cpu()
-    return standin.dequantized_history(t["k_codes"], t["k_params"], t["v_codes"], t["v_params"], t["k_residual"],
-                                       t["v_residual"], lengths, c.block_table, c.scheme, c.bits, c.group_size,
-                                       c.residual, c.fp8_format, b)
+    k, v = ref.reference_dequantize_cache(t["k_codes"], t["k_params"], t["v_codes"], t["v_params"], t["k_residual"],
+                                          t["v_residual"], lengths, c.block_table, c.scheme, c.bits, c.group_size,
+                                          c.residual, c.fp8_format)
+    T = int(lengths[b])
+    return k[b, :, :T], v[b, :, :T]
 
 
 def _attention(q, K, V, scale):
@@ -280,19 +269,3 @@ def test_growable_contiguous_cache_keeps_its_tokens():
     ref = _make("kivi", 2, max_tokens=128)
     _steps(8, ref, sizes=(60, 1, 30))
     assert torch.equal(c.attend(0, q), ref.attend(0, q))
-
-
-@pytest.mark.skipif(not standin.have_fused_ops(), reason="the fused cache ops are not built yet")
-@pytest.mark.parametrize("scheme,bits", [("kivi", 2), ("per_token", 4), ("fp8", 8)])
-def test_fused_ops_agree_with_the_standin(scheme, bits, monkeypatch):
-    outs = []
-    for ops in (torch.ops.trous, standin.STANDIN):
-        monkeypatch.setattr(cache_mod, "_ops", lambda ops=ops: ops)
-        c = _make(scheme, bits, paged=True)
-        _steps(9, c, sizes=(37, 1, 1, 30))
-        q = torch.randn(3, 4, 1, 64, generator=torch.Generator().manual_seed(6))
-        outs.append((c.attend(0, q), [_history(c, 0, b) for b in range(3)]))
-    (a, ha), (b, hb) = outs
-    assert (a - b).abs().max().item() < 1e-4
-    for (ka, va), (kb, vb) in zip(ha, hb):
-        assert torch.equal(ka, kb) and torch.equal(va, vb)
