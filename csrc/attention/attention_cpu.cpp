@@ -101,40 +101,126 @@ struct KvSource {
   }
 };
 
-// ---- vector helpers over the query axis (AVX2 and scalar twins) ----
+// Rows prefetched ahead of the one being loaded (query rows are strided by Hq * D: a few misses in
+// flight at once matter for narrow bands, where loading the rows is a tenth of a tile's time).
+constexpr index_t kAhead = 8;
 
-// mx[t] = max(mx[t], s[t]) over t < n (n % 8 == 0); a NaN may or may not survive (the exp passes it on).
-void col_max(float* mx, const float* s, index_t n) {
-  index_t t = 0;
-#if TROUS_HAVE_AVX2_PATH
-  if (trous::cpu::has_avx2()) {
-    [&]() TROUS_AVX2 {
-      for (; t + 8 <= n; t += 8)
-        _mm256_storeu_ps(mx + t, _mm256_max_ps(_mm256_loadu_ps(mx + t), _mm256_loadu_ps(s + t)));
-    }();
-  }
-#endif
-  for (; t < n; ++t) mx[t] = s[t] > mx[t] ? s[t] : mx[t];
+template <typename T>
+void prefetch_row(const T* row, index_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (index_t off = 0; off < n * static_cast<index_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
 }
 
-// s[t] = exp(s[t] - m[t]); sum[t] += s[t].
-void exp_col(float* s, const float* m, float* sum, index_t n) {
+// ---- vector helpers over the query axis (AVX2 and scalar twins) ----
+
+// mx[t] = max(mx[t], St[c * ld + t]) over the nk rows c of a block, t < n (n % 8 == 0): mx stays in
+// registers across the rows. A NaN may or may not survive (the exp passes it on).
+void block_col_max(float* mx, const float* St, index_t ld, index_t nk, index_t n) {
   index_t t = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (trous::cpu::has_avx2()) {
     [&]() TROUS_AVX2 {
+      for (; t + 32 <= n; t += 32) {
+        __m256 m0 = _mm256_loadu_ps(mx + t), m1 = _mm256_loadu_ps(mx + t + 8);
+        __m256 m2 = _mm256_loadu_ps(mx + t + 16), m3 = _mm256_loadu_ps(mx + t + 24);
+        for (index_t c = 0; c < nk; ++c) {
+          const float* s = St + c * ld + t;
+          m0 = _mm256_max_ps(m0, _mm256_loadu_ps(s));
+          m1 = _mm256_max_ps(m1, _mm256_loadu_ps(s + 8));
+          m2 = _mm256_max_ps(m2, _mm256_loadu_ps(s + 16));
+          m3 = _mm256_max_ps(m3, _mm256_loadu_ps(s + 24));
+        }
+        _mm256_storeu_ps(mx + t, m0), _mm256_storeu_ps(mx + t + 8, m1);
+        _mm256_storeu_ps(mx + t + 16, m2), _mm256_storeu_ps(mx + t + 24, m3);
+      }
       for (; t + 8 <= n; t += 8) {
-        const __m256 e = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_loadu_ps(m + t)));
-        _mm256_storeu_ps(s + t, e);
-        _mm256_storeu_ps(sum + t, _mm256_add_ps(_mm256_loadu_ps(sum + t), e));
+        __m256 m0 = _mm256_loadu_ps(mx + t);
+        for (index_t c = 0; c < nk; ++c) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(St + c * ld + t));
+        _mm256_storeu_ps(mx + t, m0);
       }
     }();
   }
 #endif
-  for (; t < n; ++t) {
-    s[t] = std::exp(s[t] - m[t]);
-    sum[t] += s[t];
+  for (; t < n; ++t)
+    for (index_t c = 0; c < nk; ++c) mx[t] = St[c * ld + t] > mx[t] ? St[c * ld + t] : mx[t];
+}
+
+// St[c * ld + t] = exp(St[c * ld + t] - m[t]) and sum[t] += it, row after row (the sums keep the
+// order c = 0, 1, ...: bitwise the per-row loop), for the nk rows of a block and t < n (n % 8 == 0).
+void block_exp(float* St, index_t ld, index_t nk, const float* m, float* sum, index_t n) {
+  index_t t = 0;
+#if TROUS_HAVE_AVX2_PATH
+  if (trous::cpu::has_avx2()) {
+    [&]() TROUS_AVX2 {
+      for (; t + 16 <= n; t += 16) {
+        const __m256 m0 = _mm256_loadu_ps(m + t), m1 = _mm256_loadu_ps(m + t + 8);
+        __m256 l0 = _mm256_loadu_ps(sum + t), l1 = _mm256_loadu_ps(sum + t + 8);
+        for (index_t c = 0; c < nk; ++c) {
+          float* s = St + c * ld + t;
+          const __m256 e0 = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s), m0));
+          const __m256 e1 = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + 8), m1));
+          _mm256_storeu_ps(s, e0), _mm256_storeu_ps(s + 8, e1);
+          l0 = _mm256_add_ps(l0, e0), l1 = _mm256_add_ps(l1, e1);
+        }
+        _mm256_storeu_ps(sum + t, l0), _mm256_storeu_ps(sum + t + 8, l1);
+      }
+      for (; t + 8 <= n; t += 8) {
+        const __m256 m0 = _mm256_loadu_ps(m + t);
+        __m256 l0 = _mm256_loadu_ps(sum + t);
+        for (index_t c = 0; c < nk; ++c) {
+          float* s = St + c * ld + t;
+          const __m256 e0 = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s), m0));
+          _mm256_storeu_ps(s, e0);
+          l0 = _mm256_add_ps(l0, e0);
+        }
+        _mm256_storeu_ps(sum + t, l0);
+      }
+    }();
   }
+#endif
+  for (; t < n; ++t)
+    for (index_t c = 0; c < nk; ++c) {
+      float& s = St[c * ld + t];
+      s = std::exp(s - m[t]);
+      sum[t] += s;
+    }
+}
+
+// The online-softmax step of a block for rows t < np (np % 8 == 0): m = max(m, mx), ms = m (0 while
+// -inf, so exp(s - ms) stays 0 for masked entries), alpha = exp(m_old - m) (0 while m_old is -inf),
+// l *= alpha. Returns whether a row t < n needs its output rescaled (alpha != 1, NaN included).
+bool online_update(float* m, const float* mx, float* ms, float* alpha, float* l, index_t n, index_t np) {
+  bool rescale = false;
+  index_t t = 0;
+#if TROUS_HAVE_AVX2_PATH
+  if (trous::cpu::has_avx2()) {
+    [&]() TROUS_AVX2 {
+      const __m256 ninf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (; t + 8 <= np; t += 8) {
+        const __m256 mo = _mm256_loadu_ps(m + t);
+        const __m256 mn = _mm256_max_ps(_mm256_loadu_ps(mx + t), mo);  // (std::max(m, mx) on NaN)
+        _mm256_storeu_ps(ms + t, _mm256_blendv_ps(mn, zero, _mm256_cmp_ps(mn, ninf, _CMP_EQ_OQ)));
+        const __m256 al = _mm256_blendv_ps(cpu::exp8(_mm256_sub_ps(mo, mn)), zero, _mm256_cmp_ps(mo, ninf, _CMP_EQ_OQ));
+        _mm256_storeu_ps(alpha + t, al);
+        _mm256_storeu_ps(l + t, _mm256_mul_ps(_mm256_loadu_ps(l + t), al));
+        _mm256_storeu_ps(m + t, mn);
+        const __m256 live =
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - t)), lane));  // t + lane < n
+        rescale = rescale || _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(al, one, _CMP_NEQ_UQ), live)) != 0;
+      }
+    }();
+  }
+#endif
+  for (; t < np; ++t) {
+    const float mn = std::max(m[t], mx[t]);
+    ms[t] = mn == kNegInf ? 0.f : mn;
+    alpha[t] = m[t] == kNegInf ? 0.f : std::exp(m[t] - mn);
+    rescale = rescale || (alpha[t] != 1.f && t < n);
+    l[t] *= alpha[t];
+    m[t] = mn;
+  }
+  return rescale;
 }
 
 // Backward of one key row of a block: p = exp(s - lse) (lse: +inf where the row is inactive or fully
@@ -265,7 +351,6 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     float* mx = l + Tq;        // block max
     float* alpha = mx + Tq;
     float* ms = alpha + Tq;  // max used by the exp (0 where still -inf)
-    float* tmp = ms + Tq;
     index_t* rows = ibuf.data();
     index_t* keys = rows + Tq;
 
@@ -276,18 +361,19 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     const index_t n = std::min<index_t>(qt.count, Tq);
     if (n <= 0) return;
     const index_t np = round8(n);
-    for (index_t t = 0; t < np; ++t) {
-      if (t < n) {
-        const index_t i = query_row(p, qt, t);
-        rows[t] = i;
-        trous::cpu::to_float_row(q + b * a.q.b + i * a.q.s + h * a.q.h, tmp, D);
-        for (index_t d = 0; d < D; ++d) Qt[d * Tq + t] = tmp[d] * qscale;
-      } else {
-        for (index_t d = 0; d < D; ++d) Qt[d * Tq + t] = 0.f;
-      }
-      m[t] = kNegInf;
-      l[t] = 0.f;
+    // Q rows into O (free until the first P V), then transposed and scaled into Qt; padding rows 0.
+    const T* q_bh = q + b * a.q.b + h * a.q.h;
+    for (index_t t = 0; t < std::min(n, kAhead); ++t) prefetch_row(q_bh + query_row(p, qt, t) * a.q.s, D);
+    for (index_t t = 0; t < n; ++t) {
+      if (t + kAhead < n) prefetch_row(q_bh + query_row(p, qt, t + kAhead) * a.q.s, D);
+      const index_t i = query_row(p, qt, t);
+      rows[t] = i;
+      trous::cpu::to_float_row(q_bh + i * a.q.s, O + t * D, D);
     }
+    std::fill(O + n * D, O + np * D, 0.f);
+    cpu::transpose_scaled(np, D, O, D, Qt, Tq, qscale);
+    std::fill(m, m + np, kNegInf);
+    std::fill(l, l + np, 0.f);
     std::fill(O, O + n * D, 0.f);
     const KvRows kvr = kv.rows(b, hk);
     KeySpan spans[2];
@@ -318,20 +404,12 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
           for (index_t c = 0; c < nk; ++c) softcap_row(St + c * Tq, nullptr, n, a.softcap);
         if (kind == kPartial) mask_block(p, sp, rows, keys, n, nk, St, Tq);
         std::fill(mx, mx + np, kNegInf);
-        for (index_t c = 0; c < nk; ++c) col_max(mx, St + c * Tq, np);
-        bool rescale = false;
-        for (index_t t = 0; t < np; ++t) {
-          const float mn = std::max(m[t], mx[t]);
-          ms[t] = mn == kNegInf ? 0.f : mn;
-          alpha[t] = m[t] == kNegInf ? 0.f : std::exp(m[t] - mn);
-          rescale = rescale || (alpha[t] != 1.f && t < n);
-          l[t] *= alpha[t];
-          m[t] = mn;
-        }
+        block_col_max(mx, St, Tq, nk, np);
+        const bool rescale = online_update(m, mx, ms, alpha, l, n, np);
         if (rescale)
           for (index_t t = 0; t < n; ++t)
             if (alpha[t] != 1.f) scale_row(O + t * D, D, alpha[t]);
-        for (index_t c = 0; c < nk; ++c) exp_col(St + c * Tq, ms, l, np);
+        block_exp(St, Tq, nk, ms, l, np);
         // O += P V: A(t, c) = P^T[c][t]
         cpu::gemm(n, D, nk, St, 1, Tq, Vb, ldv, O, D, true);
       }
@@ -340,10 +418,11 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
       const index_t i = rows[t];
       if (!row_active(p, qt, i)) continue;
       const bool any = l[t] != 0.f;  // (NaN stays NaN)
-      const float inv = any ? 1.f / l[t] : 0.f;
-      float* o = O + t * D;
-      for (index_t d = 0; d < D; ++d) o[d] = any ? o[d] * inv : 0.f;
-      trous::cpu::from_float_row(o, out + ((b * a.Sq + i) * a.Hq + h) * D, D);
+      T* dst = out + ((b * a.Sq + i) * a.Hq + h) * D;
+      if (any)
+        trous::cpu::from_float_row_scaled(O + t * D, 1.f / l[t], dst, D);
+      else
+        std::fill(dst, dst + D, T(0.f));
       lse[(b * a.Hq + h) * a.Sq + i] = any ? m[t] + std::log(l[t]) : kNegInf;
     }
   });
@@ -436,7 +515,6 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
         bool any_row = false;
         for (index_t t = 0; t < np; ++t) {
           if (t >= n) {  // padding queries: zero operands, p = 0
-            for (index_t d = 0; d < D; ++d) Qt[d * Tq + t] = dOt[d * Tq + t] = 0.f;
             std::fill(Qs + t * D, Qs + (t + 1) * D, 0.f);
             std::fill(dO + t * D, dO + (t + 1) * D, 0.f);
             L[t] = std::numeric_limits<float>::infinity();
@@ -445,22 +523,23 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
           }
           const index_t i = query_row(p, qt, t);
           rows[t] = i;
-          trous::cpu::to_float_row(q + b * a.q.b + i * a.q.s + h * a.q.h, Qs + t * D, D);
-          scale_row(Qs + t * D, D, qscale);
+          if (t + kAhead < n) {  // (strided rows: keep a few misses in flight, as in the forward)
+            const index_t ia = query_row(p, qt, t + kAhead);
+            prefetch_row(q + b * a.q.b + ia * a.q.s + h * a.q.h, D);
+            prefetch_row(go + b * a.go.b + ia * a.go.s + h * a.go.h, D);
+            prefetch_row(out + b * a.o.b + ia * a.o.s + h * a.o.h, D);
+          }
+          trous::cpu::to_float_row_scaled(q + b * a.q.b + i * a.q.s + h * a.q.h, qscale, Qs + t * D, D);
           trous::cpu::to_float_row(go + b * a.go.b + i * a.go.s + h * a.go.h, dO + t * D, D);
           trous::cpu::to_float_row(out + b * a.o.b + i * a.o.s + h * a.o.h, tmp, D);
-          float dv = 0.f;
-          for (index_t d = 0; d < D; ++d) {
-            dv += dO[t * D + d] * tmp[d];
-            Qt[d * Tq + t] = Qs[t * D + d];
-            dOt[d * Tq + t] = dO[t * D + d];
-          }
-          Dv[t] = dv;
+          Dv[t] = trous::cpu::dot_row(dO + t * D, tmp, D);
           const float lv = lse[(b * a.Hq + h) * a.Sq + i];
           const bool act = row_active(p, qt, i) && lv != kNegInf;
           L[t] = act ? lv : std::numeric_limits<float>::infinity();
           any_row = any_row || act;
         }
+        cpu::transpose_scaled(np, D, Qs, D, Qt, Tq, 1.f);
+        cpu::transpose_scaled(np, D, dO, D, dOt, Tq, 1.f);
         std::fill(dQ, dQ + n * D, 0.f);
         KeySpan spans[2];
         // (a tile of fully masked rows only writes its zero dQ rows)
@@ -515,8 +594,7 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
         for (index_t t = 0; t < n; ++t) {
           const index_t i = rows[t];
           if (!row_active(p, qt, i)) continue;
-          scale_row(dQ + t * D, D, qscale);
-          trous::cpu::from_float_row(dQ + t * D, gq + ((b * a.Sq + i) * a.Hq + h) * D, D);
+          trous::cpu::from_float_row_scaled(dQ + t * D, qscale, gq + ((b * a.Sq + i) * a.Hq + h) * D, D);
         }
       }
     }

@@ -76,8 +76,16 @@ TROUS_AVX2 inline void row_block_avx2(index_t N, index_t K, const float* A, inde
 
 TROUS_AVX2 inline void gemm_avx2(index_t M, index_t N, index_t K, const float* A, index_t ars, index_t acs,
                                  const float* B, index_t ldb, float* C, index_t ldc, bool acc) {
+  // A tail of 1 or 2 rows has too few accumulators to hide the FMA latency: the last 6 + tail rows
+  // go as 4 + (2 + tail) instead (a 32-row tile: 6 x 4 + 4 + 4, not 6 x 5 + 2).
+  const index_t tail = M % 6;
+  const index_t six = M >= 6 && tail > 0 && tail < 3 ? M / 6 - 1 : M / 6;
   index_t r = 0;
-  for (; r + 6 <= M; r += 6) row_block_avx2<6>(N, K, A + r * ars, ars, acs, B, ldb, C + r * ldc, ldc, acc);
+  for (; r < 6 * six; r += 6) row_block_avx2<6>(N, K, A + r * ars, ars, acs, B, ldb, C + r * ldc, ldc, acc);
+  if (M - r > 6) {
+    row_block_avx2<4>(N, K, A + r * ars, ars, acs, B, ldb, C + r * ldc, ldc, acc);
+    r += 4;
+  }
   const float* a = A + r * ars;
   float* c = C + r * ldc;
   switch (M - r) {
@@ -116,6 +124,44 @@ TROUS_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_blendv_ps(y, x, nan);
 }
 #endif
+
+// dst[d * ldd + t] = f * src[t * lds + d] for t < M, d < N (M, N multiples of 8): a row-major Q or dO
+// tile into the D x Tq operand of the S^T products. 8 x 8 blocks through registers (the scalar
+// loop's strided stores cost as much as a narrow window's whole softmax).
+inline void transpose_scaled(index_t M, index_t N, const float* src, index_t lds, float* dst, index_t ldd, float f) {
+#if TROUS_HAVE_AVX2_PATH
+  if (trous::cpu::has_avx2()) {
+    [&]() TROUS_AVX2 {
+      const __m256 fv = _mm256_set1_ps(f);
+      for (index_t t0 = 0; t0 < M; t0 += 8)
+        for (index_t d0 = 0; d0 < N; d0 += 8) {
+          __m256 r[8], u[8];
+          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (t0 + i) * lds + d0);
+          for (int i = 0; i < 8; i += 2) {
+            u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+          }
+          for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
+            r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xee);
+            r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+            r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xee);
+          }
+          // r[c] (c < 4): column c of rows 0-3 | column c + 4 of rows 0-3; r[c + 4] the same of rows 4-7.
+          for (int i = 0; i < 4; ++i) {
+            const __m256 lo = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+            const __m256 hi = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+            _mm256_storeu_ps(dst + (d0 + i) * ldd + t0, _mm256_mul_ps(lo, fv));
+            _mm256_storeu_ps(dst + (d0 + i + 4) * ldd + t0, _mm256_mul_ps(hi, fv));
+          }
+        }
+    }();
+    return;
+  }
+#endif
+  for (index_t t = 0; t < M; ++t)
+    for (index_t d = 0; d < N; ++d) dst[d * ldd + t] = f * src[t * lds + d];
+}
 
 inline void gemm(index_t M, index_t N, index_t K, const float* A, index_t ars, index_t acs, const float* B, index_t ldb,
                  float* C, index_t ldc, bool acc) {

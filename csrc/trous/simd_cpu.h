@@ -132,5 +132,54 @@ void from_float_row(const float* src, T* dst, index_t n) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// dst = float(src) * f for n elements.
+template <typename T>
+void to_float_row_scaled(const T* src, float f, float* dst, index_t n) {
+  index_t i = 0;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) {
+    [&]() TROUS_AVX2 {
+      const __m256 fv = _mm256_set1_ps(f);
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(load8(src + i), fv));
+    }();
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * f;
+}
+
+// sum of a[i] * b[i] for n elements (8 partial sums on the AVX2 path, then reduced in a fixed order).
+inline float dot_row(const float* a, const float* b, index_t n) {
+  index_t i = 0;
+  float s = 0.f;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2() && n >= 8) {
+    [&]() TROUS_AVX2 {
+      __m256 acc = _mm256_setzero_ps();
+      for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc);
+      for (int l = 0; l < 8; ++l) s += lanes[l];
+    }();
+  }
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// dst = T(src * f) for n elements (one pass: a normalised output row straight into its tensor).
+template <typename T>
+void from_float_row_scaled(const float* src, float f, T* dst, index_t n) {
+  index_t i = 0;
+#if TROUS_HAVE_AVX2_PATH
+  if (has_avx2()) {
+    [&]() TROUS_AVX2 {
+      const __m256 fv = _mm256_set1_ps(f);
+      for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), fv));
+    }();
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i] * f);
+}
+
 }  // namespace cpu
 }  // namespace trous

@@ -4,6 +4,7 @@
 written from the spec, ``bench`` and ``smoke`` the cases of ``python -m trous.bench`` / ``trous.smoke``.
 """
 from .cache_ops import kv_append  # noqa: F401  (kv_append: the cache op of one layer)
+from .decode import quantized_decode_attention
 from .quantize import (
                        FP8_MAX,
                        QuantizedKV,
@@ -16,3 +17,4 @@ from .quantize import (
 
 __all__ = ["QuantizedKV", "quantize_per_token", "quantize_per_channel", "quantize_fp8", "dequantize", "fp8_scale",
            "FP8_MAX"]
+__all__ += ["quantized_decode_attention"]

@@ -193,6 +193,7 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
     if device == "cuda":
         out += _cases_for_shape(GPU_SHAPE, ["fp16"], device, quick)
     out.append(_append_case(device))
+    out += decode_cases(device, quick)
     return out
 
 
@@ -231,3 +232,138 @@ def _append_case(device: str) -> Case:
                 input_bytes=x_bytes + 2 * _nbytes(B * H * t_max * D // 2, torch.uint8),
                 baseline_name="copy_ of the same K and V bytes into a preallocated buffer",
                 targets={"speedup": 0.5})
+
+
+
+# ---- decode attention over the quantized cache (issue 13 "Performance")
+# 32 query heads over 8 KV heads, D 128, one query token, contexts 4k / 16k / 32k (quick: 4k), batch 1
+# and 8, every token quantized (residual 0: codes and parameters are the quantize op's output, which
+# is the contiguous cache layout). Each format is timed against three baselines in the same run,
+# one row each: the grouped matmul + softmax over the fp32 cache (query heads of a KV head batched as
+# rows: the strongest CPU baseline), SDPA with enable_gqa over the fp32 cache, and dequantize-then-
+# SDPA. ``bytes`` is the cache bytes the decode op reads (codes + parameters + q), so GB/s is the
+# effective bandwidth; ``extra["flops"]`` counts 4 D FLOPs per (query head, token) pair, so
+# GFLOP/s = extra["flops"] / trous_ms / 1e6 (``python -m trous.kvcache.bench <results.json>``).
+
+DECODE_HEADS = (32, 8, 128)  # Hq, Hkv, D
+DECODE_FORMATS = [  # (label, scheme, bits, G, targets against the grouped matmul)
+    ("int4 G=32", "per_token", 4, 32, 2.5),
+    ("int8 G=D", "per_token", 8, 128, 1.6),
+]
+DECODE_DEQUANT_TARGET = 10.0
+_decode_memo: dict = {}
+
+
+def grouped_matmul_attention(q, k, v, scale):
+    """Softmax attention with the query heads of each KV head batched as the rows of one matmul."""
+    B, Hq, Sq, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, (Hq // Hkv) * Sq, D)
+    p = torch.softmax((qg @ k.transpose(-1, -2)) * scale, -1)
+    return (p @ v).reshape(B, Hq, Sq, D)
+
+
+def _decode_inputs(B, T, scheme, bits, G, i):
+    key = (B, T, scheme, bits, G)
+    if key not in _decode_memo:
+        _decode_memo.clear()  # one configuration at a time (its cases run one after another)
+        _decode_memo[key] = {}
+    sets = _decode_memo[key]
+    if i not in sets:
+        ops = torch.ops.trous
+        Hq, Hkv, D = DECODE_HEADS
+        g = torch.Generator().manual_seed(2000 + i)
+        k = torch.randn(B, Hkv, T, D, generator=g)
+        v = torch.randn(B, Hkv, T, D, generator=g)
+        q = torch.randn(B, Hq, 1, D, generator=g)
+        kc, kp = ops.kv_quantize(k, bits, G, False, torch.float32)
+        vc, vp = ops.kv_quantize(v, bits, G, False, torch.float32)
+        res = torch.empty(B, Hkv, 0, D)
+        lengths = torch.full((B,), T, dtype=torch.int32)
+        sets[i] = (q, kc, kp, vc, vp, res, res, lengths, k, v)
+    return sets[i]
+
+
+def _decode_config_cases(B, T, label, scheme, bits, G, target) -> List[Case]:
+    import torch.nn.functional as F
+
+    import trous  # noqa: F401
+
+    ops = torch.ops.trous
+    Hq, Hkv, D = DECODE_HEADS
+    scale = D ** -0.5
+    code_bytes = 2 * B * Hkv * T * D * bits // 8
+    param_bytes = 2 * B * Hkv * T * (D // G) * 2 * 4
+    read = code_bytes + param_bytes + B * Hq * D * 4
+    fp32_bytes = 2 * B * Hkv * T * D * 4
+    flops = 4.0 * B * Hq * T * D
+
+    def make(i):
+        return _decode_inputs(B, T, scheme, bits, G, i)
+
+    def fn(q, kc, kp, vc, vp, kr, vr, lengths, k, v):
+        return ops.quantized_decode_attention(q, kc, kp, vc, vp, kr, vr, lengths, None, scheme, bits, G, 0, "e4m3",
+                                              scale, 0.0)
+
+    def grouped(q, kc, kp, vc, vp, kr, vr, lengths, k, v):
+        return grouped_matmul_attention(q, k, v, scale)
+
+    def sdpa(q, kc, kp, vc, vp, kr, vr, lengths, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    def dequant_sdpa(q, kc, kp, vc, vp, kr, vr, lengths, k, v):
+        kd = ops.kv_dequantize(kc, kp, bits, G, False, torch.float32)
+        vd = ops.kv_dequantize(vc, vp, bits, G, False, torch.float32)
+        return F.scaled_dot_product_attention(q, kd, vd, scale=scale, enable_gqa=True)
+
+    common = dict(family=FAMILY, shape=f"B={B} T={T} Hq={Hq} Hkv={Hkv} D={D}", dtype="fp32", bytes_moved=read,
+                  input_bytes=read + fp32_bytes, make_inputs=make, fn=fn)
+    op = f"decode {label}"
+    return [
+        Case(op=f"{op} vs grouped matmul fp32", baseline=grouped, baseline_name="grouped matmul + softmax, fp32 cache",
+             targets={"speedup": target}, extra={"flops": flops, "fp32_cache_bytes": fp32_bytes}, **common),
+        Case(op=f"{op} vs SDPA gqa fp32", baseline=sdpa, baseline_name="SDPA enable_gqa, fp32 cache",
+             extra={"flops": flops, "fp32_cache_bytes": fp32_bytes}, **common),
+        Case(op=f"{op} vs dequantize+SDPA", baseline=dequant_sdpa, baseline_name="kv_dequantize + SDPA enable_gqa",
+             targets={"speedup": DECODE_DEQUANT_TARGET}, extra={"flops": flops, "fp32_cache_bytes": fp32_bytes},
+             **common),
+    ]
+
+
+def decode_cases(device: str, quick: bool) -> List[Case]:
+    """The decode rows (CPU; the CUDA kernel's rows come with it)."""
+    if device != "cpu":
+        return []
+    out: List[Case] = []
+    for T in ([4096] if quick else [4096, 16384, 32768]):
+        for B in (1, 8):
+            for label, scheme, bits, G, target in DECODE_FORMATS:
+                out += _decode_config_cases(B, T, label, scheme, bits, G, target)
+    return out
+
+
+def decode_table(rows) -> str:
+    """ms, GB/s of cache bytes read, GFLOP/s (and % of the FMA peak) and the baselines of each decode row."""
+    from ..attention.bench import fma_peak_gflops
+
+    peak, how = fma_peak_gflops("cpu")
+    lines = [f"{'decode':28s} {'shape':32s} {'trous ms':>9s} {'GB/s':>6s} {'GFLOP/s':>8s} {'of peak':>7s}  baseline"]
+    for r in rows:
+        if r.get("family") != FAMILY or not r["op"].startswith("decode "):
+            continue
+        name, _, base = r["op"].partition(" vs ")
+        gf = r["extra"]["flops"] / r["trous_ms"] / 1e6
+        of = f"{100 * gf / peak:6.1f}%" if peak else "      -"
+        lines.append(f"{name:28s} {r['shape']:32s} {r['trous_ms']:9.3f} {r['gbps']:6.1f} {gf:8.1f} {of}  "
+                     f"{base} {r['baseline_ms']:.3f} ms ({r['speedup']:.2f}x)")
+    if peak:
+        lines.append(f"FMA peak {peak:.0f} GFLOP/s ({how})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    with open(sys.argv[1]) as f:
+        print(decode_table(json.load(f)["rows"]))

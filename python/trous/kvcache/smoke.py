@@ -132,6 +132,7 @@ def run(r, quick: bool):
             r.case(label, run)
 
     _append_cases(r, quick, dev)
+    _decode_smoke(r, quick)
 
 
 def _append_cases(r, quick, dev):
@@ -184,5 +185,65 @@ def _append_cases(r, quick, dev):
                 for name, a, b in zip("kv", got, want):
                     r.check(f"{label} {name}", close(a, b, 1e-2, 1e-2),
                             "the cache differs from the history's reference")
+
+        r.case(label, run)
+
+
+def _decode_smoke(r, quick: bool):
+    """quantized_decode_attention on small contiguous caches: every token quantized (the quantize
+    ops' output is the contiguous layout), the rest of a shorter sequence in the residual ring, or
+    everything in the residual; GQA, Sq > 1, softcap, fp16 / bf16 / fp32."""
+    dev = r.device
+    # (scheme, bits, G, residual, D, Hkv, Hq, Sq, T, lengths, dtype, softcap)
+    cases = [
+        ("per_token", 4, 32, 0, 64, 2, 8, 2, 37, [37, 20], torch.float16, 0.0),
+        ("kivi", 2, 32, 0, 64, 2, 4, 1, 64, [64, 40], torch.float32, 0.0),
+        ("fp8", 8, 0, 0, 128, 2, 16, 1, 19, [19, 1], torch.bfloat16, 30.0),
+        ("per_token", 8, 64, 64, 64, 1, 1, 3, 64, [50, 2], torch.float32, 0.0),
+    ]
+    if not quick:
+        cases += [("symmetric", 8, 32, 0, 96, 2, 16, 4, 45, [45, 44], torch.float16, 0.0),
+                  ("kivi", 4, 16, 32, 128, 4, 16, 1, 96, [96, 57], torch.bfloat16, 0.0)]
+    for k, (scheme, bits, G, R, D, Hkv, Hq, Sq, T, lengths, dtype, cap) in enumerate(cases):
+        label = f"quantized_decode_attention {scheme} bits={bits} G={G} R={R} D={D} {Hq}/{Hkv} Sq={Sq} {dtype}"
+
+        def run(scheme=scheme, bits=bits, G=G, R=R, D=D, Hkv=Hkv, Hq=Hq, Sq=Sq, T=T, lengths=lengths, dtype=dtype,
+                cap=cap, seed=500 + k, label=label):
+            B = len(lengths)
+            k_hist = _kv_input((B, Hkv, T, D), dtype, dev, seed)
+            v_hist = _kv_input((B, Hkv, T, D), dtype, dev, seed + 1)
+            q = _kv_input((B, Hq, Sq, D), dtype, dev, seed + 2)
+            pdt = torch.float16 if dtype == torch.float16 else torch.float32
+            if scheme == "fp8":
+                kp = torch.rand(Hkv, device=dev) * 0.01 + 0.004  # per-head scales
+                vp = torch.rand(Hkv, device=dev) * 0.01 + 0.004
+                kc = r.call("trous::kv_quantize_fp8", k_hist, kp, "e4m3")
+                vc = r.call("trous::kv_quantize_fp8", v_hist, vp, "e4m3")
+            elif scheme == "kivi":
+                kc, kp = r.call("trous::kv_quantize_channel", k_hist, bits, G, pdt)
+                vc, vp = r.call("trous::kv_quantize", v_hist, bits, G, False, pdt)
+            else:
+                sym = scheme == "symmetric"
+                kc, kp = r.call("trous::kv_quantize", k_hist, bits, G, sym, pdt)
+                vc, vp = r.call("trous::kv_quantize", v_hist, bits, G, sym, pdt)
+            g = G if scheme == "kivi" else 1
+            rcap = R + g - 1
+            k_res = torch.zeros(B, Hkv, rcap, D, device=dev, dtype=dtype)
+            v_res = torch.zeros_like(k_res)
+            for b, L in enumerate(lengths):  # the tokens the residual rule keeps in full precision
+                qlen = 0 if L <= R else ((L - R) // g) * g
+                slots = torch.arange(qlen, L, device=dev) % max(rcap, 1)
+                k_res[b][:, slots] = k_hist[b, :, qlen:L]
+                v_res[b][:, slots] = v_hist[b, :, qlen:L]
+            lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
+            args = (q, kc, kp, vc, vp, k_res, v_res, lens, None, scheme, bits, G, R, "e4m3", D ** -0.5, cap)
+            out, lse = r.call("trous::quantized_decode_attention", *args)
+            if r.compare:
+                want, want_lse = ref.reference_decode_attention(*args)
+                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                r.check(label + " out", close(out.float(), want, tol, tol), "outputs differ")
+                fin = torch.isfinite(want_lse)
+                r.check(label + " lse", bool((torch.isinf(lse) == ~fin).all())
+                        and close(lse[fin], want_lse[fin], 1e-4, 1e-4), "lse differs")
 
         r.case(label, run)
