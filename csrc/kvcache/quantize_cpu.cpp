@@ -173,6 +173,44 @@ TROUS_AVX2 void store_packed32(const __m256i* q, int bits, uint8_t* dst) {
   }
 }
 
+// The 32 codes of 32 * bits / 8 packed bytes (LSB-first, as load_packed8) as two vectors of 16 bytes.
+TROUS_AVX2 inline void load_codes32(const uint8_t* src, int bits, __m128i& lo, __m128i& hi) {
+  if (bits == 8) {
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+  } else if (bits == 4) {  // byte k = q[2k] | q[2k+1] << 4
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), m = _mm_set1_epi8(0x0f);
+    const __m128i a = _mm_and_si128(x, m), b = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+    lo = _mm_unpacklo_epi8(a, b);
+    hi = _mm_unpackhi_epi8(a, b);
+  } else {  // byte k = q[4k] | q[4k+1] << 2 | q[4k+2] << 4 | q[4k+3] << 6
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)), m = _mm_set1_epi8(3);
+    const __m128i t01 = _mm_unpacklo_epi8(_mm_and_si128(x, m), _mm_and_si128(_mm_srli_epi16(x, 2), m));
+    const __m128i t23 =
+        _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(x, 4), m), _mm_and_si128(_mm_srli_epi16(x, 6), m));
+    lo = _mm_unpacklo_epi16(t01, t23);
+    hi = _mm_unpackhi_epi16(t01, t23);
+  }
+}
+
+// Codes 8k..8k+7 of (lo, hi) as int32 lanes (signed: int8 codes).
+TROUS_AVX2 inline __m256i codes8_of32(__m128i lo, __m128i hi, int k, bool is_signed) {
+  const __m128i v = k < 2 ? lo : hi;
+  const __m128i b = (k & 1) ? _mm_srli_si128(v, 8) : v;
+  return is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+}
+
+// 32 values fma(q, s, z) (decode8_avx2's steps) from packed codes.
+template <typename T>
+TROUS_AVX2 void decode32_avx2(const uint8_t* src, int bits, bool is_signed, float s, float z, T* out) {
+  __m128i lo, hi;
+  load_codes32(src, bits, lo, hi);
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  for (int k = 0; k < 4; ++k) {
+    cpu::store8(out + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes8_of32(lo, hi, k, is_signed)), vs, vz));
+  }
+}
+
 // KIVI: per-channel running min / max over tokens (elementwise, 8 channels at a time).
 TROUS_AVX2 void channel_minmax_avx2(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
   for (index_t c = 0; c < D; c += 8) {
@@ -610,10 +648,20 @@ void dequantize_row_scalar(const uint8_t* src, const void* params, const TokenDe
   dequantize_row<ScalarOps>(src, params, a, r, out);
 }
 #if TROUS_HAVE_AVX2_PATH
+// dequantize_row with Avx2Ops, 32 codes at a time where the group allows (the same fma per value).
 template <typename T>
 TROUS_AVX2 void dequantize_row_avx2(const uint8_t* src, const void* params, const TokenDequantArgs& a, index_t r,
                                     T* out) {
-  dequantize_row<Avx2Ops>(src, params, a, r, out);
+  const index_t G = a.group, n_groups = a.D / G;
+  for (index_t g = 0; g < n_groups; ++g) {
+    const index_t gi = r * n_groups + g;
+    const float s = Avx2Ops::load_param(params, a.symmetric ? gi : 2 * gi, a.ptype);
+    const float z = a.symmetric ? 0.f : Avx2Ops::load_param(params, 2 * gi + 1, a.ptype);
+    index_t c = g * G;
+    for (; c + 32 <= (g + 1) * G; c += 32) decode32_avx2(src + c / 8 * a.bits, a.bits, a.symmetric, s, z, out + c);
+    for (; c < (g + 1) * G; c += 8)
+      Avx2Ops::decode8(load_packed8(src + c / 8 * a.bits, a.bits), a.symmetric, s, z, out + c);
+  }
 }
 #endif
 
@@ -803,7 +851,17 @@ void channel_decode_row_scalar(const uint8_t* src, const float* scale, const flo
 template <typename T>
 TROUS_AVX2 void channel_decode_row_avx2(const uint8_t* src, const float* scale, const float* zero, int bits, index_t D,
                                         T* out) {
-  for (index_t c = 0; c < D; c += 8) {
+  index_t c = 0;
+  for (; c + 32 <= D; c += 32) {
+    __m128i lo, hi;
+    load_codes32(src + c / 8 * bits, bits, lo, hi);
+    for (int k = 0; k < 4; ++k) {
+      const index_t o = c + 8 * k;
+      cpu::store8(out + o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes8_of32(lo, hi, k, false)),
+                                           _mm256_loadu_ps(scale + o), _mm256_loadu_ps(zero + o)));
+    }
+  }
+  for (; c < D; c += 8) {
     const __m256i q = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)load_packed8(src + c / 8 * bits, bits)));
     cpu::store8(out + c, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(scale + c), _mm256_loadu_ps(zero + c)));
   }
@@ -855,18 +913,35 @@ void quantize_fp8_impl(const T* x, const float* scale, uint8_t* codes, const Fp8
 }
 
 template <typename T>
-void fp8_decode_row_scalar(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+void fp8_decode_row_scalar(const uint8_t* src, const float* table, Fp8Format, float s, index_t D, T* out) {
   for (index_t c = 0; c < D; ++c) out[c] = static_cast<T>(table[src[c]] * s);
 }
 
 #if TROUS_HAVE_AVX2_PATH
+// fp8_to_float through fp16 bits (e5m2 is the top byte of an fp16; e4m3 moves into an fp16 exponent
+// and is rescaled by 2^8, exactly), NaN codes replaced by the table's NaN (sign | 0x7fc00000), then
+// times s: the same bits as table[c] * s, without a gather.
 template <typename T>
-TROUS_AVX2 void fp8_decode_row_avx2(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+TROUS_AVX2 void fp8_decode_row_avx2(const uint8_t* src, const float*, Fp8Format f, float s, index_t D, T* out) {
+  const __m128i low7 = _mm_set1_epi16(0x7f), sign_bit = _mm_set1_epi16(0x80);
+  const __m256 vs = _mm256_set1_ps(s);
   for (index_t c = 0; c < D; c += 8) {
-    uint64_t b;
-    memcpy(&b, src + c, 8);
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)b));
-    cpu::store8(out + c, _mm256_mul_ps(_mm256_i32gather_ps(table, idx, 4), _mm256_set1_ps(s)));
+    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + c)));
+    const __m128i mag = _mm_and_si128(w, low7);
+    __m128i h, nan;
+    if (f == Fp8Format::kE5M2) {
+      h = _mm_slli_epi16(w, 8);
+      nan = _mm_cmpgt_epi16(mag, _mm_set1_epi16(0x7c));
+    } else {
+      h = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_and_si128(w, sign_bit), 8));
+      nan = _mm_cmpeq_epi16(mag, low7);
+    }
+    __m256 v = _mm256_cvtph_ps(h);
+    if (f == Fp8Format::kE4M3) v = _mm256_mul_ps(v, _mm256_set1_ps(256.f));
+    const __m256i sign = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_and_si128(w, sign_bit)), 24);
+    const __m256 canonical = _mm256_castsi256_ps(_mm256_or_si256(sign, _mm256_set1_epi32(0x7fc00000)));
+    v = _mm256_blendv_ps(v, canonical, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan)));
+    cpu::store8(out + c, _mm256_mul_ps(v, vs));
   }
 }
 #endif
@@ -883,7 +958,7 @@ void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index
 #endif
   at::parallel_for(0, rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      row_fn(codes + r * D, table, scale[per_head ? (r / T_len) % H : 0], D, out + r * D);
+      row_fn(codes + r * D, table, format, scale[per_head ? (r / T_len) % H : 0], D, out + r * D);
     }
   });
 }
