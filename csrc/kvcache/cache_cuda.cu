@@ -65,6 +65,7 @@ DecodePlan decode_plan(const DecodeParams& p) {
   const auto a16 = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
   plan.vec = a16(c.k_residual) && a16(c.v_residual) && (c.fmt.scheme != CacheScheme::kKivi || a16(c.k_params));
   const index_t cap = token_capacity(c);
+  plan.capacity = cap;
   const index_t blocks = c.batch * c.map.num_heads * plan.row_blocks;
   const int sms = device_attr(cudaDevAttrMultiProcessorCount, what);
   index_t target = blocks > 0 ? ceil_div(4 * (index_t)sms, blocks) : 1;
@@ -90,7 +91,7 @@ void launch_kv_append(const AppendParams& p, void* stream) {
   const float limit = finite_limit(p.cache.act);
   dispatch_dtype<CudaTypes>(p.cache.act, [&](auto tag) {
     using T = decltype(tag);
-    TROUS_LAUNCH((unsigned)p.cache.batch, kAppendThreads, 0, s, kv_append_kernel<T>)(p, limit);
+    TROUS_LAUNCH((unsigned)p.cache.batch, kAppendThreads, 0, s, kv_append_kernel<T>)(p, limit, token_capacity(p.cache));
   });
   check_launch("trous kv_append");
 }

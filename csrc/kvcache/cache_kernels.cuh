@@ -155,13 +155,16 @@ TROUS_DEVICE void append_ring(const CacheFormat& f, index_t H, T* ring, const T*
 // residual rule moves out of the ring (old ring tokens and new ones), then (after a barrier, since a
 // long prefill can wrap onto ring slots still being read) writes the new tokens that stay in full
 // precision into the ring, and finally sets lengths[b] += n_new. One block owns the sequence, so
-// nothing else reads lengths[b] while it changes.
+// nothing else reads lengths[b] while it changes. The op layer cannot check lengths on the device
+// without a host sync: a sequence whose lengths[b] + n_new does not fit its `capacity` tokens (or is
+// negative) is left unchanged, lengths included, rather than written out of bounds.
 template <typename T>
-__global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(AppendParams p, float limit) {
+__global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(AppendParams p, float limit, index_t capacity) {
   const CacheRef& c = p.cache;
   const CacheFormat& f = c.fmt;
   const index_t b = blockIdx.x, H = c.map.num_heads;
   const index_t L = c.lengths[b], T1 = L + p.n_new;
+  if (L < 0 || T1 > capacity) return;  // block-uniform: before any barrier
   const index_t q0 = quantized_length(f, L), q1 = quantized_length(f, T1);
   T* k_ring = static_cast<T*>(c.k_residual);
   T* v_ring = static_cast<T*>(c.v_residual);
@@ -186,11 +189,12 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(AppendParams 
 // of a KV head ((Hq / Hkv) * Sq, row r = g * Sq + s) into `row_blocks` blocks of `rows`.
 struct DecodePlan {
   int splits = 0;
-  int rows = 0;        // rows per block
-  int row_blocks = 0;  // ceil(nq / rows)
-  index_t nq = 0;      // query rows per KV head
-  bool vec = false;    // residual rings and KIVI key params 16-byte aligned: 16-byte loads
-  size_t smem = 0;     // dynamic shared memory per block, bytes
+  int rows = 0;          // rows per block
+  int row_blocks = 0;    // ceil(nq / rows)
+  index_t nq = 0;        // query rows per KV head
+  index_t capacity = 0;  // tokens a sequence can hold: a length outside [0, capacity] gives NaN rows
+  bool vec = false;      // residual rings and KIVI key params 16-byte aligned: 16-byte loads
+  size_t smem = 0;       // dynamic shared memory per block, bytes
 };
 
 // Tokens per split of a sequence holding L tokens: ceil(L / splits), rounded up to whole tiles.
@@ -299,7 +303,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) quantized_decode_kernel(Dec
   const index_t bh = blockIdx.x, b = bh / Hkv, h = bh % Hkv, split = blockIdx.y;
   const index_t r0 = (index_t)blockIdx.z * plan.rows;
   const index_t nr = plan.nq - r0 < plan.rows ? plan.nq - r0 : plan.rows;
-  const index_t L = c.lengths[b], Q = quantized_length(f, L);
+  const index_t L_in = c.lengths[b];
+  const index_t L = L_in < 0 || L_in > plan.capacity ? 0 : L_in;  // invalid: read nothing (merge gives NaN)
+  const index_t Q = quantized_length(f, L);
   const index_t chunk = decode_chunk(L, plan.splits);
   const index_t t_begin = split * chunk;
   const index_t t_end = t_begin + chunk < L ? t_begin + chunk : L;
@@ -425,6 +431,8 @@ __global__ void __launch_bounds__(kDecodeThreads) quantized_decode_merge(DecodeP
   const index_t bh = row / plan.nq, r = row % plan.nq;
   const index_t b = bh / Hkv, h = bh % Hkv;
   const index_t hq = h * (p.Hq / Hkv) + r / p.Sq, s = r % p.Sq;
+  const index_t L = p.cache.lengths[b];
+  const bool bad = L < 0 || L > plan.capacity;  // not a valid length: poison the rows, visibly
   const float* ws_out = static_cast<const float*>(p.workspace);
   const float* ws_lse = ws_out + (index_t)plan.splits * BH * plan.nq * D;
   float m = -INFINITY;
@@ -443,9 +451,9 @@ __global__ void __launch_bounds__(kDecodeThreads) quantized_decode_merge(DecodeP
       }
       a /= w_sum;
     }
-    out[d] = from_float<T>(a);
+    out[d] = from_float<T>(bad ? NAN : a);
   }
-  if (threadIdx.x == 0) p.lse[o] = m != -INFINITY ? m + logf(w_sum) : -INFINITY;
+  if (threadIdx.x == 0) p.lse[o] = bad ? NAN : m != -INFINITY ? m + logf(w_sum) : -INFINITY;
 }
 
 }  // namespace kv

@@ -59,6 +59,7 @@ struct Deq {
   // Channel order of the fp32 rows (see perm_pos): 1 = natural, 2 / 4 = the codes' byte order.
   int per = 1;
   float* tmp;  // D floats
+  float* row;  // D floats (fused QK: a residual row in the rows' order)
 };
 
 // AVX2 path for 4- and 2-bit codes: the per = 8 / bits codes of each byte are unpacked to separate
@@ -110,7 +111,7 @@ inline uint32_t code_at(const uint8_t* c, index_t d, int bits) {
 // ---- scalar twins
 
 void dequant_rows_scalar(Deq& q, const Src* src, index_t nb, float* dst) {
-  const index_t D = q.D, G = q.G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -120,13 +121,13 @@ void dequant_rows_scalar(Deq& q, const Src* src, index_t nb, float* dst) {
     }
     switch (q.kind) {
       case Kind::kAsym:
-        for (index_t g = 0; g < D / G; ++g) {
+        for (index_t g = 0; g < ng; ++g) {
           const float sc = load_param(s.params, 2 * g, q.ptype), z = load_param(s.params, 2 * g + 1, q.ptype);
           for (index_t d = g * G; d < (g + 1) * G; ++d) out[d] = asym_decode(code_at(s.codes, d, q.bits), sc, z);
         }
         break;
       case Kind::kSym:
-        for (index_t g = 0; g < D / G; ++g) {
+        for (index_t g = 0; g < ng; ++g) {
           const float sc = load_param(s.params, g, q.ptype);
           for (index_t d = g * G; d < (g + 1) * G; ++d) out[d] = (float)(int8_t)s.codes[d] * sc;
         }
@@ -217,7 +218,7 @@ TROUS_AVX2 inline float load_param_avx2(const void* p, index_t i, ParamType t) {
 
 template <int kBits>
 TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
-  const index_t D = q.D, G = q.G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -225,7 +226,7 @@ TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst
       resid_into(q, s.resid, out);
       continue;
     }
-    for (index_t g = 0; g < D / G; ++g) {
+    for (index_t g = 0; g < ng; ++g) {
       const __m256 sc = _mm256_set1_ps(load_param_avx2(s.params, 2 * g, q.ptype));
       const __m256 z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
       for (index_t d = g * G; d < (g + 1) * G; d += 8) {
@@ -236,7 +237,7 @@ TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst
 }
 
 TROUS_AVX2 void dequant_sym_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
-  const index_t D = q.D, G = q.G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -244,7 +245,7 @@ TROUS_AVX2 void dequant_sym_avx2(Deq& q, const Src* src, index_t nb, float* dst)
       resid_into(q, s.resid, out);
       continue;
     }
-    for (index_t g = 0; g < D / G; ++g) {
+    for (index_t g = 0; g < ng; ++g) {
       const __m256 sc = _mm256_set1_ps(load_param_avx2(s.params, g, q.ptype));
       for (index_t d = g * G; d < (g + 1) * G; d += 8) {
         const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.codes + d)));
@@ -288,7 +289,7 @@ TROUS_AVX2 inline void codes_perm(const uint8_t* c, __m256* v) {
 template <int kBits>
 TROUS_AVX2 void dequant_asym_perm_avx2(Deq& q, const Src* src, index_t nb, float* dst) {
   constexpr int per = 8 / kBits, C = 8 * per;
-  const index_t D = q.D, G = q.G;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
     const Src& s = src[j];
@@ -296,7 +297,7 @@ TROUS_AVX2 void dequant_asym_perm_avx2(Deq& q, const Src* src, index_t nb, float
       resid_into(q, s.resid, out);
       continue;
     }
-    for (index_t g = 0; g < D / G; ++g) {
+    for (index_t g = 0; g < ng; ++g) {
       const __m256 sc = _mm256_set1_ps(load_param_avx2(s.params, 2 * g, q.ptype));
       const __m256 z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
       for (index_t d = g * G; d < (g + 1) * G; d += C) {
@@ -517,7 +518,98 @@ TROUS_AVX2 void pv_avx2(float* O, const float* alpha, const float* P, index_t M,
     default: break;
   }
 }
+
+// Scores of R <= 4 query rows with the K rows dequantized in registers (no scratch): each 8-channel
+// vector of a token is decoded once and used by the R rows. Per-token groups (kKivi = false) or KIVI
+// per-channel parameters; 8-bit codes in channel order, 4- / 2-bit ones in perm_pos order.
+template <int kBits, bool kKivi, int R>
+TROUS_AVX2 void qk_fused_avx2(Deq& q, const Src* src, index_t nb, const float* Q, float* S) {
+  constexpr int per = kBits == 8 ? 1 : 8 / kBits, C = 8 * per;
+  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
+  for (index_t j = 0; j < nb; ++j) {
+    const Src& s = src[j];
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    if (s.codes == nullptr) {
+      resid_into(q, s.resid, q.row);
+      for (index_t d = 0; d < D; d += 8) {
+        const __m256 k = _mm256_loadu_ps(q.row + d);
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + d), k, acc[r]);
+      }
+    } else if constexpr (kKivi) {
+      kivi_prepare(q, s.params);
+      for (index_t d = 0; d < D; d += C) {
+        __m256 v[per];
+        if constexpr (per == 1) {
+          v[0] = codes8<8>(s.codes + d);
+        } else {
+          codes_perm<kBits>(s.codes + d * kBits / 8, v);
+        }
+        for (int i = 0; i < per; ++i) {
+          const index_t o = d + 8 * i;
+          const __m256 k = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(q.kS + o), _mm256_loadu_ps(q.kZ + o));
+          for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + o), k, acc[r]);
+        }
+      }
+    } else {
+      for (index_t g = 0; g < ng; ++g) {
+        const __m256 sc = _mm256_set1_ps(load_param_avx2(s.params, 2 * g, q.ptype));
+        const __m256 z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
+        for (index_t d = g * G; d < (g + 1) * G; d += C) {
+          __m256 v[per];
+          if constexpr (per == 1) {
+            v[0] = codes8<8>(s.codes + d);
+          } else {
+            codes_perm<kBits>(s.codes + d * kBits / 8, v);
+          }
+          for (int i = 0; i < per; ++i) {
+            const index_t o = d + 8 * i;
+            const __m256 k = _mm256_fmadd_ps(v[i], sc, z);
+            for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + o), k, acc[r]);
+          }
+        }
+      }
+    }
+    if constexpr (R == 4) {
+      alignas(16) float h4[4];
+      _mm_store_ps(h4, hsum4(acc[0], acc[1], acc[2], acc[3]));
+      for (int r = 0; r < 4; ++r) S[r * kBlock + j] = h4[r];
+    } else {
+      for (int r = 0; r < R; ++r) S[r * kBlock + j] = hsum8(acc[r]);
+    }
+  }
+}
 #endif  // TROUS_HAVE_AVX2_PATH
+
+using FusedQkFn = void (*)(Deq&, const Src*, index_t, const float*, float*);
+
+template <int kBits, bool kKivi>
+FusedQkFn pick_fused_rows(index_t M) {
+#if TROUS_HAVE_AVX2_PATH
+  switch (M) {
+    case 1: return &qk_fused_avx2<kBits, kKivi, 1>;
+    case 2: return &qk_fused_avx2<kBits, kKivi, 2>;
+    case 3: return &qk_fused_avx2<kBits, kKivi, 3>;
+    case 4: return &qk_fused_avx2<kBits, kKivi, 4>;
+    default: return nullptr;
+  }
+#else
+  (void)M;
+  return nullptr;
+#endif
+}
+
+// The fused QK of up to 4 query rows for per-token and KIVI keys (AVX2); nullptr: scratch path.
+FusedQkFn pick_fused_qk(const Deq& q, index_t M, bool avx2) {
+  if (!avx2 || M > 4 || (q.kind != Kind::kAsym && q.kind != Kind::kKiviKey)) return nullptr;
+  if (q.bits < 8 && q.per == 1) return nullptr;  // groups or D not made of whole unpacked chunks
+  const bool kivi = q.kind == Kind::kKiviKey;
+  switch (q.bits) {
+    case 8: return kivi ? pick_fused_rows<8, true>(M) : pick_fused_rows<8, false>(M);
+    case 4: return kivi ? pick_fused_rows<4, true>(M) : pick_fused_rows<4, false>(M);
+    default: return kivi ? pick_fused_rows<2, true>(M) : pick_fused_rows<2, false>(M);
+  }
+}
 
 using DequantFn = void (*)(Deq&, const Src*, index_t, float*);
 
@@ -646,14 +738,14 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, int per, inde
   dk.kZ = kZ;
   dk.per = dv.per = per;
   dk.tmp = dv.tmp = tmp;
+  dk.row = Kb;
   const DequantFn deq_k = pick_dequant(dk, avx2), deq_v = pick_dequant(dv, avx2);
+  const FusedQkFn fused_qk = pick_fused_qk(dk, M, avx2);
 
-  Src ks[kBlock], vs[kBlock];
   const index_t ps = c.map.page_size, G = f.group;
-  for (index_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
-    const index_t nb = std::min(kBlock, t_end - t0);
-    // Sources of the block's tokens: rows are consecutive within a page (cache.h), so token_row /
-    // key_group_row / residual_row are called once per page run and followed incrementally.
+  // Sources of a block's tokens: rows are consecutive within a page (cache.h), so token_row /
+  // key_group_row / residual_row are called once per page run and followed incrementally.
+  const auto fill = [&](index_t t0, index_t nb, Src* ks, Src* vs) {
     index_t t = t0, j = 0;
     const index_t qe = std::min(t0 + nb, qlen);
     while (t < qe) {
@@ -683,9 +775,37 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, int per, inde
         if (++slot == cap) slot = 0;
       }
     }
-    deq_k(dk, ks, nb, Kb);
-    const index_t nb4 = (nb + 3) / 4 * 4;
-    kn.qk(Q, M, Kb, nb4, D, S);
+  };
+  // The next block's quantized rows are prefetched while this one is computed (pages make the
+  // addresses irregular for the hardware prefetcher, and each row is only a line or two).
+  const index_t row_param_bytes = tok_params * pbytes;
+  const auto prefetch = [&](const Src* src, index_t nb) {
+    for (index_t j = 0; j < nb; ++j) {
+      if (src[j].codes == nullptr) continue;
+      for (index_t o = 0; o < cb; o += 64) __builtin_prefetch(src[j].codes + o);
+      if (row_param_bytes > 0) __builtin_prefetch(static_cast<const uint8_t*>(src[j].params));
+    }
+  };
+  Src srcs[2][2][kBlock];  // [buffer][K / V][token]
+  int cur = 0;
+  if (t_begin < t_end) fill(t_begin, std::min(kBlock, t_end - t_begin), srcs[0][0], srcs[0][1]);
+  for (index_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
+    const index_t nb = std::min(kBlock, t_end - t0);
+    const Src* ks = srcs[cur][0];
+    const Src* vs = srcs[cur][1];
+    if (t0 + kBlock < t_end) {
+      const index_t nb2 = std::min(kBlock, t_end - t0 - kBlock);
+      fill(t0 + kBlock, nb2, srcs[cur ^ 1][0], srcs[cur ^ 1][1]);
+      prefetch(srcs[cur ^ 1][0], nb2);
+      prefetch(srcs[cur ^ 1][1], nb2);
+    }
+    cur ^= 1;
+    if (fused_qk != nullptr) {
+      fused_qk(dk, ks, nb, Q, S);
+    } else {
+      deq_k(dk, ks, nb, Kb);
+      kn.qk(Q, M, Kb, (nb + 3) / 4 * 4, D, S);
+    }
 
     // Online softmax (base 2) per row; row m = (query head i, query token s) sees tokens <= pos.
     bool any = false;

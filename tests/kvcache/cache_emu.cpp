@@ -584,6 +584,54 @@ int main() {
     chk.done();
   }
   {
+    // Lengths the op layer cannot check on the device: a sequence that would overflow its pages is
+    // left unchanged (lengths included) while the others append; decode gives that sequence NaN rows.
+    Check chk{"invalid lengths on the device: sequence untouched, NaN rows"};
+    HostCache<__half> c(Fmt{TOK, 4, 32, P16, E4, false, 4}, 2, 2, 64, false, 16, 1, false);
+    run_appends(c, {{0, 2, 10}}, chk, true);
+    c.lengths[1] = 14;  // 14 + 3 > 16
+    NewTokens<__half> k(2, 2, 3, 64, false, 1), v(2, 2, 3, 64, true, 2);
+    AppendParams p;
+    p.cache = c.ref(0, 2);
+    p.k = k.buf.data();
+    p.v = v.buf.data();
+    p.sk = k.s;
+    p.sv = v.s;
+    p.n_new = 3;
+    launch_kv_append(p, nullptr);
+    note_launches();
+    if (c.lengths[1] != 14) chk.fail("lengths[1] changed to " + std::to_string(c.lengths[1]));
+    c.lengths[1] = 10;
+    for (index_t h = 0; h < 2; ++h)
+      for (index_t t = 0; t < 3; ++t)
+        for (index_t d = 0; d < 64; ++d) {
+          c.hk[h].push_back(__half2float(k.at(0, h, t, d)));
+          c.hv[h].push_back(__half2float(v.at(0, h, t, d)));
+        }
+    check_state(c, chk);  // sequence 0 appended, sequence 1 exactly as before
+    std::vector<__half> q(2 * 4 * 64, __float2half(0.5f)), out(2 * 4 * 64);
+    std::vector<float> lse(2 * 4);
+    c.lengths[1] = 17;
+    DecodeParams d;
+    d.cache = c.ref(0, 2);
+    d.q = q.data();
+    d.sq = BHTStrides{4 * 64, 64, 64};
+    d.out = out.data();
+    d.lse = lse.data();
+    d.Hq = 4;
+    d.Sq = 1;
+    d.scale = 0.125f;
+    std::vector<float> ws(decode_workspace_bytes(d) / 4 + 1);
+    d.workspace = ws.data();
+    launch_quantized_decode(d, nullptr);
+    note_launches();
+    for (int r = 0; r < 8; ++r) {
+      const bool nan_row = std::isnan(lse[r]) && std::isnan(__half2float(out[r * 64 + 7]));
+      if (nan_row != (r >= 4)) chk.fail("row " + std::to_string(r) + " lse " + std::to_string(lse[r]));
+    }
+    chk.done();
+  }
+  {
     Check chk{"coverage: every kernel instance launched"};
     for (const char* t : {"float", "__half", "__nv_bfloat16"})
       for (const char* kname : {"kv_append_kernel<", "quantized_decode_kernel<", "quantized_decode_merge<"})

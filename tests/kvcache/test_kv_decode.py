@@ -37,8 +37,8 @@ def build_cache(scheme, bits, G, residual, dtype, lengths, Hkv, D, paged=False, 
     B, Lmax = len(lengths), max(max(lengths), 1)
     hk = (torch.randn(B, Hkv, Lmax, D, generator=gen) * 1.5 + 0.3).to(dtype)
     hv = torch.randn(B, Hkv, Lmax, D, generator=gen).to(dtype)
-    g = ref.cache_token_group(scheme, G)
-    cap = ref.cache_residual_capacity(scheme, G, residual)
+    g = ref.ref_token_group(scheme, G)
+    cap = ref.ref_residual_capacity(scheme, G, residual)
     if paged:
         ps = page_size
         need = [math.ceil(L / ps) for L in lengths]
@@ -72,7 +72,7 @@ def build_cache(scheme, bits, G, residual, dtype, lengths, Hkv, D, paged=False, 
     k_res = torch.full((B, Hkv, cap, D), nan, dtype=dtype)
     v_res = torch.full((B, Hkv, cap, D), nan, dtype=dtype)
     for b, L in enumerate(lengths):
-        qlen = ref.cache_quantized_length(scheme, G, residual, L)
+        qlen = ref.ref_quantized_length(scheme, G, residual, L)
         xk, xv = hk[b:b + 1, :, :qlen], hv[b:b + 1, :, :qlen]
         if qlen:
             if scheme == "fp8":
@@ -112,20 +112,25 @@ def op_args(q, c, scale, softcap=0.0):
             scale, softcap)
 
 
+def history(c):
+    """The float32 (k, v) [B, Hkv, max length, D] the cache holds (the reference reader)."""
+    return ref.reference_dequantize_cache(c["k_codes"], c["k_params"], c["v_codes"], c["v_params"], c["k_residual"],
+                                          c["v_residual"], c["lengths"], c["block_table"], c["scheme"], c["bits"],
+                                          c["group_size"], c["residual"], c["fp8_format"])
+
+
 def plain_error(q, c, want, scale, softcap):
     """Max error of plain PyTorch at q's precision on the same dequantized cache (the spec's bar)."""
     dt = q.dtype
     B, Hq, Sq, D = q.shape
     Hkv = c["k_codes"].shape[1]
     err = 0.0
-    args = (c["lengths"], c["block_table"])
-    fmt = (c["scheme"], c["bits"], c["group_size"], c["residual"], c["fp8_format"])
+    hist = history(c)
     for b in range(B):
         T = int(c["lengths"][b])
         if T == 0:
             continue
-        K = ref.decode_cache_history(c["k_codes"], c["k_params"], c["k_residual"], *args, b, "k", *fmt).to(dt)
-        V = ref.decode_cache_history(c["v_codes"], c["v_params"], c["v_residual"], *args, b, "v", *fmt).to(dt)
+        K, V = (h[b, :, :T].to(dt) for h in hist)
         K = K.repeat_interleave(Hq // Hkv, 0)
         V = V.repeat_interleave(Hq // Hkv, 0)
         s = (q[b] @ K.transpose(1, 2)) * scale
@@ -230,9 +235,8 @@ def test_context_one_and_python_api():
     q = _q(1, 4, 1, 64, torch.float32)
     out, lse = check_decode(q, c, scale=0.125)
     # One token: the output is that token's (dequantized) value for every head.
-    v = ref.decode_cache_history(c["v_codes"], c["v_params"], c["v_residual"], c["lengths"], None, 0, "v", "per_token",
-                                 8, 64, 0)
-    torch.testing.assert_close(out[0, :, 0], v[0, 0].expand(4, 64), rtol=1e-6, atol=1e-6)
+    v = history(c)[1]
+    torch.testing.assert_close(out[0, :, 0], v[0, 0, 0].expand(4, 64), rtol=1e-6, atol=1e-6)
     args = {k: c[k] for k in ("scheme", "bits", "group_size", "residual", "fp8_format")}
     o2, l2 = quantized_decode_attention(q, c["k_codes"], c["k_params"], c["v_codes"], c["v_params"], c["k_residual"],
                                         c["v_residual"], c["lengths"], None, scale=0.125, return_lse=True, **args)
@@ -358,3 +362,37 @@ def test_bad_input_named():
     args[3] = args[3].to("meta")
     with pytest.raises(RuntimeError, match="v_codes must be on the device"):
         OP(*args)
+
+
+@pytest.mark.parametrize("scheme,bits,G,R,dtype,paged", [
+    ("kivi", 4, 32, 32, torch.float16, True), ("per_token", 2, 32, 16, torch.float32, False),
+    ("fp8", 8, 0, 8, torch.bfloat16, True), ("symmetric", 8, 64, 0, torch.float32, True)])
+def test_after_kv_append(scheme, bits, G, R, dtype, paged):
+    """The cache kv_append fills (prefill, then decode steps) decodes exactly like the one placed from
+    the same history with the bulk quantize ops, and like the reference on it."""
+    from trous.kvcache.cache_ops import kv_append
+
+    B, Hkv, D, steps = 2, 2, 64, [45, 1, 1, 2, 1]
+    T = sum(steps)
+    placed, hk, hv = build_cache(scheme, bits, G, R, dtype, [T] * B, Hkv, D, paged=paged,
+                                 page_size=32 if paged else None, seed=21,
+                                 per_head=True)
+    c = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in placed.items()}
+    for name in ("k_codes", "v_codes", "k_residual", "v_residual"):
+        c[name].zero_()
+    if scheme != "fp8":
+        c["k_params"].zero_()
+        c["v_params"].zero_()
+    c["lengths"].zero_()
+    q = _q(B, 8, 1, D, dtype, seed=22)
+    t = 0
+    for n in steps:
+        kv_append(c["k_codes"], c["k_params"], c["v_codes"], c["v_params"], c["k_residual"], c["v_residual"],
+                  c["lengths"], c["block_table"], hk[:, :, t:t + n], hv[:, :, t:t + n], scheme, bits, G, R, "e4m3")
+        t += n
+        if t >= 3:  # decode after every step (Sq = 1 query over the cache so far)
+            check_decode(q, c)
+    assert c["lengths"].tolist() == [T] * B
+    want, want_lse = OP(*op_args(q, placed, 0.125))
+    got, got_lse = OP(*op_args(q, c, 0.125))
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)

@@ -2,13 +2,19 @@
 causal, sliding-window, chunked, dilated and global-token patterns, forward and backward, CPU and
 CUDA) and ``AttentionPattern`` (the same pattern as an object: ``materialize``, ``density``, ``flops``).
 
+``trous.nn.SparseMultiheadAttention`` (``module``) is the multi-head layer: projections, optional rotary
+embedding, GQA, weights loadable from ``nn.MultiheadAttention``.
+
 ``pattern`` holds the pattern and its rules, ``sparse`` the function and the autograd of the ops,
 ``reference`` the slow fp64 reference with the materialised mask, ``bench`` and ``smoke`` the cases
 of ``python -m trous.bench --family attention`` / ``trous.smoke``.
 """
+from .module import SparseMultiheadAttention
 from .pattern import AttentionPattern
-from .sparse import sparse_attention
+from .sparse import sparse_attention, sparse_attention_varlen
 
-TOP_LEVEL = ("sparse_attention", "AttentionPattern")
+TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern")
+# The layers, as trous.nn.SparseMultiheadAttention (module.py).
+NN = ("SparseMultiheadAttention",)
 
-__all__ = ["sparse_attention", "AttentionPattern"]
+__all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "SparseMultiheadAttention"]

@@ -20,6 +20,11 @@ Targets (``--check``; full runs only, --quick has small shapes and no targets):
   >= 0.7 / density);
 - S = 16384, window +-128: cost <= 1.3 x density x trous dense (speed-up >= 1 / (1.3 density));
 - GPU window / chunk / global: >= 1.2x faster than Flex compiled.
+
+Last, on CPU: the Hugging Face rows ``hf-mistral-sw512 fwd+bwd vs HF sdpa|eager``: a tiny Mistral
+(2 layers, H8 / KV2, D64, random weights) forward + backward of the LM loss at 4096 tokens (--quick:
+1024), sliding window 512, attn_implementation "trous" against "sdpa" and "eager" (times and
+ratios, no target; skipped without transformers). Its ``flops`` count the attention part only.
 """
 from __future__ import annotations
 
@@ -292,15 +297,145 @@ def _gpu_cases(dt: str, quick: bool, shape=None) -> List[Case]:
     return out
 
 
+# The Hugging Face row (issue 12, "Performance" third bullet): a tiny Mistral (random weights, built
+# from a config) with a sliding window of 512, forward + backward of the LM loss at 4096 tokens
+# (--quick: 1024) with attn_implementation "trous" against "sdpa" and "eager" in the same run.
+HF_TOKENS, HF_QUICK_TOKENS, HF_WINDOW = 4096, 1024, 512
+HF_CONFIG = dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+                 attention_dropout=0.0)
+
+
+class _HFModel:
+    """The tiny model for one attn_implementation, built on first use (same seed, so the same
+    weights for every implementation); calling it runs the loss's forward and backward
+    (``torch.autograd.grad`` over the parameters: no accumulation)."""
+
+    def __init__(self, impl: str, device: str):
+        self.impl, self.device, self.model = impl, device, None
+
+    def __call__(self, ids):
+        if self.model is None:
+            from transformers import AutoModelForCausalLM, MistralConfig
+
+            if self.impl == "trous":
+                from ..hf import register
+
+                register()
+            torch.manual_seed(0)
+            cfg = MistralConfig(**HF_CONFIG, sliding_window=HF_WINDOW)
+            self.model = AutoModelForCausalLM.from_config(cfg, attn_implementation=self.impl).to(self.device)
+        loss = self.model(ids, labels=ids).loss
+        return torch.autograd.grad(loss, [p for p in self.model.parameters() if p.requires_grad])
+
+
+def _hf_cases(device: str, quick: bool) -> List[Case]:
+    """The tiny Mistral fwd+bwd rows (CPU fp32): "trous" vs "sdpa" and vs "eager"; skipped with a
+    message when transformers is not installed."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("trous.bench attention: Hugging Face rows skipped (transformers is not installed: pip install "
+              "'trous[hf]')", file=sys.stderr)
+        return []
+    S = HF_QUICK_TOKENS if quick else HF_TOKENS
+    c = HF_CONFIG
+    H, D, L = c["num_attention_heads"], c["head_dim"], c["num_hidden_layers"]
+    # HF's sliding_window counts the query itself: trous window (W - 1, 0), causal.
+    p = AttentionPattern(causal=True, window=(HF_WINDOW - 1, 0))
+    n = p.count(S, S)
+    flops = 4.0 * H * D * n * 3.5 * L  # the attention part only (allowed pairs), forward + backward
+
+    def make(i):
+        g = torch.Generator().manual_seed(4000 + i)
+        return (torch.randint(0, c["vocab_size"], (1, S), generator=g).to(device),)
+
+    trous_model = _HFModel("trous", device)
+    shape = f"1x{S} L{L} H{H}/{c['num_key_value_heads']} D{D}"
+    out = []
+    for impl in ("sdpa", "eager"):
+        out.append(Case(family=FAMILY, op=f"hf-mistral-sw{HF_WINDOW} fwd+bwd vs HF {impl}", shape=shape, dtype="fp32",
+                        make_inputs=make, fn=trous_model, baseline=_HFModel(impl, device), bytes_moved=8 * S,
+                        input_bytes=8 * S, baseline_name=f"HF {impl}", targets={},
+                        extra={"pattern": repr(p), "density": round(n / (S * S), 6), "allowed_pairs": n,
+                               "flops": flops, "flops_of": "attention only", "model": "MistralForCausalLM",
+                               "config": dict(c, sliding_window=HF_WINDOW),
+                               "transformers": transformers.__version__}))
+    return out
+
+
+# The packed-batch rows (issue 12, "Performance" second bullet): 8 documents of random lengths
+# (seeded) totalling 16384 tokens (--quick: 2048), causal, fwd+bwd, B1 H8 D64 (--quick H2): the varlen op
+# against the sum of per-document dense-causal calls (target: within 1.3x) and against SDPA with the
+# block-diagonal causal mask (target: >= 5x).
+VARLEN_TOKENS, VARLEN_QUICK_TOKENS, VARLEN_DOCS = 16384, 2048, 8
+
+
+def _doc_lengths(total: int, docs: int, seed: int = 0) -> List[int]:
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randperm(total - 1, generator=g)[:docs - 1].add(1).tolist())
+    edges = [0] + cuts + [total]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+def _varlen_cases(device: str, quick: bool) -> List[Case]:
+    from . import reference as ref
+    from .sparse import sparse_attention, sparse_attention_varlen
+
+    total = VARLEN_QUICK_TOKENS if quick else VARLEN_TOKENS
+    H, D = (2, 64) if quick else (8, 64)
+    lengths = _doc_lengths(total, VARLEN_DOCS)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    causal = AttentionPattern(causal=True)
+    n = sum(causal.count(L, L) for L in lengths)
+    flops = 4.0 * H * D * n * 3.5
+    moved = 9 * total * H * D * 4
+
+    def make(i):
+        q, k, v, go = _inputs((1, H, total, D), torch.float32, device, i, True)
+        return q[0], k[0], v[0], go[0]
+
+    def packed(q, k, v, go):
+        out = sparse_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+        return torch.autograd.grad(out, (q, k, v), go)
+
+    def per_document(q, k, v, go):
+        outs = [sparse_attention(q[a:b][None], k[a:b][None], v[a:b][None], causal=True)[0]
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        return torch.autograd.grad(outs, (q, k, v), [go[a:b] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+    block_mask = ref.varlen_mask(cu.cpu(), cu.cpu(), causal, device=device)
+
+    def sdpa_block_diagonal(q, k, v, go):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=block_mask).transpose(0, 1)
+        return torch.autograd.grad(out, (q, k, v), go)
+
+    shape = f"{total}x{H}x{D} ({VARLEN_DOCS} docs {min(lengths)}..{max(lengths)})"
+    extra = {"pattern": "causal per document", "documents": lengths, "density": round(n / total ** 2, 6),
+             "allowed_pairs": n, "flops": flops}
+    rows = []
+    for name, base, tg in (("per-document trous causal calls", per_document, {"speedup": 1 / 1.3}),
+                           ("SDPA block-diagonal mask", sdpa_block_diagonal, {"speedup": 5.0})):
+        rows.append(Case(family=FAMILY, op=f"varlen {VARLEN_DOCS} docs causal fwd+bwd vs {name}", shape=shape,
+                         dtype="fp32", make_inputs=make, fn=packed, baseline=base, bytes_moved=moved,
+                         input_bytes=3 * total * H * D * 4, baseline_name=name, targets={} if quick else tg,
+                         extra=dict(extra)))
+    return rows
+
+
 def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> List[Case]:
     """CPU: fp32 (B, H, S, D) = (1, 8, 8192, 64) and the S = 16384 window rows (--quick: (1, 2, 1024,
     64), no Flex, no targets); CUDA: bf16 (1, 16, S, 128) for S in 4k, 8k, 16k. ``shape`` (B, H, S, D)
-    replaces the shapes (and drops the S = 16384 rows)."""
+    replaces the shapes (and drops the S = 16384 rows). Last, on CPU without ``shape``: the Hugging
+    Face rows (a tiny Mistral, sliding window 512, fwd+bwd at 4096 tokens, --quick 1024: "trous" vs
+    "sdpa" and "eager"; printed, no target)."""
     if device == "cuda":
         return _gpu_cases("bf16", quick, shape)
     if shape is not None:
         return _cpu_cases(tuple(shape), "fp32", quick, default_shape=False)
-    return _cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick)
+    return (_cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick) + _varlen_cases(device, quick)
+            + _hf_cases(device, quick))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from .pattern import AttentionPattern
 
-__all__ = ["attention", "attention_from_mask"]
+__all__ = ["attention", "attention_from_mask", "attention_varlen", "varlen_mask"]
 
 
 def attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -66,3 +66,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Option
     pattern = pattern if pattern is not None else AttentionPattern()
     mask = pattern.materialize(q.shape[1], k.shape[1], device=q.device)
     return attention_from_mask(q, k, v, mask, scale, softcap, compute_dtype)
+
+
+def varlen_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, pattern: Optional[AttentionPattern] = None,
+                device=None) -> torch.Tensor:
+    """The (total_q, total_k) mask of packed sequences: block-diagonal, each block the pattern
+    materialised at that sequence's lengths (bottom-right aligned within the sequence)."""
+    pattern = pattern if pattern is not None else AttentionPattern()
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    mask = torch.zeros(cq[-1], ck[-1], dtype=torch.bool, device=device)
+    for b in range(len(cq) - 1):
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if lq and lk:
+            mask[cq[b]:cq[b + 1], ck[b]:ck[b + 1]] = pattern.materialize(lq, lk, device=device)
+    return mask
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, pattern: Optional[AttentionPattern] = None,
+                     scale: Optional[float] = None, softcap: float = 0.0,
+                     compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed q (total_q, Hq, D) over k, v (total_k, Hkv, D) with :func:`varlen_mask`: returns out
+    (total_q, Hq, D) and lse (Hq, total_q) in ``compute_dtype``."""
+    mask = varlen_mask(cu_seqlens_q, cu_seqlens_k, pattern, q.device)
+    out, lse = attention_from_mask(q[None], k[None], v[None], mask, scale, softcap, compute_dtype)
+    return out[0], lse[0]

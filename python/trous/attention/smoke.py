@@ -41,8 +41,45 @@ def _coverage(r, quick: bool):
                 r.case(label, case)
 
 
+def _varlen(r, quick: bool):
+    """The packed (cu_seqlens) ops: empty, length-1 and Sq != Sk sequences, GQA, forward and backward,
+    against the block-diagonal reference."""
+    dev = r.device
+    dtype = torch.float32 if dev == "cpu" else torch.float16
+    lengths = [(7, 7), (0, 0), (1, 1), (5, 12), (13, 3)]
+    for name, p in _patterns()[:5] if quick else [x for x in _patterns() if x[1].global_tokens is None]:
+        label = f"sparse_attention_varlen {name} lengths {lengths}"
+
+        def case(p=p, label=label):
+            g = torch.Generator().manual_seed(3)
+            cu_q = torch.tensor([0] + torch.tensor([a for a, _ in lengths]).cumsum(0).tolist(), dtype=torch.int32)
+            cu_k = torch.tensor([0] + torch.tensor([b for _, b in lengths]).cumsum(0).tolist(), dtype=torch.int32)
+            q = torch.randn(int(cu_q[-1]), 4, 32, generator=g).to(dev, dtype)
+            kk = torch.randn(int(cu_k[-1]), 2, 32, generator=g).to(dev, dtype)
+            v = torch.randn(int(cu_k[-1]), 2, 32, generator=g).to(dev, dtype)
+            go = torch.randn(int(cu_q[-1]), 4, 32, generator=g).to(dev, dtype)
+            left, right = p.window
+            args = (cu_q.to(dev), cu_k.to(dev), 13, 12, p.causal, left, right, p.chunk_size, p.dilation, 32 ** -0.5,
+                    0.0)
+            out, lse = r.call("trous::sparse_attention_varlen_fwd", q, kk, v, *args)
+            gq, gk, gv = r.call("trous::sparse_attention_varlen_bwd", go, q, kk, v, out, lse, *args, False)
+            if not r.compare:
+                return
+            leaves = [t.detach().cpu().double().requires_grad_() for t in (q, kk, v)]
+            ro, rl = ref.attention_varlen(*leaves, cu_q, cu_k, p)
+            tol = 1e-3 if dtype == torch.float32 else 5e-2
+            r.check(label + " out", close(out, ro, tol, tol), "out differs from the reference")
+            r.check(label + " lse", close(lse, rl, tol, tol), "lse differs from the reference")
+            want = torch.autograd.grad(ro, leaves, go.cpu().double())
+            for nm, a, b in zip(("grad_q", "grad_k", "grad_v"), (gq, gk, gv), want):
+                r.check(f"{label} {nm}", close(a, b, 4 * tol, 4 * tol), f"{nm} differs from the reference")
+
+        r.case(label, case)
+
+
 def run(r, quick: bool):
     _coverage(r, quick)
+    _varlen(r, quick)
     dev = r.device
     dtypes = [torch.float32, torch.bfloat16] if dev == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
     # (B, Sq, Sk, Hq, Hkv, D)

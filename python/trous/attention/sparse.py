@@ -17,7 +17,7 @@ import torch
 
 from .pattern import AttentionPattern, GlobalTokens
 
-__all__ = ["sparse_attention"]
+__all__ = ["sparse_attention", "sparse_attention_varlen"]
 
 _ops = torch.ops.trous
 _DEFAULT_WINDOW = (-1, -1)
@@ -174,4 +174,68 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     out, lse = _SparseAttention.apply(q, k, v, flags, pattern.causal, left, right, pattern.chunk_size,
                                       pattern.dilation, float(scale), float(softcap), bool(deterministic),
                                       bool(return_lse))
+    return (out, lse) if return_lse else out
+
+
+class _SparseAttentionVarlen(torch.autograd.Function):
+    """sparse_attention_varlen_fwd with its backward (``deterministic`` carried, not an op input)."""
+
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, left, right, chunk, dilation, scale, softcap,
+                deterministic):
+        return _ops.sparse_attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, left, right, chunk,
+                                                dilation, scale, softcap)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, causal, left, right, chunk, dilation, scale, softcap, det = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, causal, left, right, chunk, dilation, scale, softcap, det)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if grad_out is None:
+            return (None,) * 15
+        gq, gk, gv = _ops.sparse_attention_varlen_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return (gq, gk, gv) + (None,) * 12
+
+
+def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                            window: Sequence[int] = _DEFAULT_WINDOW, chunk_size: int = 0, dilation: int = 1,
+                            scale: Optional[float] = None, softcap: float = 0.0, return_lse: bool = False,
+                            deterministic: bool = False, pattern: Optional[AttentionPattern] = None
+                            ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sparse_attention` over packed sequences of different lengths (FlashAttention's varlen
+    layout): no query attends a key of another sequence.
+
+    Shapes: q (total_q, Hq, D), k and v (total_k, Hkv, D); ``cu_seqlens_q`` / ``cu_seqlens_k`` int32
+    (B + 1,) offsets (sequence b is rows ``cu[b]:cu[b + 1]``; from 0, non-decreasing, ending at the
+    totals; empty sequences allowed); ``max_seqlen_q`` / ``max_seqlen_k`` at least every sequence's
+    length (checked). Returns out (total_q, Hq, D) and, with ``return_lse=True``, lse (Hq, total_q)
+    float32 (not differentiable here).
+
+    Every pattern keyword of :func:`sparse_attention` applies to each sequence with its own lengths,
+    bottom-right aligned within the sequence (its last query meets its last key). Global tokens are
+    not accepted here (their positions would be per sequence). The offsets are read on the host: on
+    CUDA each call copies the B + 1 offsets (one synchronisation).
+    """
+    if pattern is None:
+        pattern = AttentionPattern(causal=causal, window=window, chunk_size=chunk_size, dilation=dilation)
+    elif not isinstance(pattern, AttentionPattern):
+        raise ValueError(f"trous.sparse_attention_varlen: pattern must be a trous.AttentionPattern or None, "
+                         f"got {type(pattern).__name__}")
+    if pattern.global_tokens is not None:
+        raise ValueError("trous.sparse_attention_varlen: global_tokens are not supported with packed sequences "
+                         "(pass each sequence to sparse_attention instead)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() >= 1 and q.shape[-1] > 0 else 1.0
+    left, right = pattern.window
+    out, lse = _SparseAttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                            int(max_seqlen_k), pattern.causal, left, right, pattern.chunk_size,
+                                            pattern.dilation, float(scale), float(softcap), bool(deterministic))
     return (out, lse) if return_lse else out

@@ -242,50 +242,8 @@ def reference_dequantize_cache(k_codes, k_params, v_codes, v_params, k_residual,
 
 
 # ---- cache: decode reference
-# quantized_decode_attention written from cache.h's layout and the residual rule: every sequence's
-# history is gathered token by token (page block_table[b][t // page_size] at offset t % page_size, or
-# page b when contiguous), dequantized with the functions above, completed with its residual-ring
-# tokens (slot t % residual_capacity), then attended in float64.
-
-def cache_token_group(scheme, group_size):
-    return group_size if scheme == "kivi" else 1
-
-
-def cache_residual_capacity(scheme, group_size, residual):
-    return residual + cache_token_group(scheme, group_size) - 1
-
-
-def cache_quantized_length(scheme, group_size, residual, T):
-    g = cache_token_group(scheme, group_size)
-    return 0 if T <= residual else ((T - residual) // g) * g
-
-
-def decode_cache_history(codes, params, residual_ring, lengths, block_table, b, which, scheme, bits, group_size,
-                         residual, fp8_format="e4m3"):
-    """Sequence b's K (which="k") or V history as float32 [Hkv, lengths[b], D]."""
-    T = int(lengths[b])
-    page_size = codes.shape[2]
-    qlen = cache_quantized_length(scheme, group_size, residual, T)
-    cap = cache_residual_capacity(scheme, group_size, residual)
-    t = torch.arange(qlen)
-    page = block_table[b].long().cpu()[t // page_size] if block_table is not None else torch.full_like(t, b)
-    off = t % page_size
-    dev = codes.device
-    c = codes[page.to(dev), :, off.to(dev)].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, qlen, bytes]
-    if scheme == "fp8":
-        quant = dequantize_fp8(c.contiguous(), params, fp8_format, torch.float32)
-    elif scheme == "kivi" and which == "k":
-        gt = torch.arange(0, qlen, group_size)
-        gpage = page[gt] if qlen else page[:0]
-        p = params[gpage.to(dev), :, ((gt % page_size) // group_size).to(dev)]  # [n, Hkv, D, 2]
-        quant = dequantize_per_channel(c.contiguous(), p.permute(1, 0, 2, 3).unsqueeze(0), bits, group_size)
-    else:
-        p = params[page.to(dev), :, off.to(dev)].permute(1, 0, 2, 3).unsqueeze(0)  # [1, Hkv, qlen, D/G, n]
-        quant = dequantize_per_token(c.contiguous(), p.contiguous(), bits, group_size, scheme == "symmetric")
-    slots = torch.arange(qlen, T) % max(cap, 1)
-    res = residual_ring[b][:, slots.to(dev)].float()  # [Hkv, T - qlen, D]
-    return torch.cat([quant[0].float(), res], 1)
-
+# quantized_decode_attention from the history the cache holds (reference_dequantize_cache above:
+# cache.h's layout and residual rule), attended in float64.
 
 def reference_decode_attention(q, k_codes, k_params, v_codes, v_params, k_residual, v_residual, lengths, block_table,
                                scheme, bits, group_size, residual, fp8_format, scale, softcap=0.0):
@@ -297,13 +255,12 @@ def reference_decode_attention(q, k_codes, k_params, v_codes, v_params, k_residu
     Hkv = k_codes.shape[1]
     out = torch.zeros(B, Hq, Sq, D, dtype=torch.float64, device=q.device)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float64, device=q.device)
-    args = (lengths, block_table)
+    k_hist, v_hist = reference_dequantize_cache(k_codes, k_params, v_codes, v_params, k_residual, v_residual, lengths,
+                                                block_table, scheme, bits, group_size, residual, fp8_format)
     for b in range(B):
         T = int(lengths[b])
-        K = decode_cache_history(k_codes, k_params, k_residual, *args, b, "k", scheme, bits, group_size, residual,
-                                 fp8_format).double()
-        V = decode_cache_history(v_codes, v_params, v_residual, *args, b, "v", scheme, bits, group_size, residual,
-                                 fp8_format).double()
+        K = k_hist[b, :, :T].double()  # [Hkv, T, D]
+        V = v_hist[b, :, :T].double()
         K = K.repeat_interleave(Hq // Hkv, 0)  # [Hq, T, D]
         V = V.repeat_interleave(Hq // Hkv, 0)
         s = scale * (q[b].double() @ K.transpose(1, 2))  # [Hq, Sq, T]
