@@ -1,8 +1,9 @@
 // CPU kernel of kv_append. One task per (sequence, KV head): the tokens that the residual rule moves
 // out of full precision in this call ([quantized_length(L), quantized_length(L + n)), old residual
 // tokens read from the ring and new ones from k / v) are quantized first, through the bulk
-// quantizers' own row kernels (append_cpu.h), then the new tokens that stay in full precision are
-// written to the ring. Reading the ring before writing it matters: a prefill longer than the ring
+// quantizers' own row kernels (append_cpu.h; per-token rows in batches of 8 that may span heads and
+// sequences, copied to fp32 first), then the new tokens that stay in full precision are written to
+// the ring. Reading the ring before writing it matters: a prefill longer than the ring
 // wraps onto slots of old residual tokens that this call quantizes. lengths are updated last, after
 // every task has read them.
 #include "kvcache/append_cpu.h"
@@ -62,11 +63,14 @@ class Appender {
     const int64_t per_task = std::max<int64_t>(1, 2 * std::max<int64_t>(p_.n_new, 1) * D_);
     at::parallel_for(0, c_.batch * H_, std::max<int64_t>(1, kGrainElements / per_task), [&](int64_t i0, int64_t i1) {
       std::vector<float> row(D_), tile(f_.scheme == CacheScheme::kKivi ? f_.group * D_ : 0);
+      Batch kb(D_), vb(D_);
       for (int64_t i = i0; i < i1; ++i) {
         const index_t b = i / H_, h = i % H_;
-        append_one(k, b, h, row, tile);
-        append_one(v, b, h, row, tile);
+        append_one(k, b, h, row, tile, kb);
+        append_one(v, b, h, row, tile, vb);
       }
+      flush(kb, k.params);
+      flush(vb, v.params);
     });
     for (index_t b = 0; b < c_.batch; ++b) c_.lengths[b] += (int32_t)p_.n_new;
   }
@@ -88,7 +92,38 @@ class Appender {
     }
   }
 
-  void append_one(const Side<T>& s, index_t b, index_t h, std::vector<float>& row, std::vector<float>& tile) const {
+  // Per-token rows waiting to be quantized, up to 8 (their fp32 copies: the ring slot a row came from
+  // may be rewritten before the batch is flushed).
+  struct Batch {
+    static constexpr int kRows = 8;
+    std::vector<float> rows;
+    const float* ptr[kRows];
+    index_t index[kRows];
+    uint8_t* dst[kRows];
+    int n = 0;
+    explicit Batch(index_t D) : rows(kRows * D) {}
+  };
+
+  void flush(Batch& q, void* params) const {
+    if (q.n > 0) cpu_quantize_token_rows(q.ptr, q.index, q.dst, q.n, tok_, params);
+    q.n = 0;
+  }
+
+  void push(Batch& q, const Side<T>& s, const T* src, index_t r) const {
+    float* dst = q.rows.data() + q.n * D_;
+    if constexpr (std::is_same_v<T, float>) {
+      memcpy(dst, src, D_ * sizeof(float));
+    } else {
+      cpu::to_float_row(src, dst, D_);
+    }
+    q.ptr[q.n] = dst;
+    q.index[q.n] = r;
+    q.dst[q.n] = s.codes + r * cb_;
+    if (++q.n == Batch::kRows) flush(q, s.params);
+  }
+
+  void append_one(const Side<T>& s, index_t b, index_t h, std::vector<float>& row, std::vector<float>& tile,
+                  Batch& q) const {
     const index_t L = c_.lengths[b], n = p_.n_new, T_new = L + n;
     const index_t q0 = quantized_length(f_, L), q1 = quantized_length(f_, T_new);
     if (s.key) {  // KIVI keys: whole groups of G tokens, one page holds whole groups
@@ -103,13 +138,12 @@ class Appender {
       }
     } else {
       for (index_t t = q0; t < q1; ++t) {
-        const float* x = as_float(source(s, b, h, t, L), row);
         const index_t r = token_row(c_.map, b, h, t);
         if (f_.scheme == CacheScheme::kFp8) {
           const float scale = static_cast<const float*>(s.params)[c_.fp8_scale_per_head ? h : 0];
-          cpu_quantize_fp8_row(x, scale, f_.fp8_format, D_, s.codes + r * cb_);
+          cpu_quantize_fp8_row(as_float(source(s, b, h, t, L), row), scale, f_.fp8_format, D_, s.codes + r * cb_);
         } else {
-          cpu_quantize_token_row(x, tok_, s.params, r, s.codes + r * cb_);
+          push(q, s, source(s, b, h, t, L), r);
         }
       }
     }

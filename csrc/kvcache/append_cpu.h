@@ -16,10 +16,12 @@ void cpu_kv_append(const AppendParams& p);
 
 // ---- Row kernels of the bulk quantizers (quantize_cpu.cpp), AVX2 or scalar as the bulk ops pick.
 
-// One (token, head) row of a.in.D fp32 values in groups of a.group channels: the parameters of group g
-// at group index row_index * (D / G) + g of `params` (pairs (scale, min) unless a.symmetric), the
-// codes at dst (D * bits / 8 bytes, or D for symmetric int8). Uses a.in.D only of a.in.
-void cpu_quantize_token_row(const float* row, const TokenQuantArgs& a, void* params, index_t row_index, uint8_t* dst);
+// n (token, head) rows of a.in.D fp32 values (row i at rows[i]) in groups of a.group channels: the
+// parameters of group g of row i at group index row_index[i] * (D / G) + g of `params` (pairs
+// (scale, min) unless a.symmetric), its codes at dst[i] (D * bits / 8 bytes, or D for symmetric int8).
+// Uses a.in.D only of a.in. Up to 8 rows per call let the AVX2 path compute 8 groups' parameters at once.
+void cpu_quantize_token_rows(const float* const* rows, const index_t* row_index, uint8_t* const* dst, index_t n,
+                             const TokenQuantArgs& a, void* params);
 
 // KIVI keys: one token group of a.group rows of a.in.D fp32 values (`tile`, row-major): the D
 // (scale, min) pairs at pair index p0 + c of `params`, the codes of row t at dst + t * D * bits / 8.

@@ -147,6 +147,70 @@ TROUS_AVX2 void decode8_avx2(uint64_t b, bool is_signed, float s, float z, T* ou
   cpu::store8(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s), _mm256_set1_ps(z)));
 }
 
+// 32 codes (4 vectors of int32 lanes, values in [0, 255] or [-127, 127]) as 32 bytes in order.
+TROUS_AVX2 inline __m256i bytes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, bool is_signed) {
+  const __m256i a = _mm256_packs_epi32(q0, q1), b = _mm256_packs_epi32(q2, q3);  // per 128-bit lane: q0 q1 | ..
+  const __m256i c = is_signed ? _mm256_packs_epi16(a, b) : _mm256_packus_epi16(a, b);
+  return _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// 32 unsigned codes (int32 lanes of q[0..3]) packed LSB-first, as store_packed8, to 32 * bits / 8 bytes.
+TROUS_AVX2 void store_packed32(const __m256i* q, int bits, uint8_t* dst) {
+  const __m256i c = bytes32(q[0], q[1], q[2], q[3], false);
+  if (bits == 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), c);
+  } else if (bits == 4) {  // byte k = q[2k] | q[2k+1] << 4
+    const __m256i m = _mm256_maddubs_epi16(c, _mm256_set1_epi16(0x1001));
+    const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(m, m), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(b));
+  } else {  // byte k = q[4k] | q[4k+1] << 2 | q[4k+2] << 4 | q[4k+3] << 6
+    const __m256i m =
+        _mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi16(0x0401)), _mm256_set1_epi32(0x00100001));
+    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(m, m), _mm256_setzero_si256());
+    const uint64_t w = (uint64_t)(uint32_t)_mm256_extract_epi32(b, 0) | (uint64_t)(uint32_t)_mm256_extract_epi32(b, 4)
+                                                                            << 32;
+    memcpy(dst, &w, 8);
+  }
+}
+
+// The 32 codes of 32 * bits / 8 packed bytes (LSB-first, as load_packed8) as two vectors of 16 bytes.
+TROUS_AVX2 inline void load_codes32(const uint8_t* src, int bits, __m128i& lo, __m128i& hi) {
+  if (bits == 8) {
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+  } else if (bits == 4) {  // byte k = q[2k] | q[2k+1] << 4
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), m = _mm_set1_epi8(0x0f);
+    const __m128i a = _mm_and_si128(x, m), b = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+    lo = _mm_unpacklo_epi8(a, b);
+    hi = _mm_unpackhi_epi8(a, b);
+  } else {  // byte k = q[4k] | q[4k+1] << 2 | q[4k+2] << 4 | q[4k+3] << 6
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)), m = _mm_set1_epi8(3);
+    const __m128i t01 = _mm_unpacklo_epi8(_mm_and_si128(x, m), _mm_and_si128(_mm_srli_epi16(x, 2), m));
+    const __m128i t23 =
+        _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(x, 4), m), _mm_and_si128(_mm_srli_epi16(x, 6), m));
+    lo = _mm_unpacklo_epi16(t01, t23);
+    hi = _mm_unpackhi_epi16(t01, t23);
+  }
+}
+
+// Codes 8k..8k+7 of (lo, hi) as int32 lanes (signed: int8 codes).
+TROUS_AVX2 inline __m256i codes8_of32(__m128i lo, __m128i hi, int k, bool is_signed) {
+  const __m128i v = k < 2 ? lo : hi;
+  const __m128i b = (k & 1) ? _mm_srli_si128(v, 8) : v;
+  return is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+}
+
+// 32 values fma(q, s, z) (decode8_avx2's steps) from packed codes.
+template <typename T>
+TROUS_AVX2 void decode32_avx2(const uint8_t* src, int bits, bool is_signed, float s, float z, T* out) {
+  __m128i lo, hi;
+  load_codes32(src, bits, lo, hi);
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  for (int k = 0; k < 4; ++k) {
+    cpu::store8(out + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes8_of32(lo, hi, k, is_signed)), vs, vz));
+  }
+}
+
 // KIVI: per-channel running min / max over tokens (elementwise, 8 channels at a time).
 TROUS_AVX2 void channel_minmax_avx2(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
   for (index_t c = 0; c < D; c += 8) {
@@ -163,7 +227,18 @@ TROUS_AVX2 void channel_codes_avx2(const float* v, const float* zero_half, const
                                    uint8_t* dst) {
   const __m256 max_q = _mm256_set1_ps((float)max_code(bits));
   const __m256 half = _mm256_set1_ps(0.5f);
-  for (index_t c = 0; c < D; c += 8) {
+  index_t c = 0;
+  for (; c + 32 <= D; c += 32) {  // 32 at a time: the packing of store_packed32
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k) {
+      const index_t o = c + 8 * k;
+      const __m256 t = _mm256_mul_ps(_mm256_fmsub_ps(_mm256_loadu_ps(v + o), half, _mm256_loadu_ps(zero_half + o)),
+                                     _mm256_loadu_ps(inv2 + o));
+      q[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), max_q));
+    }
+    store_packed32(q, bits, dst + c / 8 * bits);
+  }
+  for (; c < D; c += 8) {
     __m256 t = _mm256_mul_ps(_mm256_fmsub_ps(_mm256_loadu_ps(v + c), half, _mm256_loadu_ps(zero_half + c)),
                              _mm256_loadu_ps(inv2 + c));
     t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), max_q);
@@ -286,6 +361,240 @@ struct Avx2Ops {
 };
 #endif
 
+#if TROUS_HAVE_AVX2_PATH
+// ---- Parameters of 8 groups at once (lanes = groups), with the scalar formulas' exact steps
+// (asym_params_rounded, sym_scale_rounded: the same IEEE operations in the same order, so the same
+// bits); the rare lanes whose top code would reach the dtype's limit, and non-finite lanes, are redone
+// by the scalar functions themselves. The per-group chains (two divisions, the fp16 roundings) are
+// latency-bound one group at a time: eight at once is what lets the bulk ops reach memory speed.
+
+// Lane i of the result: the min (kMin) or max over the 8 lanes of v[i] (min / max are exact, so the
+// order of the reduction does not change the value).
+template <bool kMin>
+TROUS_AVX2 inline __m256 minmax_ps(__m256 a, __m256 b) {
+  return kMin ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b);
+}
+
+template <bool kMin>
+TROUS_AVX2 __m256 transpose_reduce8(const __m256* v) {
+  __m256 s[4];
+  for (int i = 0; i < 4; ++i) {
+    s[i] = minmax_ps<kMin>(_mm256_shuffle_ps(v[2 * i], v[2 * i + 1], 0x88),
+                           _mm256_shuffle_ps(v[2 * i], v[2 * i + 1], 0xDD));
+  }
+  const __m256 lo = minmax_ps<kMin>(_mm256_shuffle_ps(s[0], s[1], 0x88), _mm256_shuffle_ps(s[0], s[1], 0xDD));
+  const __m256 hi = minmax_ps<kMin>(_mm256_shuffle_ps(s[2], s[3], 0x88), _mm256_shuffle_ps(s[2], s[3], 0xDD));
+  return minmax_ps<kMin>(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+struct alignas(32) Params8 {
+  float scale[8], zero[8], inv[8], zero_half[8], inv2[8];
+};
+
+TROUS_AVX2 inline __m256 round_param8(__m256 v, ParamType t, int mode) {
+  if (t != ParamType::kFloat16) return v;
+  return mode == 0 ? _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT))
+                   : _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_POS_INF));
+}
+
+// asym_params_rounded for 8 groups; bad: bit i set = lane i holds NaN / Inf.
+TROUS_AVX2 void asym_params8(__m256 mn, __m256 mx, unsigned bad, int bits, float limit, ParamType t, Params8& o) {
+  const __m256 L = _mm256_set1_ps((float)max_code(bits)), half = _mm256_set1_ps(0.5f);
+  const __m256 floor_s = _mm256_set1_ps(min_scale(t));
+  __m256 s = _mm256_mul_ps(_mm256_div_ps(_mm256_fmsub_ps(mx, half, _mm256_mul_ps(mn, half)), L), _mm256_set1_ps(2.f));
+  s = round_param8(s, t, 1);
+  s = _mm256_blendv_ps(floor_s, s, _mm256_cmp_ps(s, floor_s, _CMP_GT_OQ));
+  const __m256 zero = round_param8(mn, t, 0);
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), s);
+  const unsigned ok =
+      (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(L, s, zero), _mm256_set1_ps(limit), _CMP_LT_OQ));
+  _mm256_store_ps(o.scale, s);
+  _mm256_store_ps(o.zero, zero);
+  _mm256_store_ps(o.inv, inv);
+  _mm256_store_ps(o.zero_half, _mm256_mul_ps(zero, half));
+  _mm256_store_ps(o.inv2, _mm256_mul_ps(inv, _mm256_set1_ps(2.f)));
+  unsigned redo = (~ok | bad) & 0xffu;
+  if (redo == 0) return;
+  alignas(32) float a[8], b[8];
+  _mm256_store_ps(a, mn);
+  _mm256_store_ps(b, mx);
+  for (; redo; redo &= redo - 1) {
+    const int i = __builtin_ctz(redo);
+    const AsymParams p = asym_params_rounded(a[i], b[i], !((bad >> i) & 1u), bits, limit, Avx2Ops::Rounding{t});
+    o.scale[i] = p.scale;
+    o.zero[i] = p.zero;
+    o.inv[i] = p.inv;
+    o.zero_half[i] = p.zero_half;
+    o.inv2[i] = p.inv2;
+  }
+}
+
+// sym_scale_rounded and sym_inv for 8 groups.
+TROUS_AVX2 void sym_params8(__m256 amax, unsigned bad, float limit, ParamType t, Params8& o) {
+  const __m256 floor_s = _mm256_set1_ps(min_scale(t));
+  __m256 s = round_param8(_mm256_div_ps(amax, _mm256_set1_ps(127.f)), t, 1);
+  s = _mm256_blendv_ps(floor_s, s, _mm256_cmp_ps(s, floor_s, _CMP_GT_OQ));
+  const unsigned ok = (unsigned)_mm256_movemask_ps(
+      _mm256_cmp_ps(_mm256_mul_ps(_mm256_set1_ps(127.f), s), _mm256_set1_ps(limit), _CMP_LT_OQ));
+  _mm256_store_ps(o.scale, s);
+  _mm256_store_ps(o.inv, _mm256_div_ps(_mm256_set1_ps(1.f), s));
+  unsigned redo = (~ok | bad) & 0xffu;
+  if (redo == 0) return;
+  alignas(32) float a[8];
+  _mm256_store_ps(a, amax);
+  for (; redo; redo &= redo - 1) {
+    const int i = __builtin_ctz(redo);
+    o.scale[i] = sym_scale_rounded(a[i], !((bad >> i) & 1u), limit, Avx2Ops::Rounding{t});
+    o.inv[i] = sym_inv(o.scale[i]);
+  }
+}
+
+// asym_code of 32 values, packed LSB-first (as store_packed8) to 32 * bits / 8 bytes at dst: the
+// same clamped t and rounding as asym_codes8_avx2, the packing done on 32 codes at once.
+TROUS_AVX2 void asym_codes32_avx2(const float* v, AsymParams p, int bits, uint8_t* dst) {
+  const __m256 zh = _mm256_set1_ps(p.zero_half), inv2 = _mm256_set1_ps(p.inv2), half = _mm256_set1_ps(0.5f);
+  const __m256 max_q = _mm256_set1_ps((float)max_code(bits)), zero = _mm256_setzero_ps();
+  __m256i q[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m256 t = _mm256_mul_ps(_mm256_fmsub_ps(_mm256_loadu_ps(v + 8 * k), half, zh), inv2);
+    q[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, zero), max_q));
+  }
+  store_packed32(q, bits, dst);
+}
+
+// sym_code of 32 values as 32 int8 bytes at dst (the steps of sym_codes8_avx2).
+TROUS_AVX2 void sym_codes32_avx2(const float* v, float inv, uint8_t* dst) {
+  const __m256 s = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  __m256i q[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), s);
+    q[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bytes32(q[0], q[1], q[2], q[3], true));
+}
+
+// Stores the first n (<= 8) lanes of a and, when b, interleaved pairs (a[i], b[i]) from parameter
+// index i0 on, in the storage type (F16C, as Avx2Ops::store_param).
+TROUS_AVX2 void store_params8(void* params, index_t i0, const float* a, const float* b, int n, ParamType t) {
+  alignas(32) float v[16];
+  int count = n;
+  if (b) {
+    const __m256 x = _mm256_load_ps(a), y = _mm256_load_ps(b);
+    const __m256 lo = _mm256_unpacklo_ps(x, y), hi = _mm256_unpackhi_ps(x, y);
+    _mm256_store_ps(v, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_store_ps(v + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    count = 2 * n;
+  } else {
+    _mm256_store_ps(v, _mm256_load_ps(a));
+  }
+  if (t == ParamType::kFloat32) {
+    memcpy(static_cast<float*>(params) + i0, v, count * sizeof(float));
+    return;
+  }
+  alignas(32) uint16_t h[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(h), _mm256_cvtps_ph(_mm256_load_ps(v), _MM_FROUND_TO_NEAREST_INT));
+  if (count > 8) {
+    _mm_store_si128(reinterpret_cast<__m128i*>(h + 8),
+                    _mm256_cvtps_ph(_mm256_load_ps(v + 8), _MM_FROUND_TO_NEAREST_INT));
+  }
+  memcpy(static_cast<uint16_t*>(params) + i0, h, count * sizeof(uint16_t));
+}
+
+// Per-token groups of n_rows rows (row i's D fp32 values at rows[i], its codes at dst[i], its groups'
+// parameters at group index row_index[i] * (D / G) + g), 8 groups at a time.
+TROUS_AVX2 void quantize_rows_avx2(const float* const* rows, const index_t* row_index, uint8_t* const* dst,
+                                   index_t n_rows, const TokenQuantArgs& a, void* params) {
+  const index_t G = a.group, ng = a.in.D / G, total = n_rows * ng;
+  const int np = a.symmetric ? 1 : 2;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  Params8 o;
+  for (index_t j0 = 0; j0 < total; j0 += 8) {
+    const int m = (int)std::min<index_t>(8, total - j0);
+    const float* gp[8];
+    __m256 va[8], vb[8];  // asym: min, max; symmetric: amax
+    unsigned bad = 0;
+    for (int i = 0; i < 8; ++i) {
+      if (i >= m) {
+        va[i] = va[0];
+        vb[i] = vb[0];
+        continue;
+      }
+      const index_t j = j0 + i;
+      gp[i] = rows[j / ng] + (j % ng) * G;
+      const float* v = gp[i];
+      __m256 x = _mm256_loadu_ps(v);
+      __m256 mn = x, mx = x, amax = _mm256_and_ps(x, abs_mask);
+      __m256i nf = non_finite_mask(x);
+      for (index_t c = 8; c < G; c += 8) {
+        x = _mm256_loadu_ps(v + c);
+        if (a.symmetric) {
+          amax = _mm256_max_ps(amax, _mm256_and_ps(x, abs_mask));
+        } else {
+          mn = _mm256_min_ps(mn, x);
+          mx = _mm256_max_ps(mx, x);
+        }
+        nf = _mm256_or_si256(nf, non_finite_mask(x));
+      }
+      va[i] = a.symmetric ? amax : mn;
+      vb[i] = mx;
+      bad |= (unsigned)(_mm256_testz_si256(nf, nf) == 0) << i;
+    }
+    // Group index of lane i; the lanes' parameters are contiguous when their rows are consecutive.
+    const auto group_index = [&](int i) { return row_index[(j0 + i) / ng] * ng + (j0 + i) % ng; };
+    const index_t p0 = group_index(0);
+    bool contiguous = true;  // every row of the lanes follows the previous one
+    for (index_t i = j0 / ng + 1; i <= (j0 + m - 1) / ng; ++i)
+      contiguous = contiguous && row_index[i] == row_index[i - 1] + 1;
+    const auto store = [&](const float* sc, const float* ze) {
+      if (contiguous) return store_params8(params, np * p0, sc, ze, m, a.ptype);
+      for (int i = 0; i < m; ++i) {
+        Avx2Ops::store_param(params, np * group_index(i), sc[i], a.ptype);
+        if (ze) Avx2Ops::store_param(params, np * group_index(i) + 1, ze[i], a.ptype);
+      }
+    };
+    if (a.symmetric) {
+      sym_params8(transpose_reduce8<false>(va), bad, a.limit, a.ptype, o);
+      store(o.scale, nullptr);
+      for (int i = 0; i < m; ++i) {
+        const index_t j = j0 + i;
+        uint8_t* d = dst[j / ng] + (j % ng) * G;
+        const bool finite = !((bad >> i) & 1u);
+        index_t c = 0;
+        if (finite) {
+          for (; c + 32 <= G; c += 32) sym_codes32_avx2(gp[i] + c, o.inv[i], d + c);
+        }
+        for (; c < G; c += 8) {
+          const uint64_t b = finite ? sym_codes8_avx2(gp[i] + c, o.inv[i]) : 0;
+          memcpy(d + c, &b, 8);
+        }
+      }
+      continue;
+    }
+    asym_params8(transpose_reduce8<true>(va), transpose_reduce8<false>(vb), bad, a.bits, a.limit, a.ptype, o);
+    store(o.scale, o.zero);
+    for (int i = 0; i < m; ++i) {
+      const index_t j = j0 + i;
+      uint8_t* d = dst[j / ng] + (j % ng) * G * a.bits / 8;
+      const bool finite = !((bad >> i) & 1u);
+      AsymParams p;
+      p.scale = o.scale[i];
+      p.zero = o.zero[i];
+      p.inv = o.inv[i];
+      p.zero_half = o.zero_half[i];
+      p.inv2 = o.inv2[i];
+      index_t c = 0;
+      if (finite) {
+        for (; c + 32 <= G; c += 32) asym_codes32_avx2(gp[i] + c, p, a.bits, d + c / 8 * a.bits);
+      }
+      for (; c < G; c += 8) {
+        const uint64_t b = finite ? asym_codes8_avx2(gp[i] + c, p, a.bits) : 0;
+        store_packed8(d + c / 8 * a.bits, b, a.bits);
+      }
+    }
+  }
+}
+#endif
+
 #define TROUS_FORCE_INLINE inline __attribute__((always_inline))
 
 // One row of D channels in groups of G (G % 8 == 0): parameters, then codes 8 at a time.
@@ -339,13 +648,20 @@ void dequantize_row_scalar(const uint8_t* src, const void* params, const TokenDe
   dequantize_row<ScalarOps>(src, params, a, r, out);
 }
 #if TROUS_HAVE_AVX2_PATH
-TROUS_AVX2 void quantize_row_avx2(const float* row, const TokenQuantArgs& a, void* params, index_t r, uint8_t* dst) {
-  quantize_row<Avx2Ops>(row, a, params, r, dst);
-}
+// dequantize_row with Avx2Ops, 32 codes at a time where the group allows (the same fma per value).
 template <typename T>
 TROUS_AVX2 void dequantize_row_avx2(const uint8_t* src, const void* params, const TokenDequantArgs& a, index_t r,
                                     T* out) {
-  dequantize_row<Avx2Ops>(src, params, a, r, out);
+  const index_t G = a.group, n_groups = a.D / G;
+  for (index_t g = 0; g < n_groups; ++g) {
+    const index_t gi = r * n_groups + g;
+    const float s = Avx2Ops::load_param(params, a.symmetric ? gi : 2 * gi, a.ptype);
+    const float z = a.symmetric ? 0.f : Avx2Ops::load_param(params, 2 * gi + 1, a.ptype);
+    index_t c = g * G;
+    for (; c + 32 <= (g + 1) * G; c += 32) decode32_avx2(src + c / 8 * a.bits, a.bits, a.symmetric, s, z, out + c);
+    for (; c < (g + 1) * G; c += 8)
+      Avx2Ops::decode8(load_packed8(src + c / 8 * a.bits, a.bits), a.symmetric, s, z, out + c);
+  }
 }
 #endif
 
@@ -353,10 +669,34 @@ template <typename T>
 void quantize_token_impl(const T* x, uint8_t* codes, void* params, const TokenQuantArgs& a) {
   const index_t D = a.in.D;
   const index_t code_bytes = a.symmetric ? D : D * a.bits / 8;
-  auto* row_fn = &quantize_row_scalar;
 #if TROUS_HAVE_AVX2_PATH
-  if (has_avx2()) row_fn = &quantize_row_avx2;
+  if (has_avx2()) {  // 8 rows at a time: their groups' parameters are computed 8 at once
+    constexpr index_t kRows = 8;
+    at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
+      std::vector<float> scratch(std::is_same_v<T, float> ? 0 : kRows * D);
+      const float* rows[kRows];
+      index_t index[kRows];
+      uint8_t* dst[kRows];
+      for (int64_t r = r0; r < r1; r += kRows) {
+        const index_t n = std::min<index_t>(kRows, r1 - r);
+        for (index_t i = 0; i < n; ++i) {
+          index[i] = r + i;
+          dst[i] = codes + (r + i) * code_bytes;
+          const T* src = x + row_offset(r + i, a.in.H, a.in.T, a.in.stride);
+          if constexpr (std::is_same_v<T, float>) {
+            rows[i] = src;
+          } else {
+            cpu::to_float_row(src, scratch.data() + i * D, D);
+            rows[i] = scratch.data() + i * D;
+          }
+        }
+        quantize_rows_avx2(rows, index, dst, n, a, params);
+      }
+    });
+    return;
+  }
 #endif
+  auto* row_fn = &quantize_row_scalar;
   at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(D);
     for (int64_t r = r0; r < r1; ++r) {
@@ -422,9 +762,21 @@ void channel_params_scalar(const float* mn, const float* mx, const uint32_t* bad
   channel_params<ScalarOps>(mn, mx, bad, a, params, p0, zero_half, inv2);
 }
 #if TROUS_HAVE_AVX2_PATH
+// channel_params, 8 channels at once (asym_params8: the same bits).
 TROUS_AVX2 void channel_params_avx2(const float* mn, const float* mx, const uint32_t* bad, const ChannelQuantArgs& a,
                                     void* params, index_t p0, float* zero_half, float* inv2) {
-  channel_params<Avx2Ops>(mn, mx, bad, a, params, p0, zero_half, inv2);
+  Params8 o;
+  for (index_t c = 0; c < a.in.D; c += 8) {
+    const __m256i flags = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bad + c));
+    const unsigned bad8 =
+        0xffu & ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(flags, _mm256_setzero_si256())));
+    asym_params8(_mm256_loadu_ps(mn + c), _mm256_loadu_ps(mx + c), bad8, a.bits, a.limit, a.ptype, o);
+    store_params8(params, (p0 + c) * 2, o.scale, o.zero, 8, a.ptype);
+    const __m256 is_bad =
+        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(flags, _mm256_setzero_si256()), _mm256_set1_epi32(-1)));
+    _mm256_storeu_ps(zero_half + c, _mm256_blendv_ps(_mm256_load_ps(o.zero_half), _mm256_setzero_ps(), is_bad));
+    _mm256_storeu_ps(inv2 + c, _mm256_load_ps(o.inv2));
+  }
 }
 #endif
 
@@ -499,7 +851,17 @@ void channel_decode_row_scalar(const uint8_t* src, const float* scale, const flo
 template <typename T>
 TROUS_AVX2 void channel_decode_row_avx2(const uint8_t* src, const float* scale, const float* zero, int bits, index_t D,
                                         T* out) {
-  for (index_t c = 0; c < D; c += 8) {
+  index_t c = 0;
+  for (; c + 32 <= D; c += 32) {
+    __m128i lo, hi;
+    load_codes32(src + c / 8 * bits, bits, lo, hi);
+    for (int k = 0; k < 4; ++k) {
+      const index_t o = c + 8 * k;
+      cpu::store8(out + o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes8_of32(lo, hi, k, false)),
+                                           _mm256_loadu_ps(scale + o), _mm256_loadu_ps(zero + o)));
+    }
+  }
+  for (; c < D; c += 8) {
     const __m256i q = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)load_packed8(src + c / 8 * bits, bits)));
     cpu::store8(out + c, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(scale + c), _mm256_loadu_ps(zero + c)));
   }
@@ -551,18 +913,35 @@ void quantize_fp8_impl(const T* x, const float* scale, uint8_t* codes, const Fp8
 }
 
 template <typename T>
-void fp8_decode_row_scalar(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+void fp8_decode_row_scalar(const uint8_t* src, const float* table, Fp8Format, float s, index_t D, T* out) {
   for (index_t c = 0; c < D; ++c) out[c] = static_cast<T>(table[src[c]] * s);
 }
 
 #if TROUS_HAVE_AVX2_PATH
+// fp8_to_float through fp16 bits (e5m2 is the top byte of an fp16; e4m3 moves into an fp16 exponent
+// and is rescaled by 2^8, exactly), NaN codes replaced by the table's NaN (sign | 0x7fc00000), then
+// times s: the same bits as table[c] * s, without a gather.
 template <typename T>
-TROUS_AVX2 void fp8_decode_row_avx2(const uint8_t* src, const float* table, float s, index_t D, T* out) {
+TROUS_AVX2 void fp8_decode_row_avx2(const uint8_t* src, const float*, Fp8Format f, float s, index_t D, T* out) {
+  const __m128i low7 = _mm_set1_epi16(0x7f), sign_bit = _mm_set1_epi16(0x80);
+  const __m256 vs = _mm256_set1_ps(s);
   for (index_t c = 0; c < D; c += 8) {
-    uint64_t b;
-    memcpy(&b, src + c, 8);
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)b));
-    cpu::store8(out + c, _mm256_mul_ps(_mm256_i32gather_ps(table, idx, 4), _mm256_set1_ps(s)));
+    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + c)));
+    const __m128i mag = _mm_and_si128(w, low7);
+    __m128i h, nan;
+    if (f == Fp8Format::kE5M2) {
+      h = _mm_slli_epi16(w, 8);
+      nan = _mm_cmpgt_epi16(mag, _mm_set1_epi16(0x7c));
+    } else {
+      h = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_and_si128(w, sign_bit), 8));
+      nan = _mm_cmpeq_epi16(mag, low7);
+    }
+    __m256 v = _mm256_cvtph_ps(h);
+    if (f == Fp8Format::kE4M3) v = _mm256_mul_ps(v, _mm256_set1_ps(256.f));
+    const __m256i sign = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_and_si128(w, sign_bit)), 24);
+    const __m256 canonical = _mm256_castsi256_ps(_mm256_or_si256(sign, _mm256_set1_epi32(0x7fc00000)));
+    v = _mm256_blendv_ps(v, canonical, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan)));
+    cpu::store8(out + c, _mm256_mul_ps(v, vs));
   }
 }
 #endif
@@ -579,7 +958,7 @@ void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index
 #endif
   at::parallel_for(0, rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      row_fn(codes + r * D, table, scale[per_head ? (r / T_len) % H : 0], D, out + r * D);
+      row_fn(codes + r * D, table, format, scale[per_head ? (r / T_len) % H : 0], D, out + r * D);
     }
   });
 }
@@ -588,11 +967,12 @@ void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index
 
 // ---- Row kernels shared with kv_append (append_cpu.h).
 
-void cpu_quantize_token_row(const float* row, const TokenQuantArgs& a, void* params, index_t row_index, uint8_t* dst) {
+void cpu_quantize_token_rows(const float* const* rows, const index_t* row_index, uint8_t* const* dst, index_t n,
+                             const TokenQuantArgs& a, void* params) {
 #if TROUS_HAVE_AVX2_PATH
-  if (has_avx2()) return quantize_row_avx2(row, a, params, row_index, dst);
+  if (has_avx2()) return quantize_rows_avx2(rows, row_index, dst, n, a, params);
 #endif
-  quantize_row_scalar(row, a, params, row_index, dst);
+  for (index_t i = 0; i < n; ++i) quantize_row_scalar(rows[i], a, params, row_index[i], dst[i]);
 }
 
 void cpu_quantize_key_group(const float* tile, const ChannelQuantArgs& a, void* params, index_t p0, uint8_t* dst) {

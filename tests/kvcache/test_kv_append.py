@@ -479,3 +479,47 @@ def test_meta_kernel_accepts_valid_call():
     c = Cache(2, 2, 64, "kivi", 2, 8, 8, torch.float16, paged=True, page_size=16, t_max=32, seed=1)
     a = c.args(randn((2, 2, 4, 64), torch.float16, 1), randn((2, 2, 4, 64), torch.float16, 2))
     kv_append(**{n: (t.to("meta") if isinstance(t, torch.Tensor) else t) for n, t in a.items()})
+
+
+# ---- the AVX2 kernels and their scalar twins (TROUS_CPU_SIMD=0) write the same bytes
+
+_TWIN_SCRIPT = r"""
+import sys, torch, trous
+ops = torch.ops.trous
+g = torch.Generator().manual_seed(0)
+out = {}
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    x = (torch.randn(2, 3, 32, 128, generator=g) * 3).to(dt)
+    x[0, 0, 1, 5] = float("nan"); x[0, 1, 2, 7] = float("inf"); x[1, 0, 3, :] = 0.5; x[1, 1, 4, :64] = 1e-30
+    for pdt in ((torch.float32, torch.float16) if dt == torch.float16 else (torch.float32,)):
+        for bits, G, sym in ((2, 32, False), (4, 64, False), (8, 128, False), (4, 16, False), (8, 32, True)):
+            c, p = ops.kv_quantize(x, bits, G, sym, pdt)
+            out[f"q{dt}{pdt}{bits}{G}{sym}"] = [c, p] + [ops.kv_dequantize(c, p, bits, G, sym, o)
+                                                         for o in (torch.float32, torch.float16)]
+        for bits in (2, 4, 8):
+            c, p = ops.kv_quantize_channel(x, bits, 32, pdt)
+            out[f"c{dt}{pdt}{bits}"] = [c, p, ops.kv_dequantize_channel(c, p, bits, 32, dt)]
+    out[f"f{dt}"] = [ops.kv_quantize_fp8(x, torch.tensor(0.01), "e5m2")]
+codes = torch.arange(256, dtype=torch.uint8).repeat(24).reshape(2, 3, 64, 16)
+for fmt in ("e4m3", "e5m2"):
+    out[fmt] = [ops.kv_dequantize_fp8(codes, torch.tensor([0.01, 3.0, 1e-3]), fmt, o)
+                for o in (torch.float32, torch.float16)]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_simd_and_scalar_kernels_write_the_same_bytes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    files = {}
+    for simd in ("1", "0"):
+        path = tmp_path / f"simd{simd}.pt"
+        env = dict(os.environ, TROUS_CPU_SIMD=simd)
+        subprocess.run([sys.executable, "-c", _TWIN_SCRIPT, str(path)], check=True, env=env, timeout=300)
+        files[simd] = torch.load(path)
+    for key, tensors in files["1"].items():
+        for a, b in zip(tensors, files["0"][key]):
+            a, b = a.contiguous(), b.contiguous()
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
