@@ -14,6 +14,7 @@ import torch
 
 import trous  # noqa: F401  (loads the ops)
 from helpers import seeded
+from trous.attention import reference as ref
 
 OPS = torch.ops.trous
 INF = float("inf")
@@ -27,7 +28,7 @@ def close(a, b, rtol, floor=0.1):
     assert err <= rtol * scale, f"max err {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
 
 
-# ---- the reference (spec rules, bottom-right alignment) ----
+# ---- the mask, re-derived here from the spec rules (an oracle independent of AttentionPattern) ----
 
 def ref_mask(Sq, Sk, causal=False, window=(-1, -1), chunk=0, dilation=1, flags=None):
     """allowed[i, j] from the spec: i' = i + Sk - Sq; dilation d: (i' - j) % d == 0 and the window
@@ -57,26 +58,6 @@ def ref_mask(Sq, Sk, causal=False, window=(-1, -1), chunk=0, dilation=1, flags=N
     if causal:
         allowed = allowed & (j <= i)
     return allowed
-
-
-def ref_attention(q, k, v, mask, scale, softcap=0.0):
-    """(out, lse) in q's dtype math (fp64 for the reference, bf16 for 'plain PyTorch'); masked rows 0 / -inf."""
-    B, Sq, Hq, D = q.shape
-    G = Hq // k.shape[2]
-    qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(G, dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(G, dim=1)
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask, -INF)
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    lsum = p.sum(-1, keepdim=True)
-    out = (p @ vh) / torch.where(lsum > 0, lsum, torch.ones_like(lsum))
-    lse = (torch.log(lsum) + m).squeeze(-1)
-    return out.transpose(1, 2), lse
 
 
 def make_inputs(B, Sq, Sk, Hq, Hkv, D, dtype, seed=0):
@@ -121,7 +102,7 @@ def run_ref(q, k, v, go, flags, pat, scale, softcap=0.0):
     mask = ref_mask(Sq, Sk, pat.get("causal", False), pat.get("window", (-1, -1)), pat.get("chunk", 0),
                     pat.get("dilation", 1), flags)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = ref_attention(*leaves, mask, scale, softcap)
+    out, lse = ref.attention_from_mask(*leaves, mask, scale, softcap, compute_dtype=leaves[0].dtype)
     grads = torch.autograd.grad(out, leaves, go.to(out.dtype))
     return (out.detach(), lse.detach(), *grads)
 
