@@ -13,8 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
 
-# Subpackages of trous that are tools, not op families.
-_TOOLS = frozenset({"bench"})
+# Subpackages of trous that are tools or integrations (trous.hf: transformers), not op families.
+_TOOLS = frozenset({"bench", "hf"})
 
 
 def names() -> List[str]:
