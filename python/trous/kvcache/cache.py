@@ -23,6 +23,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from . import cache_ops
+
 __all__ = ["QuantizedKVCache", "SCHEMES"]
 
 SCHEMES = ("kivi", "per_token", "symmetric", "fp8")
@@ -111,8 +113,8 @@ class QuantizedKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.paged, self.max_batch, self.max_tokens = bool(paged), int(max_batch), int(max_tokens)
         self.growable = bool(growable) and not self.paged
-        self.token_group = group_size if scheme == "kivi" else 1
-        self.residual_capacity = residual + self.token_group - 1
+        self.token_group = cache_ops.token_group(scheme, group_size)
+        self.residual_capacity = cache_ops.residual_capacity(scheme, group_size, residual)
         # Parameters: fp16 for fp16 activations (half the bytes, fp16 holds fp16's range), else fp32.
         self.param_dtype = torch.float16 if dtype == torch.float16 else torch.float32
         if self.paged:
@@ -220,8 +222,7 @@ class QuantizedKVCache:
 
     def quantized_length(self, T: int) -> int:
         """Tokens [0, quantized_length(T)) of a sequence holding T are quantized (cache.h's rule)."""
-        g = self.token_group
-        return 0 if T <= self.residual else ((T - self.residual) // g) * g
+        return cache_ops.quantized_length(self.scheme, self.group_size, self.residual, T)
 
     def _check_layer(self, layer: int) -> None:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
