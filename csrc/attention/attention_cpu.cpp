@@ -31,6 +31,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -309,6 +310,18 @@ void mask_block(const Pattern& p, const KeySpan& sp, const index_t* rows, const 
   }
 }
 
+// -inf in S^T where the block layout masks a pair of a tile its table calls partial.
+void mask_block_layout(const Pattern& p, const int32_t* tbl, const index_t* rows, const index_t* keys, index_t n,
+                       index_t nk, float* St, index_t ld) {
+  for (index_t c = 0; c < nk; ++c)
+    for (index_t t = 0; t < n; ++t)
+      if (!block_ok(p, tbl, rows[t], keys[c])) St[c * ld + t] = kNegInf;
+}
+
+// A tile size that divides the block layout's block (multiples of 64), so that an aligned tile never
+// straddles two blocks; T itself without a block mask.
+index_t block_aligned(index_t T, index_t block) { return block > 0 ? std::gcd(T, block) : T; }
+
 // Query rows per tile: `narrow` for a narrow band (a window or chunk of at most kNarrowBand keys per
 // row), where a taller tile would visit (rows + W) keys per row for W allowed; `full` otherwise (tall
 // tiles read each K / V block once for more queries: dense S = 8192 went 39 -> 50 GF/s with 64 -> 256).
@@ -328,7 +341,8 @@ index_t pick_query_tile(const Pattern& p, index_t full, index_t narrow) {
 template <typename T>
 void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuAttnArgs& a) {
   const Pattern& p = a.pat;
-  const index_t D = a.D, Tq = pick_query_tile(a.pat, kCpuQueryTile, kCpuNarrowQueryTile), Tk = kCpuKeyTile;
+  const index_t D = a.D, Tk = block_aligned(kCpuKeyTile, p.blocks.bk);
+  const index_t Tq = block_aligned(pick_query_tile(a.pat, kCpuQueryTile, kCpuNarrowQueryTile), p.blocks.bq);
   const index_t ntiles = num_query_tiles(p, Tq);
   const index_t G = a.Hq / a.Hkv;
   const bool cap = a.softcap > 0.f;
@@ -360,6 +374,7 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     const QueryTile qt = query_tile(p, Tq, tile);
     const index_t n = std::min<index_t>(qt.count, Tq);
     if (n <= 0) return;
+    const int32_t* tbl = head_blocks(p, b, h);
     const index_t np = round8(n);
     // Q rows into O (free until the first P V), then transposed and scaled into Qt; padding rows 0.
     const T* q_bh = q + b * a.q.b + h * a.q.h;
@@ -380,10 +395,12 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     const int nspans = key_spans(p, qt, spans);
     for (int si = 0; si < nspans; ++si) {
       const KeySpan& sp = spans[si];
-      for (index_t u0 = sp.first; u0 < sp.end; u0 += Tk) {
-        const index_t u1 = std::min(u0 + Tk, sp.end);
+      for (index_t u0 = sp.first, u1 = 0; u0 < sp.end; u0 = u1) {
+        u1 = next_key_tile(p, sp, u0, Tk);
         const TileKind kind = classify(p, qt, sp, u0, u1);
         if (kind == kSkip) continue;
+        const TileKind bkind = classify_blocks(p, tbl, qt, sp, u0, u1);
+        if (bkind == kSkip) continue;
         const BlockKeys bk = block_keys(p, sp, u0, u1, keys);
         const index_t nk = bk.nk;
         const float *Kb, *Vb;
@@ -403,6 +420,7 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
         if (cap)
           for (index_t c = 0; c < nk; ++c) softcap_row(St + c * Tq, nullptr, n, a.softcap);
         if (kind == kPartial) mask_block(p, sp, rows, keys, n, nk, St, Tq);
+        if (bkind == kPartial) mask_block_layout(p, tbl, rows, keys, n, nk, St, Tq);
         std::fill(mx, mx + np, kNegInf);
         block_col_max(mx, St, Tq, nk, np);
         const bool rescale = online_update(m, mx, ms, alpha, l, n, np);
@@ -434,7 +452,8 @@ template <typename T>
 void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, const float* lse, T* gq, T* gk, T* gv,
               const CpuAttnArgs& a) {
   const Pattern& p = a.pat;
-  const index_t D = a.D, Tq = pick_query_tile(a.pat, kCpuBwdQueryTile, kCpuNarrowQueryTile), Tk = kCpuBwdKeyTile;
+  const index_t D = a.D, Tk = block_aligned(kCpuBwdKeyTile, p.blocks.bk);
+  const index_t Tq = block_aligned(pick_query_tile(a.pat, kCpuBwdQueryTile, kCpuNarrowQueryTile), p.blocks.bq);
   const index_t ntiles = num_query_tiles(p, Tq);
   const index_t G = a.Hq / a.Hkv;
   const bool cap = a.softcap > 0.f;
@@ -512,6 +531,7 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
         const index_t n = std::min<index_t>(qt.count, Tq);
         if (n <= 0) continue;
         const index_t np = round8(n);
+        const int32_t* tbl = head_blocks(p, b, h);
         bool any_row = false;
         for (index_t t = 0; t < np; ++t) {
           if (t >= n) {  // padding queries: zero operands, p = 0
@@ -546,10 +566,12 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
         const int nspans = any_row ? key_spans(p, qt, spans) : 0;
         for (int si = 0; si < nspans; ++si) {
           const KeySpan& sp = spans[si];
-          for (index_t u0 = sp.first; u0 < sp.end; u0 += Tk) {
-            const index_t u1 = std::min(u0 + Tk, sp.end);
+          for (index_t u0 = sp.first, u1 = 0; u0 < sp.end; u0 = u1) {
+            u1 = next_key_tile(p, sp, u0, Tk);
             const TileKind kind = classify(p, qt, sp, u0, u1);
             if (kind == kSkip) continue;
+            const TileKind bkind = classify_blocks(p, tbl, qt, sp, u0, u1);
+            if (bkind == kSkip) continue;
             const BlockKeys bk = block_keys(p, sp, u0, u1, keys.data());
             const index_t nk = bk.nk;
             const float *Kb, *Vb;
@@ -572,6 +594,7 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
             if (cap)
               for (index_t c = 0; c < nk; ++c) softcap_row(St + c * Tq, Th + c * Tq, np, a.softcap);
             if (kind == kPartial) mask_block(p, sp, rows.data(), keys.data(), n, nk, St, Tq);
+            if (bkind == kPartial) mask_block_layout(p, tbl, rows.data(), keys.data(), n, nk, St, Tq);
             for (index_t c = 0; c < nk; ++c)
               bwd_col(St + c * Tq, dPt + c * Tq, cap ? Th + c * Tq : nullptr, L, Dv, np, a.softcap);
             // dV += P^T dO, dK += dS^T Q (scaled Q), dQ += dS K.

@@ -119,7 +119,8 @@ AttnBwdParams cuda_bwd_params(const at::Tensor& go, const at::Tensor& q, const a
 // their last dimensions as allocated by the ops (a sequence of a packed varlen tensor is such a view).
 void fwd_into(const char* op, DType dt, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
               at::Tensor& out, at::Tensor& lse, const std::optional<at::Tensor>& global_flags, bool causal,
-              int64_t left, int64_t right, int64_t chunk, int64_t dilation, double scale, double softcap) {
+              int64_t left, int64_t right, int64_t chunk, int64_t dilation, double scale, double softcap,
+              const BlockLayout& blocks) {
   const at::Tensor q = rows_input(q_in), k = rows_input(k_in), v = rows_input(v_in);
   const PatternHolder ph = build_pattern(q.size(1), k.size(1), global_flags, causal, left, right, chunk, dilation);
   CpuAttnArgs a{};
@@ -130,6 +131,7 @@ void fwd_into(const char* op, DType dt, const at::Tensor& q_in, const at::Tensor
   a.scale = static_cast<float>(scale);
   a.softcap = static_cast<float>(softcap);
   a.pat = ph.p;
+  a.pat.blocks = blocks;
   run_on_device(
       q, op,
       [&] {
@@ -148,20 +150,29 @@ void fwd_into(const char* op, DType dt, const at::Tensor& q_in, const at::Tensor
       });
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                        const at::Tensor& v_in,
-                                                        const std::optional<at::Tensor>& global_flags, bool causal,
-                                                        int64_t left, int64_t right, int64_t chunk, int64_t dilation,
-                                                        double scale, double softcap) {
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& global_flags, bool causal, int64_t left, int64_t right, int64_t chunk,
+    int64_t dilation, double scale, double softcap, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& block_elems, int64_t block_q, int64_t block_k) {
   const char* op = "trous.sparse_attention_fwd";
-  check_devices(op, {{"q", q_in}, {"k", k_in}, {"v", v_in}, {"global_tokens", defined_or_empty(global_flags)}});
+  check_devices(op, {{"q", q_in},
+                     {"k", k_in},
+                     {"v", v_in},
+                     {"global_tokens", defined_or_empty(global_flags)},
+                     {"block_table", defined_or_empty(block_table)},
+                     {"block_elems", defined_or_empty(block_elems)}});
   const DType dt = check_qkv(op, q_in, k_in, v_in, global_flags, left, right, chunk, dilation, scale, softcap);
+  check_block_args(op, block_table, block_elems, block_q, block_k, q_in.sym_size(0), q_in.sym_size(2), q_in.sym_size(1),
+                   k_in.sym_size(1));
   const auto qs = q_in.sym_sizes();
   auto out = at::empty_symint(qs, q_in.options());
   auto lse = at::empty_symint({qs[0], qs[2], qs[1]}, q_in.options().dtype(at::kFloat));
   if (q_in.is_meta()) return {out, lse};
+  if (block_table.has_value()) check_block_values(op, *block_table, block_elems);
   if (out.numel() == 0) return {out, lse};
-  fwd_into(op, dt, q_in, k_in, v_in, out, lse, global_flags, causal, left, right, chunk, dilation, scale, softcap);
+  fwd_into(op, dt, q_in, k_in, v_in, out, lse, global_flags, causal, left, right, chunk, dilation, scale, softcap,
+           block_layout(block_table, block_elems, block_q, block_k));
   return {out, lse};
 }
 
@@ -172,7 +183,7 @@ void bwd_into(const char* op, DType dt, const at::Tensor& grad_out_in, const at:
               const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, at::Tensor& grad_q,
               at::Tensor& grad_k, at::Tensor& grad_v, const std::optional<at::Tensor>& global_flags, bool causal,
               int64_t left, int64_t right, int64_t chunk, int64_t dilation, double scale, double softcap,
-              bool deterministic) {
+              bool deterministic, const BlockLayout& blocks) {
   const at::Tensor q = rows_input(q_in), k = rows_input(k_in), v = rows_input(v_in);
   const at::Tensor go = rows_input(grad_out_in), out = rows_input(out_in);
   const PatternHolder ph = build_pattern(q.size(1), k.size(1), global_flags, causal, left, right, chunk, dilation);
@@ -183,6 +194,7 @@ void bwd_into(const char* op, DType dt, const at::Tensor& grad_out_in, const at:
   a.scale = static_cast<float>(scale);
   a.softcap = static_cast<float>(softcap);
   a.pat = ph.p;
+  a.pat.blocks = blocks;
   run_on_device(
       q, op,
       [&] {
@@ -211,7 +223,9 @@ void bwd_into(const char* op, DType dt, const at::Tensor& grad_out_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& global_flags, bool causal,
-    int64_t left, int64_t right, int64_t chunk, int64_t dilation, double scale, double softcap, bool deterministic) {
+    int64_t left, int64_t right, int64_t chunk, int64_t dilation, double scale, double softcap, bool deterministic,
+    const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& block_elems, int64_t block_q,
+    int64_t block_k) {
   const char* op = "trous.sparse_attention_bwd";
   check_devices(op, {{"grad_out", grad_out_in},
                      {"q", q_in},
@@ -219,8 +233,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
                      {"v", v_in},
                      {"out", out_in},
                      {"lse", lse_in},
-                     {"global_tokens", defined_or_empty(global_flags)}});
+                     {"global_tokens", defined_or_empty(global_flags)},
+                     {"block_table", defined_or_empty(block_table)},
+                     {"block_elems", defined_or_empty(block_elems)}});
   const DType dt = check_qkv(op, q_in, k_in, v_in, global_flags, left, right, chunk, dilation, scale, softcap);
+  check_block_args(op, block_table, block_elems, block_q, block_k, q_in.sym_size(0), q_in.sym_size(2), q_in.sym_size(1),
+                   k_in.sym_size(1));
   const auto qs = q_in.sym_sizes();
   TORCH_CHECK(grad_out_in.sym_sizes() == qs, op, ": grad_out must have q's shape ", qs, ", got ",
               grad_out_in.sym_sizes());
@@ -237,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
   auto grad_k = at::empty_symint(k_in.sym_sizes(), k_in.options());
   auto grad_v = at::empty_symint(v_in.sym_sizes(), v_in.options());
   if (q_in.is_meta()) return {grad_q, grad_k, grad_v};
+  if (block_table.has_value()) check_block_values(op, *block_table, block_elems);
   if (grad_k.numel() == 0 && grad_q.numel() == 0) return {grad_q, grad_k, grad_v};
   if (grad_q.numel() == 0 || grad_k.numel() == 0) {
     // No query rows (or no keys): nothing attends, every gradient is 0.
@@ -244,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd(
     return {grad_q, grad_k, grad_v};
   }
   bwd_into(op, dt, grad_out_in, q_in, k_in, v_in, out_in, lse_in.contiguous(), grad_q, grad_k, grad_v, global_flags,
-           causal, left, right, chunk, dilation, scale, softcap, deterministic);
+           causal, left, right, chunk, dilation, scale, softcap, deterministic,
+           block_layout(block_table, block_elems, block_q, block_k));
   return {grad_q, grad_k, grad_v};
 }
 
@@ -300,17 +320,26 @@ std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at:
   return off;
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention_varlen_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v, const at::Tensor& cu_q,
-                                                               const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
-                                                               bool causal, int64_t left, int64_t right, int64_t chunk,
-                                                               int64_t dilation, double scale, double softcap) {
+std::tuple<at::Tensor, at::Tensor> sparse_attention_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    int64_t max_q, int64_t max_k, bool causal, int64_t left, int64_t right, int64_t chunk, int64_t dilation,
+    double scale, double softcap, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& block_elems, int64_t block_q, int64_t block_k) {
   const char* op = "trous.sparse_attention_varlen_fwd";
-  check_devices(op, {{"q", q}, {"k", k}, {"v", v}, {"cu_seqlens_q", cu_q}, {"cu_seqlens_k", cu_k}});
+  check_devices(op, {{"q", q},
+                     {"k", k},
+                     {"v", v},
+                     {"cu_seqlens_q", cu_q},
+                     {"cu_seqlens_k", cu_k},
+                     {"block_table", defined_or_empty(block_table)},
+                     {"block_elems", defined_or_empty(block_elems)}});
   const DType dt = check_varlen(op, q, k, v, cu_q, cu_k, max_q, max_k, left, right, chunk, dilation, scale, softcap);
+  check_block_args(op, block_table, block_elems, block_q, block_k, cu_q.sym_size(0) - 1, q.sym_size(1),
+                   c10::SymInt(max_q), c10::SymInt(max_k));
   auto out = at::empty_symint(q.sym_sizes(), q.options());
   auto lse = at::empty_symint({q.sym_size(1), q.sym_size(0)}, q.options().dtype(at::kFloat));
   if (q.is_meta()) return {out, lse};
+  if (block_table.has_value()) check_block_values(op, *block_table, block_elems);
   const std::vector<int64_t> oq = read_cu_seqlens(op, "cu_seqlens_q", cu_q, q.size(0), max_q, "max_seqlen_q");
   const std::vector<int64_t> ok = read_cu_seqlens(op, "cu_seqlens_k", cu_k, k.size(0), max_k, "max_seqlen_k");
   for (size_t b = 0; b + 1 < oq.size(); ++b) {
@@ -320,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_varlen_fwd(const at::Tensor&
     at::Tensor lse_b = at::empty({1, q.size(1), lq}, lse.options());
     fwd_into(op, dt, q.narrow(0, oq[b], lq).unsqueeze(0), k.narrow(0, ok[b], lk).unsqueeze(0),
              v.narrow(0, ok[b], lk).unsqueeze(0), out_b, lse_b, std::nullopt, causal, left, right, chunk, dilation,
-             scale, softcap);
+             scale, softcap, block_layout(block_table, block_elems, block_q, block_k, b));
     lse.narrow(1, oq[b], lq).copy_(lse_b[0]);
   }
   return {out, lse};
@@ -329,7 +358,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_varlen_fwd(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_varlen_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k, bool causal,
-    int64_t left, int64_t right, int64_t chunk, int64_t dilation, double scale, double softcap, bool deterministic) {
+    int64_t left, int64_t right, int64_t chunk, int64_t dilation, double scale, double softcap, bool deterministic,
+    const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& block_elems, int64_t block_q,
+    int64_t block_k) {
   const char* op = "trous.sparse_attention_varlen_bwd";
   check_devices(op, {{"grad_out", grad_out},
                      {"q", q},
@@ -338,8 +369,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_varlen_bwd(
                      {"out", out},
                      {"lse", lse},
                      {"cu_seqlens_q", cu_q},
-                     {"cu_seqlens_k", cu_k}});
+                     {"cu_seqlens_k", cu_k},
+                     {"block_table", defined_or_empty(block_table)},
+                     {"block_elems", defined_or_empty(block_elems)}});
   const DType dt = check_varlen(op, q, k, v, cu_q, cu_k, max_q, max_k, left, right, chunk, dilation, scale, softcap);
+  check_block_args(op, block_table, block_elems, block_q, block_k, cu_q.sym_size(0) - 1, q.sym_size(1),
+                   c10::SymInt(max_q), c10::SymInt(max_k));
   TORCH_CHECK(grad_out.sym_sizes() == q.sym_sizes(), op, ": grad_out must have q's shape ", q.sym_sizes(), ", got ",
               grad_out.sym_sizes());
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), op, ": grad_out must have q's dtype ", q.scalar_type(),
@@ -356,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_varlen_bwd(
   auto grad_k = at::empty_symint(k.sym_sizes(), k.options());
   auto grad_v = at::empty_symint(v.sym_sizes(), v.options());
   if (q.is_meta()) return {grad_q, grad_k, grad_v};
+  if (block_table.has_value()) check_block_values(op, *block_table, block_elems);
   const std::vector<int64_t> oq = read_cu_seqlens(op, "cu_seqlens_q", cu_q, q.size(0), max_q, "max_seqlen_q");
   const std::vector<int64_t> ok = read_cu_seqlens(op, "cu_seqlens_k", cu_k, k.size(0), max_k, "max_seqlen_k");
   for (size_t b = 0; b + 1 < oq.size(); ++b) {
@@ -371,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_varlen_bwd(
     bwd_into(op, dt, grad_out.narrow(0, oq[b], lq).unsqueeze(0), q.narrow(0, oq[b], lq).unsqueeze(0),
              k.narrow(0, ok[b], lk).unsqueeze(0), v.narrow(0, ok[b], lk).unsqueeze(0),
              out.narrow(0, oq[b], lq).unsqueeze(0), lse_b, gq_b, gk_b, gv_b, std::nullopt, causal, left, right, chunk,
-             dilation, scale, softcap, deterministic);
+             dilation, scale, softcap, deterministic, block_layout(block_table, block_elems, block_q, block_k, b));
   }
   return {grad_q, grad_k, grad_v};
 }
@@ -381,19 +417,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_varlen_bwd(
 TORCH_LIBRARY_FRAGMENT(trous, m) {
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_flags, bool causal, int left, int right, "
-      "int chunk, int dilation, float scale, float softcap) -> (Tensor out, Tensor lse)");
+      "int chunk, int dilation, float scale, float softcap, Tensor? block_table=None, Tensor? block_elems=None, int "
+      "block_q=0, int block_k=0) -> (Tensor out, Tensor lse)");
   m.def(
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? global_flags, bool causal, int left, int right, int chunk, int dilation, float scale, float softcap, "
-      "bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "bool deterministic, Tensor? block_table=None, Tensor? block_elems=None, int block_q=0, int block_k=0) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
       "sparse_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, bool causal, int left, int right, int chunk, int dilation, float scale, "
-      "float softcap) -> (Tensor out, Tensor lse)");
+      "float softcap, Tensor? block_table=None, Tensor? block_elems=None, int block_q=0, int block_k=0) -> (Tensor "
+      "out, Tensor lse)");
   m.def(
       "sparse_attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, int left, "
-      "int right, int chunk, int dilation, float scale, float softcap, bool deterministic) "
+      "int right, int chunk, int dilation, float scale, float softcap, bool deterministic, Tensor? block_table=None, "
+      "Tensor? block_elems=None, int block_q=0, int block_k=0) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 

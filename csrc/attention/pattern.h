@@ -25,6 +25,19 @@ enum TileKind : uint8_t { kSkip = 0, kFull = 1, kPartial = 2 };
 enum QueryKind : int8_t { kLocalRows = 0, kGlobalRows = 1 };
 enum KeyKind : int8_t { kLocalKeys = 0, kGlobalKeys = 1, kAllKeys = 2 };
 
+// A block-sparse layout (trous.BlockMask), AND-ed with the closed-form rules: per (batch, head) a table
+// over (query block qb = i / bq, key block kb = j / bk), in query indices i (not aligned). A state is
+// kBlockNone (no pair allowed), kBlockFull (every pair) or kBlockPartial0 + e: the pairs of element
+// mask e, elems[e] (bq x bk bytes, row = i % bq). One dense table serves the query-tile-outer forward
+// and the key-tile-outer backward alike: no transposed index is built per call.
+enum BlockState : int32_t { kBlockNone = 0, kBlockFull = 1, kBlockPartial0 = 2 };
+struct BlockLayout {
+  const int32_t* table = nullptr;  // (Bm, Hm, nqb, nkb) contiguous; nullptr: no block mask
+  const uint8_t* elems = nullptr;  // (P, bq, bk)
+  index_t bq = 0, bk = 0, nqb = 0, nkb = 0;
+  index_t stride_b = 0, stride_h = 0;  // table elements per batch / head entry; 0 where broadcast
+};
+
 struct Pattern {
   index_t Sq, Sk, shift;  // shift = Sk - Sq (bottom-right alignment)
   bool causal;
@@ -37,6 +50,7 @@ struct Pattern {
   index_t n_global_keys;
   const int64_t* global_rows;  // sorted query rows i with flag[i + shift]
   index_t n_global_rows;
+  BlockLayout blocks;
 };
 
 TROUS_INLINE index_t floor_div(index_t a, index_t b) {
@@ -260,6 +274,61 @@ TROUS_INLINE TileKind classify(const Pattern& p, const QueryTile& q, const KeySp
   const bool w_full = (p.left < 0 || max_diff <= p.left) && (p.right < 0 || min_diff >= -p.right);
   const bool local_all = d == 1 && w_full && k_full;
   return combine(c_skip || local_all, local_none && c_full && q.all_active);
+}
+
+// ---- block-sparse layouts (BlockLayout above) ----
+// The table of batch b, query head h, or nullptr without a block mask.
+TROUS_INLINE const int32_t* head_blocks(const Pattern& p, index_t b, index_t h) {
+  return p.blocks.table == nullptr ? nullptr : p.blocks.table + b * p.blocks.stride_b + h * p.blocks.stride_h;
+}
+TROUS_INLINE bool block_ok(const Pattern& p, const int32_t* tbl, index_t i, index_t j) {
+  if (tbl == nullptr) return true;
+  const BlockLayout& L = p.blocks;
+  const int32_t s = tbl[(i / L.bq) * L.nkb + j / L.bk];
+  if (s < kBlockPartial0) return s == kBlockFull;
+  return L.elems[((s - kBlockPartial0) * L.bq + i % L.bq) * L.bk + j % L.bk] != 0;
+}
+// Over the blocks that rows [ia, ib] and keys [ja, jb] touch: skip if none allows a pair, full if
+// all are full. (A superset of a dilated or global tile's blocks: still exact, maybe less skipping.)
+TROUS_INLINE TileKind classify_block_range(const Pattern& p, const int32_t* tbl, index_t ia, index_t ib, index_t ja,
+                                           index_t jb) {
+  const BlockLayout& L = p.blocks;
+  bool any = false, all_full = true;
+  for (index_t qb = ia / L.bq; qb <= ib / L.bq; ++qb) {
+    const int32_t* row = tbl + qb * L.nkb;
+    for (index_t kb = ja / L.bk; kb <= jb / L.bk; ++kb) {
+      any = any || row[kb] != kBlockNone;
+      all_full = all_full && row[kb] == kBlockFull;
+    }
+  }
+  return combine(!any, all_full);
+}
+// The block layout's part of the tile of query tile q and keys [u0, u1) of span s (kFull without one).
+TROUS_INLINE TileKind classify_blocks(const Pattern& p, const int32_t* tbl, const QueryTile& q, const KeySpan& s,
+                                      index_t u0, index_t u1) {
+  if (tbl == nullptr) return kFull;
+  return classify_block_range(p, tbl, query_row(p, q, 0), query_row(p, q, q.count - 1), key_index(p, s, u0),
+                              key_index(p, s, u1 - 1));
+}
+// Both parts: skip if either skips, full if both are full (then no element mask at all).
+TROUS_INLINE TileKind tile_kind(const Pattern& p, const int32_t* tbl, const QueryTile& q, const KeySpan& s, index_t u0,
+                                index_t u1) {
+  const TileKind k = classify(p, q, s, u0, u1);
+  if (k == kSkip || tbl == nullptr) return k;
+  const TileKind b = classify_blocks(p, tbl, q, s, u0, u1);
+  return b == kSkip ? kSkip : (k == kFull && b == kFull ? kFull : kPartial);
+}
+// The element mask of a partial tile, both parts.
+TROUS_INLINE bool pair_allowed(const Pattern& p, const int32_t* tbl, int8_t span_kind, index_t i, index_t j) {
+  return pair_counted(p, span_kind, i, j) && block_ok(p, tbl, i, j);
+}
+// Where the next key tile of a span starts after u0: at a multiple of T in key indices when the span's
+// keys are consecutive and a block mask is given (T divides the key block: a tile never straddles two
+// key blocks), else u0 + T.
+TROUS_INLINE index_t next_key_tile(const Pattern& p, const KeySpan& s, index_t u0, index_t T) {
+  const bool consecutive = s.kind == kAllKeys || (s.kind == kLocalKeys && p.dilation == 1);
+  const index_t next = p.blocks.table != nullptr && consecutive ? (u0 / T + 1) * T : u0 + T;
+  return min_index(next, s.end);
 }
 
 // ---- the transposed view, for key-tile-outer backward passes ----

@@ -5,16 +5,18 @@ CUDA) and ``AttentionPattern`` (the same pattern as an object: ``materialize``, 
 ``trous.nn.SparseMultiheadAttention`` (``module``) is the multi-head layer: projections, optional rotary
 embedding, GQA, weights loadable from ``nn.MultiheadAttention``.
 
-``pattern`` holds the pattern and its rules, ``sparse`` the function and the autograd of the ops,
+``block_mask`` holds ``BlockMask`` (block-sparse layouts, FlexAttention's BlockMask converted), ``pattern``
+the pattern and its rules, ``sparse`` the function and the autograd of the ops,
 ``reference`` the slow fp64 reference with the materialised mask, ``bench`` and ``smoke`` the cases
 of ``python -m trous.bench --family attention`` / ``trous.smoke``.
 """
+from .block_mask import BlockMask
 from .module import SparseMultiheadAttention
 from .pattern import AttentionPattern
 from .sparse import sparse_attention, sparse_attention_varlen
 
-TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern")
+TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask")
 # The layers, as trous.nn.SparseMultiheadAttention (module.py).
 NN = ("SparseMultiheadAttention",)
 
-__all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "SparseMultiheadAttention"]
+__all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask", "SparseMultiheadAttention"]

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .block_mask import BlockMask
 from .pattern import AttentionPattern, GlobalTokens
 
 __all__ = ["sparse_attention", "sparse_attention_varlen"]
@@ -34,7 +35,26 @@ def _op_flags(pattern: AttentionPattern, Sk, device) -> Optional[torch.Tensor]:
     return g.to(device)
 
 
-def _backward(saved, args, grad_out, grad_lse, deterministic: bool):
+_NO_BLOCKS = (None, None, 0, 0)
+
+
+def _block_args(block_mask: Optional[BlockMask], Sq: int, Sk: int, fn: str):
+    """The ops' (block_table, block_elems, block_q, block_k) of a trous.BlockMask (checked: its
+    lengths must be the call's), or the no-mask defaults."""
+    if block_mask is None:
+        return _NO_BLOCKS
+    if not isinstance(block_mask, BlockMask):
+        hint = (" (convert a FlexAttention BlockMask with trous.BlockMask.from_flex)"
+                if hasattr(block_mask, "kv_num_blocks") else "")
+        raise ValueError(f"trous.{fn}: block_mask must be a trous.BlockMask or None, got "
+                         f"{type(block_mask).__name__}{hint}")
+    if tuple(block_mask.seq_lengths) != (Sq, Sk):
+        raise ValueError(f"trous.{fn}: block_mask is for (Sq, Sk) = {tuple(block_mask.seq_lengths)}, the call has "
+                         f"({Sq}, {Sk})")
+    return (block_mask.table, block_mask.elems, *block_mask.block_size)
+
+
+def _backward(saved, args, grad_out, grad_lse, deterministic: bool, blocks=_NO_BLOCKS):
     """Gradients to q, k, v: one ``sparse_attention_bwd`` call for grad_out and, when the LSE has a
     gradient g, a second one that turns it into dS_ij = P_ij * g_i.
 
@@ -46,14 +66,16 @@ def _backward(saved, args, grad_out, grad_lse, deterministic: bool):
     q, k, v, out, lse, flags = saved
     gq = gk = gv = None
     if grad_out is not None:
-        gq, gk, gv = _ops.sparse_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, flags, *args, deterministic)
+        gq, gk, gv = _ops.sparse_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, flags, *args, deterministic,
+                                               *blocks)
     if grad_lse is not None:
         g = torch.where(torch.isinf(lse), torch.zeros_like(lse), grad_lse.float())  # (B, H, Sq); masked rows: 0
         e0 = torch.zeros_like(out)
         e0[..., 0] = 1
         go = torch.zeros_like(out)
         go[..., 0] = -g.transpose(1, 2).to(out.dtype)
-        lq, lk, _ = _ops.sparse_attention_bwd(go, q, k, torch.zeros_like(v), e0, lse, flags, *args, deterministic)
+        lq, lk, _ = _ops.sparse_attention_bwd(go, q, k, torch.zeros_like(v), e0, lse, flags, *args, deterministic,
+                                              *blocks)
         gq = lq if gq is None else gq + lq
         gk = lk if gk is None else gk + lk
     return gq, gk, gv
@@ -64,15 +86,19 @@ class _SparseAttention(torch.autograd.Function):
     op) and ``lse_grad`` (False: the LSE was not returned to the caller, so it has no gradient)."""
 
     @staticmethod
-    def forward(q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap, deterministic, lse_grad):
-        return _ops.sparse_attention_fwd(q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap)
+    def forward(q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap, deterministic, lse_grad,
+                table, elems, block_q, block_k):
+        return _ops.sparse_attention_fwd(q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap, table,
+                                         elems, block_q, block_k)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap, deterministic, lse_grad = inputs
+        (q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap, deterministic, lse_grad, table, elems,
+         block_q, block_k) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, flags)
         ctx.args = (causal, left, right, chunk, dilation, scale, softcap)
+        ctx.blocks = (table, elems, block_q, block_k)  # (no gradient: plain attributes)
         ctx.deterministic = deterministic
         ctx.lse_grad = lse_grad
         if not lse_grad:
@@ -82,21 +108,23 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         gq, gk, gv = _backward(ctx.saved_tensors, ctx.args, grad_out, grad_lse if ctx.lse_grad else None,
-                               ctx.deterministic)
-        return gq, gk, gv, None, None, None, None, None, None, None, None, None, None
+                               ctx.deterministic, ctx.blocks)
+        return (gq, gk, gv) + (None,) * 14
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap = inputs
+    q, k, v, flags, causal, left, right, chunk, dilation, scale, softcap = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, flags)
     ctx.args = (causal, left, right, chunk, dilation, scale, softcap)
+    ctx.blocks = tuple(inputs[11:]) + _NO_BLOCKS[len(inputs) - 11:]
+    ctx.n_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
 def _op_backward(ctx, grad_out, grad_lse):
-    gq, gk, gv = _backward(ctx.saved_tensors, ctx.args, grad_out, grad_lse, False)
-    return gq, gk, gv, None, None, None, None, None, None, None, None
+    gq, gk, gv = _backward(ctx.saved_tensors, ctx.args, grad_out, grad_lse, False, ctx.blocks)
+    return (gq, gk, gv) + (None,) * (ctx.n_inputs - 3)
 
 
 # Direct calls of the registered op get the same derivative (deterministic=False).
@@ -107,7 +135,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
                      window: Sequence[int] = _DEFAULT_WINDOW, chunk_size: int = 0, dilation: int = 1,
                      global_tokens: GlobalTokens = None, scale: Optional[float] = None, softcap: float = 0.0,
                      return_lse: bool = False, deterministic: bool = False,
-                     pattern: Optional[AttentionPattern] = None
+                     pattern: Optional[AttentionPattern] = None, block_mask: Optional[BlockMask] = None
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention of q over k, v restricted to a pattern, in one fused kernel that skips the masked
     tiles (cost proportional to the pattern's density; memory O(S * D), no S x S mask or scores).
@@ -138,6 +166,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     - ``causal=True``: ``j <= i'``, AND-ed on top of everything, global tokens included (global keys
       then act as attention sinks).
     - ``pattern=``: an :class:`AttentionPattern` instead of these keywords (not both).
+    - ``block_mask=``: a :class:`trous.BlockMask` for (Sq, Sk), batch 1 or B, heads 1 or Hq (its
+      q_idx / kv_idx are query and key indices, not aligned), AND-ed with all of the above; only its
+      allowed blocks are visited, full blocks without an element mask.
 
     ``scale`` defaults to 1 / sqrt(D); ``softcap`` > 0 applies ``softcap * tanh(s / softcap)`` to
     the scaled scores before masking (0: off).
@@ -171,9 +202,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() >= 1 and q.shape[-1] > 0 else 1.0
     flags = _op_flags(pattern, Sk, q.device)
     left, right = pattern.window
+    Sq = q.shape[1] if q.dim() >= 2 else 0
+    blocks = _block_args(block_mask, Sq, Sk, "sparse_attention")
     out, lse = _SparseAttention.apply(q, k, v, flags, pattern.causal, left, right, pattern.chunk_size,
                                       pattern.dilation, float(scale), float(softcap), bool(deterministic),
-                                      bool(return_lse))
+                                      bool(return_lse), *blocks)
     return (out, lse) if return_lse else out
 
 
@@ -182,16 +215,16 @@ class _SparseAttentionVarlen(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, left, right, chunk, dilation, scale, softcap,
-                deterministic):
+                deterministic, table, elems, block_q, block_k):
         return _ops.sparse_attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, left, right, chunk,
-                                                dilation, scale, softcap)
+                                                dilation, scale, softcap, table, elems, block_q, block_k)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, max_q, max_k, causal, left, right, chunk, dilation, scale, softcap, det = inputs
+        q, k, v, cu_q, cu_k, max_q, max_k, causal, left, right, chunk, dilation, scale, softcap, det = inputs[:15]
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, causal, left, right, chunk, dilation, scale, softcap, det)
+        ctx.args = (max_q, max_k, causal, left, right, chunk, dilation, scale, softcap, det) + tuple(inputs[15:])
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
 
@@ -199,16 +232,17 @@ class _SparseAttentionVarlen(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if grad_out is None:
-            return (None,) * 15
+            return (None,) * 19
         gq, gk, gv = _ops.sparse_attention_varlen_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return (gq, gk, gv) + (None,) * 12
+        return (gq, gk, gv) + (None,) * 16
 
 
 def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                             window: Sequence[int] = _DEFAULT_WINDOW, chunk_size: int = 0, dilation: int = 1,
                             scale: Optional[float] = None, softcap: float = 0.0, return_lse: bool = False,
-                            deterministic: bool = False, pattern: Optional[AttentionPattern] = None
+                            deterministic: bool = False, pattern: Optional[AttentionPattern] = None,
+                            block_mask: Optional[BlockMask] = None
                             ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """:func:`sparse_attention` over packed sequences of different lengths (FlashAttention's varlen
     layout): no query attends a key of another sequence.
@@ -223,6 +257,10 @@ def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     bottom-right aligned within the sequence (its last query meets its last key). Global tokens are
     not accepted here (their positions would be per sequence). The offsets are read on the host: on
     CUDA each call copies the B + 1 offsets (one synchronisation).
+
+    ``block_mask``: a :class:`trous.BlockMask` for (max_seqlen_q, max_seqlen_k) with batch 1 (the
+    same layout for every sequence) or B (one per sequence), heads 1 or Hq, in each sequence's own
+    query / key indices (0 at the sequence's start), AND-ed with the pattern.
     """
     if pattern is None:
         pattern = AttentionPattern(causal=causal, window=window, chunk_size=chunk_size, dilation=dilation)
@@ -235,7 +273,9 @@ def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() >= 1 and q.shape[-1] > 0 else 1.0
     left, right = pattern.window
+    blocks = _block_args(block_mask, int(max_seqlen_q), int(max_seqlen_k), "sparse_attention_varlen")
     out, lse = _SparseAttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                             int(max_seqlen_k), pattern.causal, left, right, pattern.chunk_size,
-                                            pattern.dilation, float(scale), float(softcap), bool(deterministic))
+                                            pattern.dilation, float(scale), float(softcap), bool(deterministic),
+                                            *blocks)
     return (out, lse) if return_lse else out
