@@ -19,8 +19,9 @@ __all__ = ["attention", "attention_from_mask", "attention_varlen", "varlen_mask"
 def attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                         scale: Optional[float] = None, softcap: float = 0.0,
                         compute_dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hkv, D) where ``mask`` (Sq, Sk) is True;
-    query head h reads KV head h // (Hq / Hkv).
+    """Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hkv, D) where ``mask`` is True: (Sq, Sk), or
+    (B or 1, Hq or 1, Sq, Sk) for a mask per batch / head (a block mask's materialize()); query head
+    h reads KV head h // (Hq / Hkv).
 
     Returns ``out`` (B, Sq, Hq, D) and ``lse`` (B, Hq, Sq), both in ``compute_dtype``:
     s = scale * q.k (then ``softcap * tanh(s / softcap)`` when softcap > 0), masked entries -inf,
@@ -38,6 +39,7 @@ def attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         kd = kd.repeat_interleave(Hq // Hkv, dim=1)
         vd = vd.repeat_interleave(Hq // Hkv, dim=1)
     m = mask.to(q.device, torch.bool)
+    m = m if m.dim() == 4 else m[None, None]
     s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -55,7 +57,7 @@ def attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         out = torch.matmul(p, vd)
     else:  # 0 * NaN must not leak from masked keys: sum only the allowed terms
         terms = p[..., None] * vd[:, :, None, :, :]
-        out = torch.where(m[None, None, :, :, None], terms, torch.zeros_like(terms)).sum(dim=-2)
+        out = torch.where(m[..., None], terms, torch.zeros_like(terms)).sum(dim=-2)
     return out.transpose(1, 2), lse.squeeze(-1)
 
 

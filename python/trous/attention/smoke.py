@@ -5,6 +5,7 @@ import torch
 
 from ..smoke import close
 from . import reference as ref
+from .block_mask import BlockMask
 from .pattern import AttentionPattern
 from .sparse import _op_flags
 
@@ -77,9 +78,48 @@ def _varlen(r, quick: bool):
         r.case(label, case)
 
 
+def _block_masks(r, quick: bool):
+    """block_mask=: a random layout (none / full / partial blocks with random element masks, per head)
+    AND-ed with closed-form patterns, GQA, Sq != Sk, forward and backward, against the reference."""
+    dev = r.device
+    dtype = torch.float32 if dev == "cpu" else torch.float16
+    for Sq, Sk in [(150, 150), (100, 230)] + ([] if quick else [(257, 190)]):
+        for name, p in _patterns()[:4] if quick else _patterns():
+            label = f"sparse_attention block_mask {name} Sq{Sq} Sk{Sk}"
+
+            def case(Sq=Sq, Sk=Sk, p=p, label=label):
+                g = torch.Generator().manual_seed(Sq + Sk)
+                states = torch.randint(0, 3, (1, 4, -(-Sq // 64), -(-Sk // 64)), generator=g)
+                dense = states.repeat_interleave(64, 2).repeat_interleave(64, 3)[:, :, :Sq, :Sk]
+                mask = (dense == 1) | ((dense == 2) & (torch.rand(1, 4, Sq, Sk, generator=g) < 0.5))
+                bm = BlockMask.from_dense(mask, block_size=64).to(dev)
+                q = torch.randn(1, Sq, 4, 64, generator=g).to(dev, dtype)
+                kk = torch.randn(1, Sk, 2, 64, generator=g).to(dev, dtype)
+                v = torch.randn(1, Sk, 2, 64, generator=g).to(dev, dtype)
+                go = torch.randn(1, Sq, 4, 64, generator=g).to(dev, dtype)
+                left, right = p.window
+                args = (_op_flags(p, Sk, dev), p.causal, left, right, p.chunk_size, p.dilation, 0.125, 0.0)
+                blocks = (bm.table, bm.elems, 64, 64)
+                out, lse = r.call("trous::sparse_attention_fwd", q, kk, v, *args, *blocks)
+                gq, gk, gv = r.call("trous::sparse_attention_bwd", go, q, kk, v, out, lse, *args, False, *blocks)
+                if not r.compare:
+                    return
+                leaves = [t.detach().cpu().double().requires_grad_() for t in (q, kk, v)]
+                ro, rl = ref.attention_from_mask(*leaves, mask & p.materialize(Sq, Sk)[None, None], 0.125)
+                tol = 1e-3 if dtype == torch.float32 else 5e-2
+                r.check(label + " out", close(out, ro, tol, tol), "out differs from the reference")
+                r.check(label + " lse", close(lse, rl, tol, tol), "lse differs from the reference")
+                want = torch.autograd.grad(ro, leaves, go.cpu().double())
+                for nm, a, b in zip(("grad_q", "grad_k", "grad_v"), (gq, gk, gv), want):
+                    r.check(f"{label} {nm}", close(a, b, 4 * tol, 4 * tol), f"{nm} differs from the reference")
+
+            r.case(label, case)
+
+
 def run(r, quick: bool):
     _coverage(r, quick)
     _varlen(r, quick)
+    _block_masks(r, quick)
     dev = r.device
     dtypes = [torch.float32, torch.bfloat16] if dev == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
     # (B, Sq, Sk, Hq, Hkv, D)
