@@ -10,7 +10,9 @@
 // Forward: one work item per (batch, query head, query tile of pattern.h), handed out dynamically (an
 // atomic counter: causal tiles differ in cost); each writes only its active rows, so the result does
 // not depend on the thread count. Per block of kCpuKeyTile keys of each key span the pattern says
-// kSkip (never visited), kFull (no mask) or kPartial (pair_counted's element mask, mask_block).
+// kSkip (never visited), kFull (no mask) or kPartial (pair_counted's element mask, mask_block). A block
+// layout is AND-ed per tile (classify_blocks; its partial blocks masked by mask_block_layout), with
+// tiles that divide its blocks and key tiles aligned to them (next_key_tile).
 //
 // Backward (recomputation, no S x S memory): work items are (batch, kv head) pairs, split into a fixed
 // number of chunks of their (query head of the GQA group, query tile) sequence when there are fewer

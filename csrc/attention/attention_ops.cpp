@@ -13,6 +13,11 @@
 // rules are those of ../shared/spec/attention.md (bottom-right alignment). Fully masked rows: out 0,
 // lse -inf, gradients 0.
 //
+// Every op also takes an optional block layout (trous.BlockMask's kernel form, attention/pattern.h's
+// BlockLayout): block_table int32 (B or 1, Hq or 1, ceil(Sq / block_q), ceil(Sk / block_k)), block_elems
+// bool (P, block_q, block_k), block sizes multiples of 64; AND-ed with the pattern (varlen: the table's
+// batch entry per sequence, in the sequence's own indices, for (max_seqlen_q, max_seqlen_k)).
+//
 //   sparse_attention_varlen_fwd / _bwd: the same over packed sequences (q (total_q, Hq, D), k / v
 //       (total_k, Hkv, D), cu_seqlens_q / _k int32 (B + 1), max_seqlen_q / _k; lse (Hq, total_q));
 //       no global tokens (see the varlen section below).
