@@ -114,8 +114,9 @@ def _rope_complex(x, pos, base):
     return torch.cat([z.real, z.imag], dim=-1)
 
 
-def _reference(m, query, key, value):
-    """The module's computation in fp64 from its weights and the materialised mask."""
+def _reference(m, query, key, value, block_mask=None):
+    """The module's computation in fp64 from its weights and the materialised mask (AND the block
+    mask's, when given)."""
     def lin(layer, t):
         w = layer.weight.double()
         b = layer.bias.double() if layer.bias is not None else None
@@ -130,7 +131,10 @@ def _reference(m, query, key, value):
     if m.rope_base is not None:
         q = _rope_complex(q, torch.arange(Sk - Sq, Sk), m.rope_base)
         k = _rope_complex(k, torch.arange(Sk), m.rope_base)
-    out, _ = ref.attention_from_mask(q, k, v, m.pattern.materialize(Sq, Sk), scale=m.scale, softcap=m.softcap)
+    mask = m.pattern.materialize(Sq, Sk)
+    if block_mask is not None:
+        mask = mask & block_mask.materialize()
+    out, _ = ref.attention_from_mask(q, k, v, mask, scale=m.scale, softcap=m.softcap)
     return lin(m.out_proj, out.reshape(B, Sq, m.embed_dim))
 
 
@@ -158,6 +162,20 @@ def test_against_fp64_reference(kw, lengths):
     # grad_q is exactly 0 with one key (S1): measure its rounding against the gradients' scale
     err, scale = (g[0].double() - gw[0]).abs().max().item(), max(gw[0].abs().max().item(), gw[1].abs().max().item())
     assert err <= 1e-4 * scale, (err, scale)
+
+
+def test_block_mask_is_anded_with_the_pattern():
+    S = 150
+    g = torch.Generator().manual_seed(3)
+    bm = trous.BlockMask.from_dense(torch.rand(1, H, S, S, generator=g) < 0.4, block_size=64)
+    m = SparseMultiheadAttention(E, H, num_kv_heads=1, causal=True, rotary=True)
+    x = _x(2, S, E, seed=6)
+    out, g = _out_and_grads(m, [x], block_mask=bm)
+    leaf = x.detach().clone().requires_grad_()
+    want = _reference(m, leaf, leaf, leaf, block_mask=bm)
+    gw = torch.autograd.grad(want, [leaf], _x(*want.shape, seed=5).double())
+    close(out, want, 1e-4)
+    close(g[0], gw[0], 1e-4)
 
 
 def test_rotary_is_relative_and_positions_override():

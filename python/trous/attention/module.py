@@ -244,14 +244,16 @@ class SparseMultiheadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
-                positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, None]:
+                positions: Optional[torch.Tensor] = None, block_mask=None) -> Tuple[torch.Tensor, None]:
         """Attention of ``query`` over ``key`` / ``value`` on the module's pattern.
 
         query (B, Sq, E) (batch_first; (Sq, B, E) otherwise; or unbatched (Sq, E)); key (B, Sk,
         kdim) and value (B, Sk, vdim), both defaulting to query (self-attention; value defaults to
         key). Returns ``(output, None)`` with output shaped like query. ``is_causal=True`` ANDs
         causal onto the pattern for this call. ``positions`` (Sq,) integer: the rotary positions of
-        a self-attention call (default 0..S-1). ``attn_mask``, ``key_padding_mask`` and
+        a self-attention call (default 0..S-1). ``block_mask``: a :class:`trous.BlockMask` for
+        (Sq, Sk) (batch 1 or B, heads 1 or num_heads) AND-ed with the pattern for this call (BigBird,
+        document masks: the block-sparse layouts). ``attn_mask``, ``key_padding_mask`` and
         ``need_weights=True`` raise (see the class docstring); ``average_attn_weights`` is ignored.
         """
         name = "trous.nn.SparseMultiheadAttention"
@@ -299,7 +301,7 @@ class SparseMultiheadAttention(nn.Module):
             p = AttentionPattern(causal=True, window=p.window, chunk_size=p.chunk_size, dilation=p.dilation,
                                  global_tokens=p.global_tokens)
         out = sparse_attention(q, k, v, pattern=p, scale=self.scale, softcap=self.softcap,
-                               deterministic=self.deterministic)
+                               deterministic=self.deterministic, block_mask=block_mask)
         out = self.out_proj(out.reshape(B, Sq, self.embed_dim))
         if unbatched:
             out = out.squeeze(0)
