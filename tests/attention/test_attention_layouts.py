@@ -122,3 +122,111 @@ def test_bigbird_bad_arguments(kw, name):
     args.update(kw)
     with pytest.raises(ValueError, match=name):
         layouts.bigbird(args.pop("seq_len"), **args)
+
+
+# ---- LongNet ----------------------------------------------------------------------------------
+
+def longnet_ref(q, k, v, segments, rates, causal=False, compute_dtype=torch.float64):
+    """Dense reference of LongNet from the branch definitions: branch (w, r), head h, offset h % r:
+    (i // w == j // w) and i % r == j % r == h % r (and j <= i); the branches' (out, lse) merged with
+    lse = logsumexp_b lse_b, out = sum_b exp(lse_b - lse) out_b."""
+    S, Hq = q.shape[1], q.shape[2]
+    i = torch.arange(S).view(1, -1, 1)
+    j = torch.arange(S).view(1, 1, -1)
+    h = torch.arange(Hq).view(-1, 1, 1)
+    outs, lses = [], []
+    for w, r in zip(segments, rates):
+        mask = (i // w == j // w) & (i % r == h % r) & (j % r == h % r)
+        if causal:
+            mask = mask & (j <= i)
+        o, lse = ref.attention_from_mask(q, k, v, mask[None], compute_dtype=compute_dtype)
+        outs.append(o)
+        lses.append(lse)
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = sum(torch.exp(lb - safe).transpose(1, 2)[..., None] * ob for ob, lb in zip(outs, lses))
+    return out, lse
+
+
+def longnet_grads(fn, q, k, v, go, gl):
+    """out, lse and the gradients of sum(out * go) + sum(lse * gl) over the covered rows."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    fin = torch.isfinite(lse.detach())
+    loss = (out * go.to(out.dtype)).sum() + torch.where(fin, lse * gl.to(lse.dtype), torch.zeros_like(lse)).sum()
+    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, leaves))
+
+
+LONGNET = [  # (B, S, Hq, Hkv, segments, rates, causal)
+    (1, 45, 4, 2, (8, 16, 32), (1, 2, 4), False),  # LongNet's geometric branches, S not a multiple of w
+    (2, 37, 6, 2, (6, 12), (2, 3), True),  # GQA group 3 with r = 2: KV heads gathered
+    (1, 50, 3, 3, (10, 64), (2, 4), False),  # rates > 1 only: uncovered rows; w > S; r > Hq
+    (1, 29, 2, 1, (4,), (4,), True),  # MQA, one branch
+]
+
+
+@pytest.mark.parametrize("case", range(len(LONGNET)))
+def test_longnet_fp32(case):
+    B, S, Hq, Hkv, segs, rates, causal = LONGNET[case]
+    q, k, v, go = qkv(B, S, Hq, Hkv, 32, seed=case)
+    gl = torch.randn(B, Hq, S, generator=torch.Generator().manual_seed(case + 100), dtype=torch.float64)
+    want = longnet_grads(lambda a, b, c: longnet_ref(a, b, c, segs, rates, causal), q, k, v, go, gl)
+    got = longnet_grads(lambda a, b, c: trous.longnet_attention(a, b, c, segs, rates, causal=causal,
+                                                                return_lse=True),
+                        *(t.float() for t in (q, k, v, go)), gl.float())
+    assert got[0].dtype == torch.float32 and got[1].shape == (B, Hq, S)
+    close(got[0], want[0], 1e-4)
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+    fin = torch.isfinite(want[1])
+    close(got[1][fin], want[1][fin], 1e-5)
+    for x, y in zip(got[2:], want[2:]):
+        assert not x.isnan().any()
+        close(x, y, 3e-4)
+    if not fin.all():  # rows no branch covers: out 0, lse -inf
+        assert (got[0].transpose(1, 2)[~fin] == 0).all()
+
+
+def test_longnet_bf16():
+    """FlashAttention's rule: error <= 2x that of the same dense computation in bf16 (gradients 3x)."""
+    B, S, Hq, Hkv, segs, rates = 2, 61, 4, 2, (8, 16, 64), (1, 2, 4)
+    q, k, v, go = qkv(B, S, Hq, Hkv, 64, dtype=torch.bfloat16, seed=11)
+    gl = torch.zeros(B, Hq, S)
+    want = longnet_grads(lambda a, b, c: longnet_ref(a, b, c, segs, rates), *(t.double() for t in (q, k, v, go)),
+                         gl.double())
+    low = longnet_grads(lambda a, b, c: longnet_ref(a, b, c, segs, rates, compute_dtype=torch.bfloat16),
+                        q, k, v, go, gl)
+    got = longnet_grads(lambda a, b, c: trous.longnet_attention(a, b, c, segs, rates, return_lse=True), q, k, v, go,
+                        gl)
+    assert got[0].dtype == torch.bfloat16
+    for idx, factor in [(0, 2.0), (2, 3.0), (3, 3.0), (4, 3.0)]:
+        err = (got[idx].double() - want[idx]).abs().max().item()
+        err_pt = (low[idx].double() - want[idx]).abs().max().item()
+        assert err <= factor * err_pt + 1e-6, (idx, err, err_pt)
+    assert (got[1].double() - want[1]).abs().max().item() < 2e-2
+
+
+def test_longnet_one_dense_branch_is_chunked_attention():
+    q, k, v, _ = qkv(1, 40, 2, 2, 32, dtype=torch.float32, seed=3)
+    a = trous.longnet_attention(q, k, v, [16], [1])
+    b = trous.sparse_attention(q, k, v, chunk_size=16)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("segs,rates,name", [((8, 6), (2, 4), "segments\\[1\\]"), ((8,), (1, 2), "rates"),
+                                             ((0,), (1,), "segments\\[0\\]"), ((8,), (0,), "rates\\[0\\]"),
+                                             (8, 1, "segments"), ((), (), "segments")])
+def test_longnet_bad_arguments(segs, rates, name):
+    q, k, v, _ = qkv(1, 16, 2, 2, 32, dtype=torch.float32)
+    with pytest.raises(ValueError, match=name):
+        trous.longnet_attention(q, k, v, segs, rates)
+
+
+def test_longnet_bad_shapes():
+    q, k, v, _ = qkv(1, 16, 3, 2, 32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="Hq = 3"):
+        trous.longnet_attention(q, k, v, [8], [1])
+    q, k, v, _ = qkv(1, 16, 2, 2, 32, dtype=torch.float32, Sk=20)
+    with pytest.raises(ValueError, match="k and v"):
+        trous.longnet_attention(q, k, v, [8], [1])
+    with pytest.raises(ValueError, match="q must be"):
+        trous.longnet_attention(q[0], k, v, [8], [1])

@@ -11,14 +11,14 @@ the pattern and its rules, ``sparse`` the function and the autograd of the ops,
 of ``python -m trous.bench --family attention`` / ``trous.smoke``.
 """
 from .block_mask import BlockMask
-from .layouts import bigbird, bigbird_layout
+from .layouts import bigbird, bigbird_layout, longnet_attention
 from .module import SparseMultiheadAttention
 from .pattern import AttentionPattern
 from .sparse import sparse_attention, sparse_attention_varlen
 
-TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask")
+TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask", "longnet_attention")
 # The layers, as trous.nn.SparseMultiheadAttention (module.py).
 NN = ("SparseMultiheadAttention",)
 
 __all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask", "SparseMultiheadAttention",
-           "bigbird", "bigbird_layout"]
+           "bigbird", "bigbird_layout", "longnet_attention"]

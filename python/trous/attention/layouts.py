@@ -24,7 +24,7 @@ import torch
 
 from .block_mask import BlockMask
 
-__all__ = ["bigbird", "bigbird_layout"]
+__all__ = ["bigbird", "bigbird_layout", "longnet_attention"]
 
 
 def _int(fn: str, name: str, value, minimum: int) -> int:
@@ -118,3 +118,116 @@ def bigbird(seq_len: int, *, block_size: int = 64, window_blocks: int = 3, rando
                             global_blocks=global_blocks, num_heads=num_heads, seed=seed, device=device)
     layout = layout[None].expand(B, *layout.shape)
     return BlockMask.from_layout(layout.contiguous(), seq_lengths=(seq_len, seq_len), block_size=block_size)
+
+
+# ---- LongNet ---------------------------------------------------------------------------------------
+
+def _progression(values):
+    """A slice for a list of ints in arithmetic progression (step >= 1), else None."""
+    if len(values) == 1:
+        return slice(values[0], values[0] + 1)
+    step = values[1] - values[0]
+    if step < 1 or any(b - a != step for a, b in zip(values, values[1:])):
+        return None
+    return slice(values[0], values[-1] + 1, step)
+
+
+def _branch_pairs(segments, rates):
+    fn = "longnet_attention"
+    if isinstance(segments, int) or isinstance(rates, int):
+        raise ValueError(f"trous.{fn}: segments and rates must be sequences of integers (one per branch), got "
+                         f"{segments!r} and {rates!r}")
+    segments, rates = list(segments), list(rates)
+    if not segments or len(segments) != len(rates):
+        raise ValueError(f"trous.{fn}: segments and rates must have the same length >= 1 (one (w, r) per branch), "
+                         f"got {len(segments)} and {len(rates)}")
+    pairs = []
+    for n, (w, r) in enumerate(zip(segments, rates)):
+        w = _int(fn, f"segments[{n}]", w, 1)
+        r = _int(fn, f"rates[{n}]", r, 1)
+        if w % r:
+            raise ValueError(f"trous.{fn}: segments[{n}] must be a multiple of rates[{n}] (w % r == 0), got w = {w}, "
+                             f"r = {r}")
+        pairs.append((w, r))
+    return pairs
+
+
+def longnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments, rates, *,
+                      scale=None, causal: bool = False, return_lse: bool = False):
+    """LongNet's dilated attention (Ding et al. 2023, "LongNet: Scaling Transformers to
+    1,000,000,000 Tokens", section 2.2 and 2.3, multi-head offsets included): self-attention as a
+    mixture of branches b = (w_b, r_b) = (``segments[b]``, ``rates[b]``) merged with their
+    log-sum-exp.
+
+    In branch (w, r), query head h has offset o = h mod r; query i and key j meet iff
+    floor(i / w) == floor(j / w) and i = j = o (mod r) (and j <= i with ``causal=True``). A branch's
+    rows i != o (mod r) are not covered (lse_b = -inf there). The branches are merged as
+    lse = logsumexp_b lse_b and out = sum_b exp(lse_b - lse) out_b (LongNet's softmax-denominator
+    weights): out is the attention over the union of the branches' pairs, a pair counted once per
+    branch holding it. A row no branch covers gives out 0 and lse -inf.
+
+    Cost proportional to the pairs: for each branch and offset class o, the rows i = o (mod r)
+    (a strided view, no copy) of the heads with that offset (heads o, o + r, ...) form a dense
+    sub-sequence of length ceil((S - o) / r) where the segment condition becomes chunks of w / r
+    (hence ``w % r == 0`` is required), run by :func:`trous.sparse_attention` (``chunk_size=w // r,
+    return_lse=True``) and scattered back. GQA: the KV heads read by those query heads are passed
+    as a strided view when they form a progression (always when Hq / Hkv divides r or r divides
+    Hq / Hkv), else gathered.
+
+    Shapes: q (B, S, Hq, D), k and v (B, S, Hkv, D), Hq % Hkv == 0 (query head h reads KV head
+    h // (Hq / Hkv)); ``segments``, ``rates``: sequences of positive integers of one length (w_b
+    may exceed S: one segment). dtypes and head dims those of :func:`trous.sparse_attention`.
+    Returns out (B, S, Hq, D) in q's dtype and, with ``return_lse=True``, lse (B, Hq, S) float32.
+    ``scale`` defaults to 1 / sqrt(D). Differentiable in q, k and v (the branches' LSE are).
+    """
+    from .sparse import sparse_attention
+
+    fn = "longnet_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = f"shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"trous.{fn}: {name} must be a 4-D tensor (B, S, H, D), got {got}")
+    B, S, Hq, D = q.shape
+    if k.shape[:2] != (B, S) or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"trous.{fn}: k and v must be (B, S, Hkv, D) = ({B}, {S}, Hkv, {D}) (self-attention: "
+                         f"the length of q), got k {list(k.shape)} and v {list(v.shape)}")
+    Hkv = k.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"trous.{fn}: the query heads Hq = {Hq} must be a multiple of the KV heads Hkv = {Hkv}")
+    pairs = _branch_pairs(segments, rates)
+    group = Hq // Hkv
+    neg_inf = float("-inf")
+    subs = []  # (r, o, out_sub (B, n, Hsel, D), lse_sub (B, Hsel, n))
+    for w, r in pairs:
+        for o in range(min(r, Hq)):
+            if o >= S:
+                continue
+            heads = list(range(o, Hq, r))
+            kv = sorted({h // group for h in heads})
+            per = len(heads) // len(kv)
+            structured = len(heads) % len(kv) == 0 and [h // group for h in heads] == [x for x in kv
+                                                                                        for _ in range(per)]
+            kv_sel = _progression(kv) if structured else None
+            if kv_sel is not None:
+                ks, vs = k[:, o::r, kv_sel], v[:, o::r, kv_sel]
+            else:  # heads read KV heads in no GQA order: one KV head per query head (a gather)
+                idx = torch.tensor([h // group for h in heads], device=k.device)
+                ks, vs = k[:, o::r].index_select(2, idx), v[:, o::r].index_select(2, idx)
+            out_s, lse_s = sparse_attention(q[:, o::r, o::r], ks, vs, chunk_size=w // r, causal=causal, scale=scale,
+                                            return_lse=True)
+            subs.append((r, o, out_s, lse_s))
+    lse_all = []
+    for r, o, _, lse_s in subs:
+        full = torch.full((B, Hq, S), neg_inf, dtype=torch.float32, device=q.device)
+        full[:, o::r, o::r] = lse_s
+        lse_all.append(full)
+    lse = torch.logsumexp(torch.stack(lse_all), 0)  # (B, Hq, S); -inf where no branch covers the row
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.zeros(B, S, Hq, D, dtype=torch.float32, device=q.device)
+    for r, o, out_s, lse_s in subs:
+        weight = torch.exp(lse_s - lse_safe[:, o::r, o::r])  # (B, Hsel, n); 0 on empty rows (lse_s = -inf)
+        contrib = torch.zeros_like(out)
+        contrib[:, o::r, o::r] = out_s.float() * weight.transpose(1, 2)[..., None]
+        out = out + contrib
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
