@@ -230,3 +230,99 @@ def test_longnet_bad_shapes():
         trous.longnet_attention(q, k, v, [8], [1])
     with pytest.raises(ValueError, match="q must be"):
         trous.longnet_attention(q[0], k, v, [8], [1])
+
+
+# ---- NATTEN 2-D neighbourhoods ----------------------------------------------------------------
+
+def natten_mask(H, W, kh, kw, dh, dw):
+    """(H*W, H*W) row-major pixels, by loops: pixel (y, x) sees the kh x kw pixels of its own
+    residue class (y % dh, x % dw) whose class positions lie in NATTEN's window
+    [clamp(p - k // 2, 0, n - k), ... + k) on each axis (n: the class's size on that axis)."""
+    m = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for y in range(H):
+        rows = list(range(y % dh, H, dh))
+        p = rows.index(y)
+        sy = min(max(p - kh // 2, 0), len(rows) - kh)
+        for x in range(W):
+            cols = list(range(x % dw, W, dw))
+            px = cols.index(x)
+            sx = min(max(px - kw // 2, 0), len(cols) - kw)
+            for yy in rows[sy:sy + kh]:
+                for xx in cols[sx:sx + kw]:
+                    m[y * W + x, yy * W + xx] = True
+    return m
+
+
+NATTEN = [  # (H, W, kernel_size, dilation, block_size, tile)
+    (13, 11, 3, 1, 64, None), (17, 14, 5, 2, 64, None), (12, 19, (3, 5), (3, 2), 64, (4, 4)),
+    (16, 16, 7, 1, 128, None), (9, 23, (1, 7), (1, 3), 64, (2, 8)), (10, 10, 5, 2, 64, (1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NATTEN)))
+def test_neighborhood_2d_mask(case):
+    H, W, ks, dil, bs, tile = NATTEN[case]
+    bm, perm = layouts.neighborhood_2d(H, W, ks, dilation=dil, block_size=bs, tile=tile)
+    S = H * W
+    assert perm.dtype == torch.int64 and torch.equal(torch.sort(perm).values, torch.arange(S))  # a permutation
+    kh, kw = ks if isinstance(ks, tuple) else (ks, ks)
+    dh, dw = dil if isinstance(dil, tuple) else (dil, dil)
+    want = natten_mask(H, W, kh, kw, dh, dw)
+    assert (want.sum(1) == kh * kw).all()  # (the definition: every query sees k_h * k_w keys)
+    assert bm.shape == (1, 1, S, S)
+    assert torch.equal(bm.materialize()[0, 0], want[perm][:, perm])
+
+
+def test_neighborhood_2d_groups_classes_and_tiles():
+    # With dilation 2 the first quarter of the permuted positions are the pixels (even, even); with 8 x 8
+    # tiles each interior tile is one 64-block, and a query block's neighbours lie in at most 3 x 3 tiles.
+    H = W = 48
+    bm, perm = layouts.neighborhood_2d(H, W, 5, dilation=2)
+    y, x = perm // W, perm % W
+    first = perm[: (H // 2) * (W // 2)]
+    assert ((first // W) % 2 == 0).all() and ((first % W) % 2 == 0).all()
+    blk = (y[:64] // 2, x[:64] // 2)  # block 0: tile (0, 0) of class (0, 0)
+    assert blk[0].max() == 7 and blk[1].max() == 7
+    per_row = (bm.table[0, 0] > 0).sum(-1)
+    assert per_row.max() <= 9
+    # each class: a 24 x 24 sub-grid = 3 x 3 tiles = 9 blocks; a tile's window reaches its neighbour tiles
+    # only (corners 4, edges 6, centre 9 blocks), never another class: 4 * 49 of the 36 * 36 blocks
+    assert int((bm.table > 0).sum()) == 4 * (4 * 4 + 4 * 6 + 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_neighborhood_2d_attention(dtype):
+    H, W, B, Hq, Hkv, D = 11, 13, 2, 2, 1, 32
+    bm, perm = layouts.neighborhood_2d(H, W, (5, 3), dilation=(2, 1))
+    inv = torch.argsort(perm)
+    mask = natten_mask(H, W, 5, 3, 2, 1)
+    q, k, v, go = qkv(B, H * W, Hq, Hkv, D, seed=17)
+    want = grads(lambda a, b, c: ref.attention_from_mask(a, b, c, mask)[0], q, k, v, go)
+
+    def ours(a, b, c):
+        return trous.sparse_attention(a[:, perm], b[:, perm], c[:, perm], block_mask=bm)[:, inv]
+
+    low = [t.to(dtype) for t in (q, k, v, go)]
+    got = grads(ours, *low)
+    assert got[0].dtype == dtype
+    if dtype == torch.float32:
+        close(got[0], want[0], 1e-4)
+        for a, b in zip(got[1:], want[1:]):
+            close(a, b, 3e-4)
+    else:  # FlashAttention's rule against the same dense computation in bf16
+        pt = grads(lambda a, b, c: ref.attention_from_mask(a, b, c, mask, compute_dtype=dtype)[0], *low)
+        for idx, factor in [(0, 2.0), (1, 3.0), (2, 3.0), (3, 3.0)]:
+            err = (got[idx].double() - want[idx]).abs().max().item()
+            err_pt = (pt[idx].double() - want[idx]).abs().max().item()
+            assert err <= factor * err_pt + 1e-6, (idx, err, err_pt)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(kernel_size=0), "kernel_size"), (dict(kernel_size=(3, 3, 3)), "kernel_size"),
+                                     (dict(dilation=0), "dilation"), (dict(kernel_size=7, dilation=2), "kernel_size"),
+                                     (dict(block_size=100), "block_size"), (dict(tile=(0, 4)), "tile"),
+                                     (dict(height=0), "height"), (dict(width=2.0), "width")])
+def test_neighborhood_2d_bad_arguments(kw, name):
+    args = dict(height=12, width=12, kernel_size=3)
+    args.update(kw)
+    with pytest.raises(ValueError, match=name):
+        layouts.neighborhood_2d(args.pop("height"), args.pop("width"), args.pop("kernel_size"), **args)

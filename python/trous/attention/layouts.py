@@ -24,7 +24,7 @@ import torch
 
 from .block_mask import BlockMask
 
-__all__ = ["bigbird", "bigbird_layout", "longnet_attention"]
+__all__ = ["bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d"]
 
 
 def _int(fn: str, name: str, value, minimum: int) -> int:
@@ -231,3 +231,114 @@ def longnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         out = out + contrib
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+# ---- 2-D grids: shared helpers ---------------------------------------------------------------------
+
+def _pair(fn: str, name: str, value, minimum: int):
+    """An int or a pair of ints >= minimum, as a pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"trous.{fn}: {name} must be an integer or a pair of integers >= {minimum}, got "
+                             f"{value!r}")
+        return (_int(fn, name, value[0], minimum), _int(fn, name, value[1], minimum))
+    v = _int(fn, name, value, minimum)
+    return (v, v)
+
+
+def _layout_of_pairs(qpos: torch.Tensor, kpos: torch.Tensor, bq: int, bk: int, nqb: int, nkb: int) -> torch.Tensor:
+    """bool (nqb, nkb): True for the blocks of the (query position, key position) pairs given
+    (int64 tensors of one shape)."""
+    layout = torch.zeros(nqb * nkb, dtype=torch.bool, device=qpos.device)
+    layout[(qpos // bq * nkb + kpos // bk).flatten()] = True
+    return layout.view(nqb, nkb)
+
+
+# ---- NATTEN 2-D neighbourhoods ---------------------------------------------------------------------
+
+def _neighbour_start(p: torch.Tensor, n: torch.Tensor, k: int) -> torch.Tensor:
+    """NATTEN's window start on an axis of n positions: clamp(p - k // 2, 0, n - k)."""
+    return torch.minimum(torch.clamp(p - k // 2, min=0), n - k)
+
+
+def neighborhood_2d(height: int, width: int, kernel_size, *, dilation=1, block_size: int = 64, tile=None,
+                    device=None):
+    """NATTEN's 2-D neighbourhood attention (Hassani et al. 2023, "Neighborhood Attention
+    Transformer"; dilation: Hassani and Shi 2022, "Dilated Neighborhood Attention Transformer") as a
+    block mask over a height x width grid of tokens, by index remapping.
+
+    Rule (per axis, here rows; columns alike): with dilation d, pixel row y belongs to the residue
+    class c = y mod d, a sub-grid of n_c = ceil((height - c) / d) rows where it sits at p = y // d.
+    Its neighbours are the rows of the same class at sub-grid positions [s, s + k) with NATTEN's
+    start s = clamp(p - k // 2, 0, n_c - k): the window is shifted inside the image at the borders,
+    so every query sees exactly k_h * k_w keys (itself included), all of its own class in both axes.
+    Requires k * d <= the axis length (NATTEN's condition: every class holds k positions).
+
+    Index remapping: ``perm`` (height * width,) int64 lists the row-major pixel indices in the order
+    (class row, class column, tile row, tile column, row in tile, column in tile): the pixels of a
+    dilation class are contiguous and, inside it, each ``tile`` = (t_h, t_w) of its sub-grid (border
+    tiles smaller) is contiguous, so a query block's neighbours fall in few key blocks. Call with
+    ``x[:, perm]`` for q, k and v (sequence dimension 1) and un-permute the output with
+    ``out[:, inv]``, ``inv = torch.argsort(perm)`` (or ``out_orig[:, perm] = out``).
+
+    The candidate blocks (those holding a neighbour pair) are found per query; the element mask is
+    evaluated on them only (``BlockMask.from_layout(..., mask_mod=...)``), blocks whose pairs are all
+    allowed become full.
+
+    Arguments: ``kernel_size``, ``dilation``: int or (for rows, for columns), >= 1; ``block_size``: a
+    positive multiple of 64 (query and key blocks); ``tile``: (t_h, t_w) >= 1, default
+    (8, block_size // 8) (one block per interior tile: 8 x 8 for 64); ``device``: the mask's and
+    perm's device.
+
+    Returns (``BlockMask`` of shape (1, 1, S, S), S = height * width, in permuted positions;
+    ``perm`` (S,) int64).
+    """
+    fn = "neighborhood_2d"
+    Hh = _int(fn, "height", height, 1)
+    Ww = _int(fn, "width", width, 1)
+    kh, kw = _pair(fn, "kernel_size", kernel_size, 1)
+    dh, dw = _pair(fn, "dilation", dilation, 1)
+    bs = _block(fn, block_size)
+    th, tw = _pair(fn, "tile", (8, max(1, bs // 8)) if tile is None else tile, 1)
+    if kh * dh > Hh or kw * dw > Ww:
+        raise ValueError(f"trous.{fn}: kernel_size * dilation must be <= (height, width) = ({Hh}, {Ww}) per axis "
+                         f"(each dilation class must hold a full window), got kernel_size ({kh}, {kw}) and "
+                         f"dilation ({dh}, {dw})")
+    S = Hh * Ww
+    y = torch.arange(Hh, device=device)[:, None].expand(Hh, Ww).reshape(-1)
+    x = torch.arange(Ww, device=device)[None, :].expand(Hh, Ww).reshape(-1)
+    cy, py, cx, px = y % dh, y // dh, x % dw, x // dw
+    ny, nx = -(-(Hh - cy) // dh), -(-(Ww - cx) // dw)  # the class sub-grid's sizes, per pixel
+    # sort key: class, tile, place in tile (row-major at each level; sizes bounded by class 0's)
+    tiles_x = _cdiv(_cdiv(Ww, dw), tw)
+    tiles_y = _cdiv(_cdiv(Hh, dh), th)
+    key = (((cy * dw + cx) * tiles_y + py // th) * tiles_x + px // tw) * (th * tw) + (py % th) * tw + px % tw
+    perm = torch.argsort(key, stable=True)
+    inv = torch.argsort(perm)
+    # per permuted position: class, sub-grid place, window starts
+    P_cls, P_py, P_px = (cy * dw + cx)[perm], py[perm], px[perm]
+    P_sy = _neighbour_start(py, ny, kh)[perm]
+    P_sx = _neighbour_start(px, nx, kw)[perm]
+    # candidate blocks: every (query, neighbour) pair, in chunks of queries
+    nb = _cdiv(S, bs)
+    layout = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    ay = torch.arange(kh, device=device)
+    ax = torch.arange(kw, device=device)
+    step = max(1, (1 << 22) // (kh * kw))
+    for s in range(0, S, step):
+        e = slice(s, min(s + step, S))
+        orig = perm[e]
+        yy = cy[orig, None, None] + (P_sy[e, None, None] + ay[None, :, None]) * dh
+        xx = cx[orig, None, None] + (P_sx[e, None, None] + ax[None, None, :]) * dw
+        kpos = inv[yy * Ww + xx]
+        qpos = torch.arange(e.start, e.stop, device=device)[:, None, None].expand_as(kpos)
+        layout |= _layout_of_pairs(qpos, kpos, bs, bs, nb, nb)
+
+    def mask_mod(b, h, qi, kj):
+        same = P_cls[qi] == P_cls[kj]
+        dy = P_py[kj] - P_sy[qi]
+        dx = P_px[kj] - P_sx[qi]
+        return same & (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
+
+    bm = BlockMask.from_layout(layout[None, None], seq_lengths=(S, S), block_size=bs, mask_mod=mask_mod)
+    return bm, perm
