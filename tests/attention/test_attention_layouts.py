@@ -5,6 +5,8 @@ trous.sparse_attention(block_mask=) on the permuted tokens against the fp64 refe
 un-permuted mask, forward and backward; LongNet against a dense fp64 reference of its branches;
 bad arguments raise ValueError naming the argument."""
 
+import math
+
 import pytest
 import torch
 
@@ -326,3 +328,91 @@ def test_neighborhood_2d_bad_arguments(kw, name):
     args.update(kw)
     with pytest.raises(ValueError, match=name):
         layouts.neighborhood_2d(args.pop("height"), args.pop("width"), args.pop("kernel_size"), **args)
+
+
+# ---- Scale-DiT --------------------------------------------------------------------------------
+
+def scale_dit_mask(H, W, wh, ww, A):
+    """(H*W + A)^2 in the original order (row-major image tokens, then the anchors): image tokens
+    see their window's tokens ((y // wh, x // ww) equal) and every anchor; anchors see the anchors."""
+    y = torch.arange(H * W) // W
+    x = torch.arange(H * W) % W
+    same = (y[:, None] // wh == y[None, :] // wh) & (x[:, None] // ww == x[None, :] // ww)
+    m = torch.zeros(H * W + A, H * W + A, dtype=torch.bool)
+    m[:H * W, :H * W] = same
+    m[:, H * W:] = True
+    return m
+
+
+SCALE_DIT = [  # (H, W, window, anchor_stride, block_size)
+    (16, 24, (8, 8), None, 64), (13, 11, (4, 3), None, 64), (20, 12, (4, 8), 2, 64), (9, 30, 5, (3, 10), 128),
+    (16, 16, (16, 8), (4, 4), 128),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SCALE_DIT)))
+def test_scale_dit_mask(case):
+    H, W, win, stride, bs = SCALE_DIT[case]
+    bm, perm = layouts.scale_dit(H, W, window=win, anchor_stride=stride, block_size=bs)
+    wh, ww = win if isinstance(win, tuple) else (win, win)
+    st = (wh, ww) if stride is None else (stride if isinstance(stride, tuple) else (stride, stride))
+    A = math.ceil(H / st[0]) * math.ceil(W / st[1])
+    N = H * W
+    assert torch.equal(torch.sort(perm).values, torch.arange(N))
+    assert bm.shape == (1, 1, N + A, N + A)
+    P = torch.cat([perm, torch.arange(N, N + A)])
+    want = scale_dit_mask(H, W, wh, ww, A)
+    assert torch.equal(bm.materialize()[0, 0], want[P][:, P])
+    # each window is contiguous in the permuted order
+    wid = (perm // W // wh) * math.ceil(W / ww) + (perm % W) // ww
+    assert (wid[1:] >= wid[:-1]).all()
+
+
+def test_scale_dit_whole_blocks():
+    # 8 x 8 windows dividing a 32 x 40 grid, block 64: every window one block, every visited block full
+    bm, perm = layouts.scale_dit(32, 40, window=(8, 8), block_size=64)
+    assert bm.elems is None and int((bm.table >= 2).sum()) == 0
+    n_win = 4 * 5
+    table = bm.table[0, 0]
+    assert table.shape == (n_win + 1, n_win + 1)  # 20 window blocks and one block of 20 anchors
+    assert torch.equal(table[:n_win, :n_win] == 1, torch.eye(n_win, dtype=torch.bool))
+    assert (table[:, n_win] == 1).all() and (table[n_win, :n_win] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_dit_attention(dtype):
+    H, W, B, Hq, Hkv, D = 12, 10, 1, 3, 3, 32
+    bm, perm = layouts.scale_dit(H, W, window=(4, 5), anchor_stride=(3, 5))
+    A = 4 * 2
+    N = H * W
+    P = torch.cat([perm, torch.arange(N, N + A)])
+    inv = torch.argsort(P)
+    mask = scale_dit_mask(H, W, 4, 5, A)
+    q, k, v, go = qkv(B, N + A, Hq, Hkv, D, seed=23)
+    want = grads(lambda a, b, c: ref.attention_from_mask(a, b, c, mask)[0], q, k, v, go)
+
+    def ours(a, b, c):
+        return trous.sparse_attention(a[:, P], b[:, P], c[:, P], block_mask=bm)[:, inv]
+
+    low = [t.to(dtype) for t in (q, k, v, go)]
+    got = grads(ours, *low)
+    if dtype == torch.float32:
+        close(got[0], want[0], 1e-4)
+        for a, b in zip(got[1:], want[1:]):
+            close(a, b, 3e-4)
+    else:
+        pt = grads(lambda a, b, c: ref.attention_from_mask(a, b, c, mask, compute_dtype=dtype)[0], *low)
+        for idx, factor in [(0, 2.0), (1, 3.0), (2, 3.0), (3, 3.0)]:
+            err = (got[idx].double() - want[idx]).abs().max().item()
+            err_pt = (pt[idx].double() - want[idx]).abs().max().item()
+            assert err <= factor * err_pt + 1e-6, (idx, err, err_pt)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(window=0), "window"), (dict(window=(2, 2, 2)), "window"),
+                                     (dict(anchor_stride=(1, 0)), "anchor_stride"), (dict(block_size=48), "block_size"),
+                                     (dict(height=-1), "height"), (dict(width="4"), "width")])
+def test_scale_dit_bad_arguments(kw, name):
+    args = dict(height=8, width=8)
+    args.update(kw)
+    with pytest.raises(ValueError, match=name):
+        layouts.scale_dit(args.pop("height"), args.pop("width"), **args)

@@ -11,7 +11,7 @@ the pattern and its rules, ``sparse`` the function and the autograd of the ops,
 of ``python -m trous.bench --family attention`` / ``trous.smoke``.
 """
 from .block_mask import BlockMask
-from .layouts import bigbird, bigbird_layout, longnet_attention, neighborhood_2d
+from .layouts import bigbird, bigbird_layout, longnet_attention, neighborhood_2d, scale_dit
 from .module import SparseMultiheadAttention
 from .pattern import AttentionPattern
 from .sparse import sparse_attention, sparse_attention_varlen
@@ -21,4 +21,5 @@ TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern", 
 NN = ("SparseMultiheadAttention",)
 
 __all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask", "SparseMultiheadAttention",
-           "bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d"]
+           "bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d",
+           "scale_dit"]

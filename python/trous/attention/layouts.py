@@ -22,9 +22,9 @@ import operator
 
 import torch
 
-from .block_mask import BlockMask
+from .block_mask import BlockMask, _bcsr
 
-__all__ = ["bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d"]
+__all__ = ["bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d", "scale_dit"]
 
 
 def _int(fn: str, name: str, value, minimum: int) -> int:
@@ -341,4 +341,76 @@ def neighborhood_2d(height: int, width: int, kernel_size, *, dilation=1, block_s
         return same & (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
 
     bm = BlockMask.from_layout(layout[None, None], seq_lengths=(S, S), block_size=bs, mask_mod=mask_mod)
+    return bm, perm
+
+
+# ---- Scale-DiT -------------------------------------------------------------------------------------
+
+def scale_dit(height: int, width: int, *, window=(8, 8), anchor_stride=None, block_size: int = 64, device=None):
+    """Scale-DiT's hierarchical local attention (Zhang and Tai 2025, "Scale-DiT: Ultra-High-Resolution
+    Image Generation with Hierarchical Local Attention") over a height x width grid of tokens: local
+    attention inside fixed windows plus a low-resolution latent as global anchors.
+
+    Tokens (S = height * width + A of them):
+    - image tokens: the grid, cut into non-overlapping windows of ``window`` = (w_h, w_w) tokens
+      (those at the bottom and right borders smaller when w does not divide the grid);
+    - anchor tokens: A = ceil(height / s_h) * ceil(width / s_w) tokens of a low-resolution grid with
+      ``anchor_stride`` = (s_h, s_w) (default: the window, one anchor per window), anchor (a, b)
+      standing for the image region [a s_h, (a + 1) s_h) x [b s_w, (b + 1) s_w): the tokens of the
+      low-resolution latent at scale 1 / s (Scale-DiT's global pathway) or the region's pooled
+      tokens; appended after the image tokens in row-major order of their grid.
+    Pattern (the paper's two pathways; guidance flows from global to local):
+    - an image token attends every token of its own window and every anchor (the low-resolution
+      latent injects global semantics into each window);
+    - an anchor attends every anchor and no image token: the low-resolution pathway is full
+      attention over the small grid, as the base model's own low-resolution attention, independent
+      of the high-resolution tokens (cost A^2; no image token is read by it).
+    So allowed(i, j) = window(i) == window(j) or j is an anchor (anchors: a window of their own).
+
+    Index remapping: ``perm`` (height * width,) int64 lists the row-major image token indices window
+    by window (windows row-major, tokens row-major inside): each window is contiguous, so with
+    w_h * w_w a multiple of ``block_size`` and windows dividing the grid, every window is whole
+    blocks and every visited block is full (else windows share boundary blocks, with an element
+    mask there). Usage, x (B, height * width, ...) image tokens and a (B, A, ...) anchors:
+    ``xs = torch.cat([x[:, perm], a], 1)`` for q, k and v, then ``out[:, :H*W][:, inv]`` with
+    ``inv = torch.argsort(perm)`` gives the image tokens back in row-major order and
+    ``out[:, H*W:]`` the anchors.
+
+    Arguments: ``window``, ``anchor_stride``: int or (rows, columns) >= 1; ``block_size``: a
+    positive multiple of 64; ``device``: the mask's and perm's device.
+    Returns (``BlockMask`` of shape (1, 1, S, S) in the permuted order, ``perm`` (height * width,)).
+    """
+    fn = "scale_dit"
+    Hh = _int(fn, "height", height, 1)
+    Ww = _int(fn, "width", width, 1)
+    wh, ww = _pair(fn, "window", window, 1)
+    sh, sw = _pair(fn, "anchor_stride", (wh, ww) if anchor_stride is None else anchor_stride, 1)
+    bs = _block(fn, block_size)
+    nwy, nwx = _cdiv(Hh, wh), _cdiv(Ww, ww)
+    n_win = nwy * nwx
+    A = _cdiv(Hh, sh) * _cdiv(Ww, sw)
+    N = Hh * Ww
+    S = N + A
+    y = torch.arange(Hh, device=device)[:, None].expand(Hh, Ww).reshape(-1)
+    x = torch.arange(Ww, device=device)[None, :].expand(Hh, Ww).reshape(-1)
+    win = (y // wh) * nwx + x // ww
+    perm = torch.argsort(win * (wh * ww) + (y % wh) * ww + x % ww, stable=True)
+    # per permuted position: its window (anchors: window n_win, last, so the ids are non-decreasing)
+    doc = torch.cat([win[perm], torch.full((A,), n_win, dtype=win.dtype, device=win.device)])
+    nb = _cdiv(S, bs)
+    ends = torch.clamp(torch.arange(1, nb + 1, device=doc.device) * bs, max=S) - 1
+    first, last = doc[::bs], doc[ends]
+    overlap = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    to_anchor = (last == n_win)[None, :].expand(nb, nb)  # key blocks holding anchors
+    layout = overlap | to_anchor
+    one = first == last  # blocks of one window (or anchors only)
+    full = layout & one[:, None] & one[None, :] & ((first[:, None] == first[None, :]) | (first[None, :] == n_win))
+    part = layout & ~full
+
+    def mask_mod(b, h, qi, kj):
+        return (doc[qi] == doc[kj]) | (doc[kj] == n_win)
+
+    num_f, idx_f = _bcsr(full[None, None])
+    num_p, idx_p = _bcsr(part[None, None])
+    bm = BlockMask(num_p, idx_p, num_f, idx_f, seq_lengths=(S, S), block_size=bs, mask_mod=mask_mod)
     return bm, perm
