@@ -416,3 +416,9 @@ def test_scale_dit_bad_arguments(kw, name):
     args.update(kw)
     with pytest.raises(ValueError, match=name):
         layouts.scale_dit(args.pop("height"), args.pop("width"), **args)
+
+
+def test_longnet_empty_sequence():
+    q, k, v, _ = qkv(2, 0, 2, 1, 32, dtype=torch.float32)
+    out, lse = trous.longnet_attention(q, k, v, [8, 16], [1, 2], return_lse=True)
+    assert out.shape == (2, 0, 2, 32) and lse.shape == (2, 2, 0)

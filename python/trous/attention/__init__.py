@@ -6,9 +6,10 @@ CUDA) and ``AttentionPattern`` (the same pattern as an object: ``materialize``, 
 embedding, GQA, weights loadable from ``nn.MultiheadAttention``.
 
 ``block_mask`` holds ``BlockMask`` (block-sparse layouts, FlexAttention's BlockMask converted), ``pattern``
-the pattern and its rules, ``sparse`` the function and the autograd of the ops,
-``reference`` the slow fp64 reference with the materialised mask, ``bench`` and ``smoke`` the cases
-of ``python -m trous.bench --family attention`` / ``trous.smoke``.
+the pattern and its rules, ``sparse`` the function and the autograd of the ops, ``layouts`` the layouts
+of the seed papers (BigBird, Scale-DiT, NATTEN's 2-D neighbourhoods) and LongNet's dilated attention
+(``trous.longnet_attention``), ``reference`` the slow fp64 reference with the materialised mask,
+``bench`` and ``smoke`` the cases of ``python -m trous.bench --family attention`` / ``trous.smoke``.
 """
 from .block_mask import BlockMask
 from .layouts import bigbird, bigbird_layout, longnet_attention, neighborhood_2d, scale_dit
@@ -21,5 +22,4 @@ TOP_LEVEL = ("sparse_attention", "sparse_attention_varlen", "AttentionPattern", 
 NN = ("SparseMultiheadAttention",)
 
 __all__ = ["sparse_attention", "sparse_attention_varlen", "AttentionPattern", "BlockMask", "SparseMultiheadAttention",
-           "bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d",
-           "scale_dit"]
+           "bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d", "scale_dit"]

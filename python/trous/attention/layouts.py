@@ -23,6 +23,7 @@ import operator
 import torch
 
 from .block_mask import BlockMask, _bcsr
+from .sparse import sparse_attention
 
 __all__ = ["bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d", "scale_dit"]
 
@@ -180,8 +181,6 @@ def longnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     Returns out (B, S, Hq, D) in q's dtype and, with ``return_lse=True``, lse (B, Hq, S) float32.
     ``scale`` defaults to 1 / sqrt(D). Differentiable in q, k and v (the branches' LSE are).
     """
-    from .sparse import sparse_attention
-
     fn = "longnet_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -216,6 +215,9 @@ def longnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
             out_s, lse_s = sparse_attention(q[:, o::r, o::r], ks, vs, chunk_size=w // r, causal=causal, scale=scale,
                                             return_lse=True)
             subs.append((r, o, out_s, lse_s))
+    if not subs:  # S = 0
+        out = q.new_zeros(B, S, Hq, D)
+        return (out, torch.full((B, Hq, S), neg_inf, device=q.device)) if return_lse else out
     lse_all = []
     for r, o, _, lse_s in subs:
         full = torch.full((B, Hq, S), neg_inf, dtype=torch.float32, device=q.device)
@@ -257,7 +259,8 @@ def _layout_of_pairs(qpos: torch.Tensor, kpos: torch.Tensor, bq: int, bk: int, n
 # ---- NATTEN 2-D neighbourhoods ---------------------------------------------------------------------
 
 def _neighbour_start(p: torch.Tensor, n: torch.Tensor, k: int) -> torch.Tensor:
-    """NATTEN's window start on an axis of n positions: clamp(p - k // 2, 0, n - k)."""
+    """NATTEN's window start on an axis of n positions: clamp(p - k // 2, 0, n - k) (p, n: int64
+    tensors of one shape, the result too)."""
     return torch.minimum(torch.clamp(p - k // 2, min=0), n - k)
 
 
