@@ -422,3 +422,11 @@ def test_longnet_empty_sequence():
     q, k, v, _ = qkv(2, 0, 2, 1, 32, dtype=torch.float32)
     out, lse = trous.longnet_attention(q, k, v, [8, 16], [1, 2], return_lse=True)
     assert out.shape == (2, 0, 2, 32) and lse.shape == (2, 2, 0)
+
+
+def test_longnet_deterministic_gradients():
+    q, k, v, go = qkv(2, 70, 4, 2, 32, dtype=torch.float32, seed=8)
+    runs = [grads(lambda a, b, c: trous.longnet_attention(a, b, c, (16, 32), (1, 2), deterministic=True), q, k, v, go)
+            for _ in range(2)]
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)

@@ -18,11 +18,13 @@ device).
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 
 from .block_mask import BlockMask, _bcsr
+from .sparse import _backward as _sparse_backward
 from .sparse import sparse_attention
 
 __all__ = ["bigbird", "bigbird_layout", "longnet_attention", "neighborhood_2d", "scale_dit"]
@@ -153,10 +155,81 @@ def _branch_pairs(segments, rates):
     return pairs
 
 
+class _LongNet(torch.autograd.Function):
+    """The merged branches of :func:`longnet_attention`, forward and backward.
+
+    Forward: each (branch, offset) sub-problem through :func:`trous.sparse_attention` (dense
+    strided sub-sequences, ``chunk_size=w // r``), merged with the LSE. Backward: the merged
+    result is attention over the union (with multiplicity) of the branches' pairs, with
+    P_ij = exp(s_ij - lse_i) and dS_ij = P_ij (dO_i . v_j - dO_i . out_i) for the merged out and lse;
+    so each sub-problem's backward op runs once with the *merged* out and lse of its rows (no
+    gradient through the per-branch LSE, which would cost a second backward pass per branch), and
+    the gradient of the returned lse (dlse_i / ds_ij = P_ij) is folded in as sparse_attention does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, causal, scale, deterministic):
+        B, S, Hq, D = q.shape
+        subs = []
+        for w, r, o, kv_sel in plan:
+            qs, ks, vs = _sub_views(q, k, v, r, o, kv_sel)
+            out_s, lse_s = sparse_attention(qs, ks, vs, chunk_size=w // r, causal=causal, scale=scale,
+                                            return_lse=True)
+            subs.append((out_s, lse_s))
+        neg_inf = float("-inf")
+        lse_all = torch.full((len(plan), B, Hq, S), neg_inf, dtype=torch.float32, device=q.device)
+        for n, ((_w, r, o, _kv), (_out, lse_s)) in enumerate(zip(plan, subs)):
+            lse_all[n, :, o::r, o::r] = lse_s
+        lse = torch.logsumexp(lse_all, 0)  # (B, Hq, S); -inf where no branch covers the row
+        lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        out = torch.zeros(B, S, Hq, D, dtype=torch.float32, device=q.device)
+        for (_w, r, o, _kv), (out_s, lse_s) in zip(plan, subs):
+            weight = torch.exp(lse_s - lse_safe[:, o::r, o::r])  # (B, Hsel, n)
+            out[:, o::r, o::r] += out_s.float() * weight.transpose(1, 2)[..., None]
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.causal, ctx.scale, ctx.deterministic = plan, causal, scale, deterministic
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        gq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        gk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        gv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for w, r, o, kv_sel in ctx.plan:
+            qs, ks, vs = _sub_views(q, k, v, r, o, kv_sel)
+            saved = (qs, ks, vs, out[:, o::r, o::r].contiguous(), lse[:, o::r, o::r].contiguous(), None)
+            args = (ctx.causal, -1, -1, w // r, 1, ctx.scale, 0.0)
+            go = None if grad_out is None else grad_out[:, o::r, o::r].contiguous()
+            gl = None if grad_lse is None else grad_lse[:, o::r, o::r].contiguous()
+            if go is None and gl is None:
+                continue
+            dq, dk, dv = _sparse_backward(saved, args, go, gl, ctx.deterministic)
+            gq[:, o::r, o::r] += dq.float()
+            for g, d in ((gk, dk), (gv, dv)):
+                if d is None:
+                    continue
+                if isinstance(kv_sel, slice):
+                    g[:, o::r, kv_sel] += d.float()
+                else:
+                    g[:, o::r].index_add_(2, kv_sel, d.float())
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None, None
+
+
+def _sub_views(q, k, v, r, o, kv_sel):
+    """The rows i = o (mod r) of the query heads o, o + r, ... (views) and of the KV heads they read
+    (views for a slice, gathered for an index tensor)."""
+    if isinstance(kv_sel, slice):
+        return q[:, o::r, o::r], k[:, o::r, kv_sel], v[:, o::r, kv_sel]
+    return q[:, o::r, o::r], k[:, o::r].index_select(2, kv_sel), v[:, o::r].index_select(2, kv_sel)
+
+
 def longnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments, rates, *,
-                      scale=None, causal: bool = False, return_lse: bool = False):
+                      scale=None, causal: bool = False, return_lse: bool = False, deterministic: bool = False):
     """LongNet's dilated attention (Ding et al. 2023, "LongNet: Scaling Transformers to
-    1,000,000,000 Tokens", section 2.2 and 2.3, multi-head offsets included): self-attention as a
+    1,000,000,000 Tokens", sections 2.2 and 2.3, multi-head offsets included): self-attention as a
     mixture of branches b = (w_b, r_b) = (``segments[b]``, ``rates[b]``) merged with their
     log-sum-exp.
 
@@ -173,13 +246,15 @@ def longnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     (hence ``w % r == 0`` is required), run by :func:`trous.sparse_attention` (``chunk_size=w // r,
     return_lse=True``) and scattered back. GQA: the KV heads read by those query heads are passed
     as a strided view when they form a progression (always when Hq / Hkv divides r or r divides
-    Hq / Hkv), else gathered.
+    Hq / Hkv), else gathered. The backward runs each sub-problem's backward once, with the merged
+    out and lse (see ``_LongNet``).
 
     Shapes: q (B, S, Hq, D), k and v (B, S, Hkv, D), Hq % Hkv == 0 (query head h reads KV head
     h // (Hq / Hkv)); ``segments``, ``rates``: sequences of positive integers of one length (w_b
     may exceed S: one segment). dtypes and head dims those of :func:`trous.sparse_attention`.
     Returns out (B, S, Hq, D) in q's dtype and, with ``return_lse=True``, lse (B, Hq, S) float32.
-    ``scale`` defaults to 1 / sqrt(D). Differentiable in q, k and v (the branches' LSE are).
+    ``scale`` defaults to 1 / sqrt(D). Differentiable in q, k and v, through out and lse;
+    ``deterministic=True``: bitwise repeatable gradients.
     """
     fn = "longnet_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -194,44 +269,25 @@ def longnet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"trous.{fn}: the query heads Hq = {Hq} must be a multiple of the KV heads Hkv = {Hkv}")
     pairs = _branch_pairs(segments, rates)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     group = Hq // Hkv
-    neg_inf = float("-inf")
-    subs = []  # (r, o, out_sub (B, n, Hsel, D), lse_sub (B, Hsel, n))
+    plan = []  # (w, r, o, KV heads: a slice or an index tensor)
     for w, r in pairs:
-        for o in range(min(r, Hq)):
-            if o >= S:
-                continue
+        for o in range(min(r, Hq, S)):
             heads = list(range(o, Hq, r))
-            kv = sorted({h // group for h in heads})
+            reads = [h // group for h in heads]
+            kv = sorted(set(reads))
             per = len(heads) // len(kv)
-            structured = len(heads) % len(kv) == 0 and [h // group for h in heads] == [x for x in kv
-                                                                                        for _ in range(per)]
+            structured = len(heads) % len(kv) == 0 and reads == [x for x in kv for _ in range(per)]
             kv_sel = _progression(kv) if structured else None
-            if kv_sel is not None:
-                ks, vs = k[:, o::r, kv_sel], v[:, o::r, kv_sel]
-            else:  # heads read KV heads in no GQA order: one KV head per query head (a gather)
-                idx = torch.tensor([h // group for h in heads], device=k.device)
-                ks, vs = k[:, o::r].index_select(2, idx), v[:, o::r].index_select(2, idx)
-            out_s, lse_s = sparse_attention(q[:, o::r, o::r], ks, vs, chunk_size=w // r, causal=causal, scale=scale,
-                                            return_lse=True)
-            subs.append((r, o, out_s, lse_s))
-    if not subs:  # S = 0
+            if kv_sel is None:  # query heads read KV heads in no GQA order: one KV head per query head
+                kv_sel = torch.tensor(reads, device=k.device)
+            plan.append((w, r, o, kv_sel))
+    if not plan:  # S = 0
         out = q.new_zeros(B, S, Hq, D)
-        return (out, torch.full((B, Hq, S), neg_inf, device=q.device)) if return_lse else out
-    lse_all = []
-    for r, o, _, lse_s in subs:
-        full = torch.full((B, Hq, S), neg_inf, dtype=torch.float32, device=q.device)
-        full[:, o::r, o::r] = lse_s
-        lse_all.append(full)
-    lse = torch.logsumexp(torch.stack(lse_all), 0)  # (B, Hq, S); -inf where no branch covers the row
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = torch.zeros(B, S, Hq, D, dtype=torch.float32, device=q.device)
-    for r, o, out_s, lse_s in subs:
-        weight = torch.exp(lse_s - lse_safe[:, o::r, o::r])  # (B, Hsel, n); 0 on empty rows (lse_s = -inf)
-        contrib = torch.zeros_like(out)
-        contrib[:, o::r, o::r] = out_s.float() * weight.transpose(1, 2)[..., None]
-        out = out + contrib
-    out = out.to(q.dtype)
+        return (out, torch.full((B, Hq, S), float("-inf"), device=q.device)) if return_lse else out
+    out, lse = _LongNet.apply(q, k, v, plan, bool(causal), float(scale), bool(deterministic))
     return (out, lse) if return_lse else out
 
 
