@@ -102,9 +102,9 @@ def test_bigbird_density():
 
 
 def test_bigbird_through_attention():
-    S, H, D = 64 * 5 + 13, 2, 32
-    m = layouts.bigbird(S, num_heads=H, random_blocks=1, global_blocks=1, seed=3)
-    q, k, v, go = qkv(1, S, H, H, D, seed=4)
+    S, H, D = 64 * 5 + 13, 4, 32
+    m = layouts.bigbird(S, num_heads=H, random_blocks=1, global_blocks=1, seed=3, batch=2)
+    q, k, v, go = qkv(2, S, H, 2, D, seed=4)  # (batch 2 and 4 heads of the mask, GQA)
     mask = m.materialize()
     want = grads(lambda a, b, c: ref.attention_from_mask(a, b, c, mask)[0], q, k, v, go)
     got = grads(lambda a, b, c: trous.sparse_attention(a, b, c, block_mask=m), *(t.float() for t in (q, k, v, go)))
