@@ -257,6 +257,23 @@ def test_from_documents_equals_from_mask_mod(case, block, causal):
         assert torch.equal(trous.BlockMask.from_flex(fbm).materialize(), fast.materialize())
 
 
+def test_from_documents_shared_element_masks_in_the_kernels():
+    """from_documents builds one element mask per distinct block (documents, lengths, diagonal
+    offset): blocks share entries of ``elems``; count(), the forward and the backward read them."""
+    ids = torch.repeat_interleave(torch.arange(4), torch.tensor([150, 3, 200, 290]))  # S = 643
+    bm = trous.BlockMask.from_documents(ids, causal=True, block_size=64)
+    assert bm.elems.shape[0] < int((bm.table > 1).sum())  # shared
+    dense = (ids[:, None] == ids[None, :]) & torch.ones(643, 643, dtype=torch.bool).tril()
+    assert torch.equal(bm.materialize()[0, 0], dense) and bm.count() == int(dense.sum())
+    q, k, v, go = _qkv(1, 2, 643, 643, seed=11)
+    out, grads = _grads(lambda q, k, v: trous.sparse_attention(q, k, v, block_mask=bm), q, k, v, go)
+    rout, rgrads = _grads(lambda q, k, v: ref.attention_from_mask(q, k, v, dense)[0], q.double(), k.double(),
+                          v.double(), go.double())
+    assert _max_err(out, rout) <= 2e-5
+    for a, b_ in zip(grads, rgrads):
+        assert _max_err(a, b_) <= 1e-4
+
+
 def test_from_documents_with_key_ids():
     """document_ids_k: Sq != Sk (e.g. a chunk of queries over a longer key cache)."""
     dq = torch.tensor([0] * 70 + [1] * 5 + [2] * 130)
