@@ -21,6 +21,16 @@ Targets (``--check``; full runs only, --quick has small shapes and no targets):
 - S = 16384, window +-128: cost <= 1.3 x density x trous dense (speed-up >= 1 / (1.3 density));
 - GPU window / chunk / global: >= 1.2x faster than Flex compiled.
 
+Block-sparse rows (issue 12), CPU fp32: ``bigbird-b64-w3r2g2 fwd+bwd vs SDPA dense mask`` (B1 H8 D64
+S = 8192, ``trous.attention.layouts.bigbird``, block 64, 3 window + 2 random + 2 global blocks, random
+blocks per head; target >= 10x) and ``... fwd vs Flex compiled`` (Flex on the same layout through
+``to_bcsr()`` and ``flex_attention.BlockMask.from_kv_blocks``; target >= 1.2x); ``block-mask build
+doc-causal 8 docs b128 vs Flex create_block_mask`` (S = 65536, 8 documents of seeded random lengths:
+``trous.BlockMask.from_documents(ids, causal=True)`` against FlexAttention's ``create_block_mask`` of
+the document-causal mask_mod, eager or compiled, the faster of the two in the run; target >= 10x;
+eager is skipped, saying so in ``extra``, when its dense S x S mask would not fit in memory).
+--quick: QUICK_SHAPE and S = 4096, no Flex compile, no targets.
+
 Last, on CPU: the Hugging Face rows ``hf-mistral-sw512 fwd+bwd vs HF sdpa|eager``: a tiny Mistral
 (2 layers, H8 / KV2, D64, random weights) forward + backward of the LM loss at 4096 tokens (--quick:
 1024), sliding window 512, attn_implementation "trous" against "sdpa" and "eager" (times and
@@ -161,12 +171,11 @@ class _Flex:
     def prepare(self, q, k, v) -> None:
         if self.fn is not None or self.case.baseline is None:
             return
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         try:
             t0 = time.perf_counter()
-            bm = create_block_mask(self.p.mask_mod(self.S, self.S, self.device), None, None, self.S, self.S,
-                                   device=self.device)
+            bm = self._block_mask()
             t_mask = time.perf_counter() - t0
             compiled = torch.compile(flex_attention, dynamic=False)
             fn = (lambda q, k, v: compiled(q, k, v, block_mask=bm))
@@ -176,8 +185,7 @@ class _Flex:
                 fn(qh, kh, vh)
             t_compile = time.perf_counter() - t0
             t0 = time.perf_counter()
-            create_block_mask(self.p.mask_mod(self.S, self.S, self.device), None, None, self.S, self.S,
-                              device=self.device)
+            self._block_mask()
             t_mask_warm = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001  (any compile failure: skip the row, say why)
             msg = f"FlexAttention skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -191,6 +199,13 @@ class _Flex:
                                flex_block_mask_warm_s=round(t_mask_warm, 3))
         print(f"trous.bench attention: {self.case.op}: Flex compile + first call {t_compile:.1f} s, "
               f"create_block_mask {t_mask:.3f} s (again: {t_mask_warm:.3f} s)", file=sys.stderr)
+
+    def _block_mask(self):
+        """Flex's BlockMask of the pattern (create_block_mask, as users build it)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(self.p.mask_mod(self.S, self.S, self.device), None, None, self.S, self.S,
+                                 device=self.device)
 
     def __call__(self, q, k, v, go):
         qh, kh, vh = _bhsd(q, k, v)
@@ -424,18 +439,269 @@ def _varlen_cases(device: str, quick: bool) -> List[Case]:
     return rows
 
 
+# The block-sparse rows (issue 12, "Performance" first and fourth bullets), CPU fp32:
+# - a BigBird layout (block 64, 3 window + 2 random + 2 global blocks, random blocks per head) at B1 H8
+#   D64 S = 8192 (--quick: QUICK_SHAPE): trous with the block mask fwd+bwd against SDPA with its dense
+#   (1, H, S, S) boolean mask (target >= 10x) and fwd against FlexAttention compiled on the same
+#   BlockMask (to_bcsr() -> flex_attention.BlockMask.from_kv_blocks; target >= 1.2x);
+# - building a document-causal block mask at S = 65536 (8 documents of random, seeded lengths, block
+#   128; --quick 4096): trous.BlockMask.from_documents against FlexAttention's create_block_mask of
+#   the document-causal mask_mod, eager (as users call it) or compiled (torch.compile(create_block_mask),
+#   what create_block_mask(_compile=True) runs), whichever is faster in the run (target >= 10x).
+BIGBIRD = dict(block_size=64, window_blocks=3, random_blocks=2, global_blocks=2)
+DOCMASK_S, DOCMASK_QUICK_S, DOCMASK_BLOCK, DOCMASK_DOCS = 65536, 4096, 128, 8
+# Eager create_block_mask materialises the (B, H, Sq, Sk) mask and its vmapped temporaries: peak
+# memory measured at 12.3 bytes per pair (3.3 GB at S = 16384, torch 2.14.1); refused when it
+# would not fit in the available memory.
+_FLEX_EAGER_BYTES_PER_PAIR = 13
+
+
+class _BigBird:
+    """The BigBird BlockMask of the rows (built on first use, shared): also its dense mask for SDPA
+    and the allowed-pair counts written into the cases' ``extra``."""
+
+    def __init__(self, S: int, H: int, D: int, device: str):
+        self.S, self.H, self.D, self.device = S, H, D, device
+        self.bm, self.dense = None, None
+        self.cases: List[Tuple[Case, bool]] = []
+
+    def mask(self):
+        if self.bm is None:
+            from .layouts import bigbird
+
+            t0 = time.perf_counter()
+            self.bm = bigbird(self.S, **BIGBIRD, num_heads=self.H, device=self.device)
+            built = time.perf_counter() - t0
+            n = self.bm.count() * (self.H // self.bm.shape[1])  # allowed pairs over every head
+            for c, bwd in self.cases:
+                c.extra.update(density=round(n / (self.H * self.S * self.S), 6), allowed_pairs=n,
+                               flops=4.0 * self.D * n * (3.5 if bwd else 1.0), trous_block_mask_s=round(built, 3))
+        return self.bm
+
+    def dense_mask(self) -> torch.Tensor:
+        if self.dense is None:
+            self.dense = self.mask().materialize()  # (1, H, S, S) bool
+        return self.dense
+
+
+class _FlexBlocks(_Flex):
+    """FlexAttention compiled on a trous BlockMask converted to Flex's (``to_bcsr()`` ->
+    ``BlockMask.from_kv_blocks``; partial blocks, if any, get a mask_mod that reads the dense mask)."""
+
+    def __init__(self, blocks: _BigBird, device: str):
+        super().__init__(None, blocks.S, device, bwd=False)
+        self.blocks = blocks
+
+    def _block_mask(self):
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        bm = self.blocks.mask()
+        mask_mod = None
+        if bm.elems is not None and bm.elems.shape[0]:
+            dense = bm.materialize()
+            Bm, Hm = dense.shape[:2]
+            mask_mod = (lambda b, h, q, kv: dense[b if Bm > 1 else 0, h if Hm > 1 else 0, q, kv])
+        return FlexBlockMask.from_kv_blocks(*bm.to_bcsr(), BLOCK_SIZE=bm.block_size, mask_mod=mask_mod,
+                                            seq_lengths=bm.seq_lengths)
+
+
+def _block_sparse_fn(blocks: _BigBird, bwd: bool) -> Callable:
+    from .sparse import sparse_attention
+
+    def fwd(q, k, v, go):
+        with torch.no_grad():
+            return sparse_attention(q, k, v, block_mask=blocks.mask())
+
+    def fwd_bwd(q, k, v, go):
+        return torch.autograd.grad(sparse_attention(q, k, v, block_mask=blocks.mask()), (q, k, v), go)
+
+    return fwd_bwd if bwd else fwd
+
+
+def _sdpa_blocks(blocks: _BigBird) -> Callable:
+    def fwd_bwd(q, k, v, go):
+        qh, kh, vh = _bhsd(q, k, v)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=blocks.dense_mask()).transpose(1, 2)
+        return torch.autograd.grad(out, (q, k, v), go)
+
+    return fwd_bwd
+
+
+def _bigbird_cases(device: str, quick: bool) -> List[Case]:
+    try:
+        from . import layouts  # noqa: F401
+    except ImportError as e:
+        print(f"trous.bench attention: BigBird rows skipped (no trous.attention.layouts: {e})", file=sys.stderr)
+        return []
+    B, H, S, D = QUICK_SHAPE if quick else CPU_SHAPE
+    shape = (B, H, S, D)
+    blocks = _BigBird(S, H, D, device)
+    flex_why = "--quick" if quick else flex_available(device)
+    if flex_why:
+        print(f"trous.bench attention: BigBird Flex row skipped ({flex_why})", file=sys.stderr)
+    name = (f"bigbird-b{BIGBIRD['block_size']}-w{BIGBIRD['window_blocks']}r{BIGBIRD['random_blocks']}"
+            f"g{BIGBIRD['global_blocks']}")
+    specs = [(True, _sdpa_blocks(blocks), "SDPA dense mask", {"speedup": 10.0}, None)]
+    if not flex_why:
+        flex = _FlexBlocks(blocks, device)
+        specs.append((False, flex, "Flex compiled", {"speedup": 1.2}, flex))
+    out = []
+    for bwd, baseline, baseline_name, tg, flex in specs:
+        def make(i, flex=flex, bwd=bwd):
+            inputs = _inputs(shape, torch.float32, device, i, bwd)
+            blocks.mask()
+            if flex is not None:
+                flex.prepare(*inputs[:3])
+            return inputs
+
+        c = Case(family=FAMILY, op=f"{name} {'fwd+bwd' if bwd else 'fwd'} vs {baseline_name}", shape=_shape_str(shape),
+                 dtype="fp32", make_inputs=make, fn=_block_sparse_fn(blocks, bwd), baseline=baseline,
+                 bytes_moved=(9 if bwd else 4) * B * S * H * D * 4, input_bytes=3 * B * S * H * D * 4,
+                 baseline_name=baseline_name, targets={} if quick else dict(tg),
+                 extra={"pattern": f"bigbird({S}, {', '.join(f'{k}={v}' for k, v in BIGBIRD.items())}, "
+                                   f"num_heads={H})"})
+        blocks.cases.append((c, bwd))
+        if flex is not None:
+            flex.case = c
+        out.append(c)
+    return out
+
+
+def _mem_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _document_causal(ids: torch.Tensor) -> Callable:
+    """FlexAttention's document-causal mask_mod over packed ids (the mask of the FlexAttention blog
+    post's document masking, with causal)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+
+    return mask_mod
+
+
+class _FlexCreateBlockMask:
+    """The baseline of the construction row: FlexAttention's create_block_mask of the document-
+    causal mask_mod, eager and (full runs) compiled, both tried once on first use (compile timed
+    apart); the faster is timed by the harness, both times land in the case's ``extra``. Either one
+    that cannot run says why there (eager: when the dense mask would not fit in memory)."""
+
+    def __init__(self, S: int, device: str, quick: bool):
+        self.S, self.device, self.quick = S, device, quick
+        self.fn: Optional[Callable] = None
+        self.case: Optional[Case] = None
+
+    def _call(self, create, ids):
+        return create(_document_causal(ids), 1, 1, self.S, self.S, device=self.device, BLOCK_SIZE=DOCMASK_BLOCK)
+
+    def prepare(self, ids) -> None:
+        if self.fn is not None or self.case.baseline is None:
+            return
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask
+        except ImportError as e:
+            self._give_up(f"no FlexAttention in torch {torch.__version__} ({e})")
+            return
+        extra, times = self.case.extra, {}
+        need, avail = _FLEX_EAGER_BYTES_PER_PAIR * self.S * self.S, _mem_available()
+        if avail is not None and need > 0.8 * avail:
+            extra["flex_eager"] = (f"skipped: eager create_block_mask materialises the {self.S} x {self.S} mask, "
+                                   f"~{need / 2**30:.0f} GiB at {_FLEX_EAGER_BYTES_PER_PAIR} bytes per pair, "
+                                   f"{avail / 2**30:.0f} GiB available")
+        else:
+            try:
+                t0 = time.perf_counter()
+                self._call(create_block_mask, ids)
+                times["eager"] = time.perf_counter() - t0
+                extra["flex_eager_s"] = round(times["eager"], 3)
+            except Exception as e:  # noqa: BLE001  (say why, keep the other)
+                extra["flex_eager"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if self.quick:
+            extra["flex_compiled"] = "skipped (--quick)"
+        elif flex_available(self.device):
+            extra["flex_compiled"] = f"skipped ({flex_available(self.device)})"
+        else:
+            try:
+                compiled = torch.compile(create_block_mask)
+                t0 = time.perf_counter()
+                self._call(compiled, ids)
+                extra["flex_compile_s"] = round(time.perf_counter() - t0, 2)
+                t0 = time.perf_counter()
+                self._call(compiled, ids)
+                times["compiled"] = time.perf_counter() - t0
+                extra["flex_compiled_s"] = round(times["compiled"], 3)
+                self.compiled = compiled
+            except Exception as e:  # noqa: BLE001
+                extra["flex_compiled"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not times:
+            self._give_up("; ".join(f"{k}: {v}" for k, v in extra.items() if k in ("flex_eager", "flex_compiled")))
+            return
+        best = min(times, key=times.get)
+        extra["flex_baseline"] = best
+        create = create_block_mask if best == "eager" else self.compiled
+        self.fn = lambda ids: self._call(create, ids)
+        self.case.baseline_name = f"Flex create_block_mask {best}"
+        print(f"trous.bench attention: {self.case.op}: Flex create_block_mask "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()) + f" (baseline: {best})", file=sys.stderr)
+
+    def _give_up(self, why: str) -> None:
+        print(f"trous.bench attention: {self.case.op}: FlexAttention skipped ({why})", file=sys.stderr)
+        self.case.baseline = None
+        self.case.targets.clear()
+        self.case.extra["flex"] = why
+
+    def __call__(self, ids):
+        return self.fn(ids)
+
+
+def _docmask_cases(device: str, quick: bool) -> List[Case]:
+    from .block_mask import BlockMask
+
+    S = DOCMASK_QUICK_S if quick else DOCMASK_S
+    lengths = _doc_lengths(S, DOCMASK_DOCS, seed=1)
+    flex = _FlexCreateBlockMask(S, device, quick)
+
+    def make(i):
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+        flex.prepare(ids)
+        return (ids,)
+
+    def build(ids):
+        return BlockMask.from_documents(ids, causal=True, block_size=DOCMASK_BLOCK)
+
+    c = Case(family=FAMILY, op=f"block-mask build doc-causal {DOCMASK_DOCS} docs b{DOCMASK_BLOCK} vs Flex "
+                               f"create_block_mask", shape=f"S{S}", dtype="int64", make_inputs=make, fn=build,
+             baseline=flex, bytes_moved=8 * S, input_bytes=8 * S, baseline_name="Flex create_block_mask",
+             targets={} if quick else {"speedup": 10.0},
+             extra={"pattern": "document causal", "documents": lengths, "block_size": DOCMASK_BLOCK})
+    flex.case = c
+    return [c]
+
+
+def _block_cases(device: str, quick: bool) -> List[Case]:
+    return _bigbird_cases(device, quick) + _docmask_cases(device, quick)
+
+
 def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> List[Case]:
     """CPU: fp32 (B, H, S, D) = (1, 8, 8192, 64) and the S = 16384 window rows (--quick: (1, 2, 1024,
     64), no Flex, no targets); CUDA: bf16 (1, 16, S, 128) for S in 4k, 8k, 16k. ``shape`` (B, H, S, D)
-    replaces the shapes (and drops the S = 16384 rows). Last, on CPU without ``shape``: the Hugging
+    replaces the shapes (and drops the S = 16384 rows). On CPU without ``shape``: the block-sparse
+    rows (BigBird, block-mask construction) and the packed-batch rows. Last: the Hugging
     Face rows (a tiny Mistral, sliding window 512, fwd+bwd at 4096 tokens, --quick 1024: "trous" vs
     "sdpa" and "eager"; printed, no target)."""
     if device == "cuda":
         return _gpu_cases("bf16", quick, shape)
     if shape is not None:
         return _cpu_cases(tuple(shape), "fp32", quick, default_shape=False)
-    return (_cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick) + _varlen_cases(device, quick)
-            + _hf_cases(device, quick))
+    return (_cpu_cases(QUICK_SHAPE if quick else CPU_SHAPE, "fp32", quick) + _block_cases(device, quick)
+            + _varlen_cases(device, quick) + _hf_cases(device, quick))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,8 +739,8 @@ def flops_table(rows: Sequence[dict], peak: Optional[float] = None, peak_how: st
     the FMA peak, and each baseline's ms beside it."""
     by_key: Dict[tuple, dict] = {}
     for r in rows:
-        if r.get("family") != FAMILY or "extra" not in r:
-            continue
+        if r.get("family") != FAMILY or "flops" not in r.get("extra", {}):
+            continue  # (the block-mask construction row has no FLOPs)
         name, _, base = r["op"].partition(" vs ")
         key = (name, r["shape"], r["dtype"])
         e = by_key.setdefault(key, {"ms": [], "base": {}, "extra": r["extra"]})

@@ -12,7 +12,7 @@ The kernels read one dense state table per mask (``table``: int32 (Bm, Hm, nqb, 
 1 = full, 2 + e = partial with element mask ``elems[e]``), built once here, on the mask's device; the
 same table serves the query-outer forward and the key-outer backward, so no transposed index is
 built per call. Memory: 4 bytes per block pair and head entry, plus block_q * block_k bytes per
-partial block.
+distinct partial-block element mask (at most one per partial block).
 """
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ class BlockMask:
 
     Attributes (the kernels' form, on the mask's device): ``table`` int32 (Bm, Hm, nqb, nkb) with
     0 = no pair, 1 = full, 2 + e = partial with element mask ``elems[e]``; ``elems`` bool
-    (P, block_q, block_k) or None; ``block_size`` (block_q, block_k); ``seq_lengths`` (Sq, Sk).
+    (E, block_q, block_k) or None (E <= the partial blocks: blocks may share an element mask);
+    ``block_size`` (block_q, block_k); ``seq_lengths`` (Sq, Sk).
     """
 
     def __init__(self, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
@@ -237,7 +238,9 @@ class BlockMask:
         (packed documents); ``document_ids_k`` (Sk,) for the keys (default: the same).
 
         Fast at long lengths: the layout comes from each block's first and last document (O(nqb *
-        nkb)), the element mask is evaluated only on the blocks at document ends and on the diagonal.
+        nkb)); element masks are built only for the blocks at document ends and on the diagonal, and
+        only once per distinct mask (blocks with the same row and column documents, lengths and
+        diagonal offset share one entry of ``elems``).
         """
         dq = document_ids
         dk = dq if document_ids_k is None else document_ids_k
@@ -249,26 +252,45 @@ class BlockMask:
         bq, bk = _block_size(block_size)
         Sq, Sk = dq.numel(), dk.numel()
         nqb, nkb = _cdiv(Sq, bq), _cdiv(Sk, bk)
-        q_first, q_last = dq[::bq], dq[torch.clamp(torch.arange(1, nqb + 1, device=dq.device) * bq, max=Sq) - 1]
-        k_first, k_last = dk[::bk], dk[torch.clamp(torch.arange(1, nkb + 1, device=dk.device) * bk, max=Sk) - 1]
+        dev = dq.device
+        dq, dk = dq.long(), dk.to(dev).long()
+        q_first, q_last = dq[::bq], dq[torch.clamp(torch.arange(1, nqb + 1, device=dev) * bq, max=Sq) - 1]
+        k_first, k_last = dk[::bk], dk[torch.clamp(torch.arange(1, nkb + 1, device=dev) * bk, max=Sk) - 1]
         overlap = (q_first[:, None] <= k_last[None, :]) & (k_first[None, :] <= q_last[:, None])
         one_doc = (q_first[:, None] == q_last[:, None]) & (k_first[None, :] == k_last[None, :]) & (
             q_first[:, None] == k_first[None, :])
         if causal:
-            qb = torch.arange(nqb, device=dq.device)[:, None]
-            kb = torch.arange(nkb, device=dq.device)[None, :]
+            qb = torch.arange(nqb, device=dev)[:, None]
+            kb = torch.arange(nkb, device=dev)[None, :]
             overlap = overlap & (kb * bk <= torch.clamp((qb + 1) * bq, max=Sq) - 1)
             one_doc = one_doc & ((kb + 1) * bk - 1 <= qb * bq)
-        full_layout = (overlap & one_doc)[None, None]
-        part_layout = (overlap & ~one_doc)[None, None]
-        num_f, idx_f = _bcsr(full_layout)
-        num_p, idx_p = _bcsr(part_layout)
-
-        def mask_mod(b, h, i, j):
-            same = dq[i] == dk[j]
-            return same & (j <= i) if causal else same
-
-        return cls(num_p, idx_p, num_f, idx_f, seq_lengths=(Sq, Sk), block_size=(bq, bk), mask_mod=mask_mod)
+        table = (overlap & one_doc).to(torch.int32)[None, None]  # FULL = 1
+        where = (overlap & ~one_doc).nonzero()  # (P, 2): the partial blocks
+        elems = None
+        if where.shape[0]:
+            qb, kb = where[:, 0], where[:, 1]
+            ar_q, ar_k = torch.arange(bq, device=dev), torch.arange(bk, device=dev)
+            rows = (qb[:, None] * bq + ar_q).clamp(max=Sq - 1)
+            cols = (kb[:, None] * bk + ar_k).clamp(max=Sk - 1)
+            nq, nk = (Sq - qb * bq).clamp(max=bq), (Sk - kb * bk).clamp(max=bk)
+            # j <= i  <=>  (j - kb bk) - (i - qb bq) <= qb bq - kb bk; clamped: the same mask.
+            off = (qb * bq - kb * bk).clamp(min=-bq, max=bk - 1) if causal else torch.zeros_like(qb)
+            # A block's element mask depends on its row and column documents, valid lengths and
+            # offset only: built once per distinct key.
+            keys = torch.cat([dq[rows], dk[cols], torch.stack([nq, nk, off], 1)], 1)
+            uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+            rq, rk = uniq[:, :bq], uniq[:, bq:bq + bk]
+            nq, nk, off = uniq[:, -3, None, None], uniq[:, -2, None, None], uniq[:, -1, None, None]
+            masks = rq[:, :, None] == rk[:, None, :]
+            if causal:
+                masks &= (ar_k[None, None, :] - ar_q[None, :, None]) <= off
+            inside = (ar_q[None, :, None] < nq) & (ar_k[None, None, :] < nk)
+            state, elems = _compact(masks, inside)
+            table[0, 0, qb, kb] = state[inverse]
+        out = object.__new__(cls)
+        out.block_size, out.seq_lengths = (bq, bk), (Sq, Sk)
+        out.table, out.elems = table.contiguous(), elems
+        return out
 
     @classmethod
     def from_flex(cls, flex_block_mask, *, partial_masks: Optional[torch.Tensor] = None) -> "BlockMask":
@@ -344,7 +366,9 @@ class BlockMask:
         full = ((self.table == FULL) * rows[:, None] * cols[None, :]).sum()
         part = 0
         if self.elems is not None and self.elems.shape[0]:
-            part = self.elems.sum()  # element masks are cut at Sq / Sk when built
+            # Element masks are cut at Sq / Sk when built; one may serve several blocks.
+            uses = torch.bincount((self.table[self.table >= PARTIAL0] - PARTIAL0).long(), minlength=self.elems.shape[0])
+            part = (self.elems.flatten(1).sum(1) * uses).sum()
         return int(full + part)
 
     def density(self) -> float:
