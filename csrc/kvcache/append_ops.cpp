@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "kvcache/append_cpu.h"
-#include "kvcache/cache_checks.h"
+#include "kvcache/cache_ops.h"
 #include "trous/checks_ops.h"
 #ifdef TROUS_WITH_CUDA
 #include "kvcache/cache_cuda.h"

@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "kvcache/cache_checks.h"
+#include "kvcache/cache_ops.h"
 #include "kvcache/decode_cpu.h"
 #include "trous/checks_ops.h"
 #ifdef TROUS_WITH_CUDA
