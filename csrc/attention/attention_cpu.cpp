@@ -114,6 +114,22 @@ void prefetch_row(const T* row, index_t n) {
   for (index_t off = 0; off < n * static_cast<index_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
 }
 
+// The K or V rows of keys [u0, u1) of a span towards L2 (locality 2: the tile's working set already
+// fills L1).
+void prefetch_keys(const Pattern& p, const KeySpan& sp, index_t u0, index_t u1, const float* base, index_t row,
+                   index_t D) {
+  for (index_t u = u0; u < u1; ++u) {
+    const char* r = reinterpret_cast<const char*>(base + key_index(p, sp, u) * row);
+    for (index_t off = 0; off < D * static_cast<index_t>(sizeof(float)); off += 64) __builtin_prefetch(r + off, 0, 2);
+  }
+}
+
+// A key tile a query tile visits: keys [u0, u1) of its span and the two parts of its kind.
+struct Visit {
+  index_t u0, u1;
+  TileKind kind, bkind;
+};
+
 // ---- vector helpers over the query axis (AVX2 and scalar twins) ----
 
 // mx[t] = max(mx[t], St[c * ld + t]) over the nk rows c of a block, t < n (n % 8 == 0): mx stays in
@@ -395,14 +411,25 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     const KvRows kvr = kv.rows(b, hk);
     KeySpan spans[2];
     const int nspans = key_spans(p, qt, spans);
+    thread_local std::vector<Visit> visits;
     for (int si = 0; si < nspans; ++si) {
       const KeySpan& sp = spans[si];
+      // The visited tiles first, so that the next one's K rows (and this one's V rows) are fetched
+      // while this one computes: a block layout jumps between distant key blocks, which no hardware
+      // prefetcher follows.
+      visits.clear();
       for (index_t u0 = sp.first, u1 = 0; u0 < sp.end; u0 = u1) {
         u1 = next_key_tile(p, sp, u0, Tk);
         const TileKind kind = classify(p, qt, sp, u0, u1);
         if (kind == kSkip) continue;
         const TileKind bkind = classify_blocks(p, tbl, qt, sp, u0, u1);
-        if (bkind == kSkip) continue;
+        if (bkind != kSkip) visits.push_back(Visit{u0, u1, kind, bkind});
+      }
+      for (size_t vi = 0; vi < visits.size(); ++vi) {
+        const index_t u0 = visits[vi].u0, u1 = visits[vi].u1;
+        const TileKind kind = visits[vi].kind, bkind = visits[vi].bkind;
+        if (vi + 1 < visits.size()) prefetch_keys(p, sp, visits[vi + 1].u0, visits[vi + 1].u1, kvr.k, kvr.k_row, D);
+        prefetch_keys(p, sp, u0, u1, kvr.v, kvr.v_row, D);
         const BlockKeys bk = block_keys(p, sp, u0, u1, keys);
         const index_t nk = bk.nk;
         const float *Kb, *Vb;
