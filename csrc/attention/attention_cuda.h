@@ -8,6 +8,11 @@
 // sparse_attention_cuda_supported(dtype, D) says so for the op layer; the launchers throw
 // std::invalid_argument otherwise.
 //
+// Block-sparse layouts: params.pattern.blocks (pattern.h's BlockLayout; table and elems are device
+// arrays) is AND-ed with the closed-form pattern in every kernel, per (batch, query head): tiles
+// whose blocks allow no pair are never loaded, tiles of full blocks (and a full closed-form tile)
+// run unmasked, the rest apply both element masks. The grids do not depend on the layout.
+//
 // Backward workspace: the op layer fills AttnBwdParams (everything except `workspace`), allocates
 // sparse_attention_bwd_workspace_bytes(params) bytes of device memory (256-byte aligned, e.g. a uint8
 // tensor from the caching allocator; content irrelevant) and sets params.workspace to it. The

@@ -2,8 +2,11 @@
 // nvcc and, in the tests, by g++ through tests/emu/cuda_emu.h.
 //
 // Every kernel works on the tiles of attention/pattern.h: per (query tile, key span tile) the
-// pattern says skip (never loaded), full (no element mask: only the ragged tile ends and the rows
-// that other tiles own are cut) or partial (pair_counted per element). Blocks are 4 warps; a warp
+// pattern AND the block layout (tile_kind, with the table of the (batch, query head): head_blocks)
+// say skip (never loaded), full (no element mask: only the ragged tile ends and the rows that other
+// tiles own are cut) or partial (pair_allowed per element: pair_counted and block_ok). With a block
+// layout the forward / dQ key tiles step by next_key_tile, so a tile never straddles two key blocks
+// (their sizes, multiples of 64, are multiples of every kTk). Blocks are 4 warps; a warp
 // owns 16 rows of the block's tile and runs the tensor-core products of mma_kernels.cuh:
 // - attn_fwd_kernel: one block per (query tile of 64 rows, head, batch); online softmax over the
 //   key tiles of the query tile's spans; writes out (0 for fully masked rows) and the fp32 lse
@@ -44,13 +47,19 @@ static_assert(kAttnThreads == 32 * mma::kMaxWarps, "the mma scratch is sized for
 template <typename T, int Dp>
 struct AttnTiles {
   static constexpr bool k32 = sizeof(T) == 4;
-  static constexpr int kTq = 64;                                    // forward / dQ: query rows (16 a warp)
-  static constexpr int kTk = Dp > 128 ? (k32 ? 16 : 32) : 64;       // forward / dQ: keys per step
+  static constexpr int kTq = 64;  // forward / dQ: query rows (16 a warp)
+  // forward / dQ: keys per step (fp32 at 128: 32, its 64-key step took all 255 registers)
+  static constexpr int kTk = Dp > 128 ? (k32 ? 16 : 32) : (k32 && Dp > 96 ? 32 : 64);
   static constexpr int kTkB = 64;                                   // dK/dV: keys per block (16 a warp)
   static constexpr int kTqB = k32 ? 16 : (Dp > 64 ? 32 : 64);       // dK/dV: queries per step
   static constexpr bool kSplitDkdv = Dp > 128 || (k32 && Dp > 64);  // dV, then dK (registers)
+  // Blocks per SM the forward is compiled for (ptxas caps its registers at 64K / (128 x this)): the
+  // occupancy it had before block layouts. Without it, ptxas's own choice spilled (D 32, 128).
+  static constexpr int kFwdMinBlocks = k32 ? (Dp <= 32 ? 3 : 2) : (Dp <= 32 ? 4 : Dp <= 96 ? 3 : 2);
   static constexpr int kLd = Dp + 8;  // shared row stride: 16-byte rows, no ldmatrix bank conflicts
   static_assert(Dp % 16 == 0 && kTk % 16 == 0 && kTqB % 16 == 0, "tiles are whole mma blocks");
+  // Block layouts have block sizes of multiples of 64: an aligned tile never straddles two blocks.
+  static_assert(64 % kTq == 0 && 64 % kTk == 0 && 64 % kTkB == 0 && 64 % kTqB == 0, "tiles divide 64");
 };
 
 // Which tensors allow 16-byte loads (base and strides aligned, D a multiple of the vector).
@@ -104,18 +113,19 @@ TROUS_DEVICE inline float quad_sum(float x) {
 // The counted elements of a warp's 16 x (8 NT) score tile as bits 4 n + e (accumulator tile n,
 // element e: row r = e / 2 of this lane, column n * 8 + 2 t4 + e % 2). Rows are this lane's two rows
 // (row0 / row1, -1 = none), columns the tile's column indices in shared memory (-1 = none); rows are
-// queries and columns keys, or the other way round (kRowsAreKeys). A rolled loop: pair_counted is
-// inlined once, not once per element of the unrolled tile.
+// queries and columns keys, or the other way round (kRowsAreKeys). tbl: the block layout's table of
+// the tile's (batch, query head), or nullptr. A rolled loop: pair_allowed is inlined once, not once
+// per element of the unrolled tile.
 template <int NT, bool kRowsAreKeys>
-TROUS_DEVICE inline uint32_t counted_bits(const Pattern& pat, TileKind kind, int8_t span_kind, index_t row0,
-                                          index_t row1, const index_t* cols, int t4) {
+TROUS_DEVICE inline uint32_t counted_bits(const Pattern& pat, const int32_t* tbl, TileKind kind, int8_t span_kind,
+                                          index_t row0, index_t row1, const index_t* cols, int t4) {
   static_assert(NT * 4 <= 32, "one bit per element");
   uint32_t bits = 0;
 #pragma unroll 1
   for (int x = 0; x < 4 * NT; ++x) {
     const index_t r = (x & 2) ? row1 : row0, c = cols[(x >> 2) * 8 + 2 * t4 + (x & 1)];
-    const bool ok =
-        r >= 0 && c >= 0 && (kind == kFull || pair_counted(pat, span_kind, kRowsAreKeys ? c : r, kRowsAreKeys ? r : c));
+    const bool ok = r >= 0 && c >= 0 &&
+                    (kind == kFull || pair_allowed(pat, tbl, span_kind, kRowsAreKeys ? c : r, kRowsAreKeys ? r : c));
     bits |= static_cast<uint32_t>(ok) << x;
   }
   return bits;
@@ -175,7 +185,7 @@ constexpr size_t fwd_smem_bytes() {
 }
 
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kAttnThreads)
+__global__ void __launch_bounds__(kAttnThreads, AttnTiles<T, Dp>::kFwdMinBlocks)
     attn_fwd_kernel(const TROUS_ATTN_GRID_CONSTANT AttnFwdParams p, uint32_t vec) {
   using C = AttnTiles<T, Dp>;
   constexpr int Tq = C::kTq, Tk = C::kTk, LD = C::kLd, NT = Tk / 8, ND = Dp / 8;
@@ -188,6 +198,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   const Pattern& pat = p.pattern;
   const index_t b = blockIdx.z, h = blockIdx.y, hk = h / (p.Hq / p.Hkv);
   const QueryTile qt = query_tile(pat, Tq, blockIdx.x);
+  const int32_t* tbl = head_blocks(pat, b, h);  // the block layout of (b, h), or nullptr
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, g = (tid & 31) >> 2, t4 = tid & 3;
 
   // The spans in shared memory: key_spans fills an array by a running index, which would put a
@@ -212,9 +223,9 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int si = 0; si < 2; ++si) {
     if (si >= nspans) break;
     const KeySpan sp = spans[si];
-    for (index_t u0 = sp.first; u0 < sp.end; u0 += Tk) {
-      const index_t u1 = u0 + Tk < sp.end ? u0 + Tk : sp.end;
-      const TileKind kind = classify(pat, qt, sp, u0, u1);
+    for (index_t u0 = sp.first, u1 = 0; u0 < sp.end; u0 = u1) {
+      u1 = next_key_tile(pat, sp, u0, Tk);  // block-aligned with a block layout
+      const TileKind kind = tile_kind(pat, tbl, qt, sp, u0, u1);
       if (kind == kSkip) continue;  // uniform over the block
       __syncthreads();              // the previous tile's K / V (and the Q load) are done with
       span_keys(pat, sp, u0, u1, kidx, Tk);
@@ -222,6 +233,8 @@ __global__ void __launch_bounds__(kAttnThreads)
       load_rows<T, Dp>(Ks, static_cast<const T*>(p.k), p.sk, b, hk, kidx, Tk, p.D, vec & kVecK);
       load_rows<T, Dp>(Vs, static_cast<const T*>(p.v), p.sv, b, hk, kidx, Tk, p.D, vec & kVecV);
       __syncthreads();
+      // The mask before the scores: its loop then runs with o live but not s (registers).
+      const uint32_t bits = counted_bits<NT, false>(pat, tbl, kind, sp.kind, qi[0], qi[1], kidx, t4);
 
       float s[NT][4];
 #pragma unroll
@@ -235,7 +248,6 @@ __global__ void __launch_bounds__(kAttnThreads)
         product_nk<T, Dp, NT>(s, a, Ks + kk * 16);
       }
       float mx[2] = {-INFINITY, -INFINITY};
-      const uint32_t bits = counted_bits<NT, false>(pat, kind, sp.kind, qi[0], qi[1], kidx, t4);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -331,6 +343,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   const Pattern& pat = p.pattern;
   const index_t b = blockIdx.z, h = blockIdx.y, hk = h / (p.Hq / p.Hkv);
   const QueryTile qt = query_tile(pat, Tq, blockIdx.x);
+  const int32_t* tbl = head_blocks(pat, b, h);  // the block layout of (b, h), or nullptr
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, g = (tid & 31) >> 2, t4 = tid & 3;
 
   // The spans in shared memory: key_spans fills an array by a running index, which would put a
@@ -362,9 +375,9 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int si = 0; si < 2; ++si) {
     if (si >= nspans) break;
     const KeySpan sp = spans[si];
-    for (index_t u0 = sp.first; u0 < sp.end; u0 += Tk) {
-      const index_t u1 = u0 + Tk < sp.end ? u0 + Tk : sp.end;
-      const TileKind kind = classify(pat, qt, sp, u0, u1);
+    for (index_t u0 = sp.first, u1 = 0; u0 < sp.end; u0 = u1) {
+      u1 = next_key_tile(pat, sp, u0, Tk);  // block-aligned with a block layout
+      const TileKind kind = tile_kind(pat, tbl, qt, sp, u0, u1);
       if (kind == kSkip) continue;
       __syncthreads();
       span_keys(pat, sp, u0, u1, kidx, Tk);
@@ -386,7 +399,7 @@ __global__ void __launch_bounds__(kAttnThreads)
         mma::load_a(a, dOs + warp * 16 * LD + kk * 16, LD);
         product_nk<T, Dp, NT>(dp, a, Vs + kk * 16);
       }
-      const uint32_t bits = counted_bits<NT, false>(pat, kind, sp.kind, qi[0], qi[1], kidx, t4);
+      const uint32_t bits = counted_bits<NT, false>(pat, tbl, kind, sp.kind, qi[0], qi[1], kidx, t4);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -480,9 +493,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   query_tile_range(pat, Tq, kt, &qb, &qe);
   for (index_t hh = 0; hh < group; ++hh) {
     const index_t h = hk * group + hh;
+    const int32_t* tbl = head_blocks(pat, b, h);  // the layout is per query head
     for (index_t qti = qb; qti < qe; ++qti) {
       const QueryTile qt = query_tile(pat, Tq, qti);
-      const TileKind kind = classify(pat, qt, kt, kt.first, kt.end);
+      const TileKind kind = tile_kind(pat, tbl, qt, kt, kt.first, kt.end);
       if (kind == kSkip) continue;
       __syncthreads();  // the previous step's Q / dO / rows (and the K / V loads) are done with
       tile_rows(pat, qt, qidx, Tq);
@@ -517,7 +531,7 @@ __global__ void __launch_bounds__(kAttnThreads)
           product_nk<T, Dp, NQ>(dpt, a, dOs + kk * 16);
         }
       }
-      const uint32_t bits = counted_bits<NQ, true>(pat, kind, kt.kind, kj[0], kj[1], qidx, t4);
+      const uint32_t bits = counted_bits<NQ, true>(pat, tbl, kind, kt.kind, kj[0], kj[1], qidx, t4);
 #pragma unroll
       for (int n = 0; n < NQ; ++n)
 #pragma unroll

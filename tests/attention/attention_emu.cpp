@@ -5,13 +5,18 @@
 // dilation, global tokens at both ends and all tokens global, combinations), GQA, softcap, strided
 // (fused-QKV-like) inputs, every head-dim instance and fp16 / bf16 / fp32. Forward (out, lse) and
 // backward (dq, dk, dv, bitwise repeatable) are checked against a float64 host reference written
-// here over pattern.h's element predicate `allowed`. Exit status 0 iff all pass.
+// here over pattern.h's element predicate `allowed`. Block-sparse layouts (trous.BlockMask's state
+// table: none / full / partial with an element mask, seeded) with block sizes 64 and 128, per (batch,
+// head) or broadcast, AND-ed with the patterns; their reference reads the table directly (not
+// pattern.h's block_ok), and where the layout leaves whole block rows / columns empty those Q / K / V
+// rows hold NaN: a kernel that loads a tile the layout skips would spread it. Exit status 0 iff all pass.
 #include "cuda_emu.h"
 #include "emu_check.h"
 
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -67,14 +72,85 @@ std::string describe(const Case& c) {
   return buf;
 }
 
+// A block-sparse layout for a case: the table (Bm, Hm, nqb, nkb), Bm = B or 1, Hm = Hq or 1.
+struct BlockSpec {
+  index_t bq, bk;
+  bool per_batch, per_head;  // false: that table dimension is 1 (broadcast, stride 0)
+  double p_none, p_full;     // state probabilities; the rest are partial blocks
+  bool holes;                // one block row and one block column empty in every table entry
+  uint32_t seed;
+};
+
+std::string describe(const Case& c, const BlockSpec& bs) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), " blocks(%lld,%lld)%s%s none%.2f full%.2f%s seed%u", (long long)bs.bq,
+                (long long)bs.bk, bs.per_batch ? " per-batch" : "", bs.per_head ? " per-head" : " head-bcast",
+                bs.p_none, bs.p_full, bs.holes ? " holes" : "", bs.seed);
+  return describe(c) + buf;
+}
+
+// The table and element masks of a BlockSpec (seeded), and the BlockLayout the kernels read.
+struct BlockData {
+  index_t Bm = 0, Hm = 0, nqb = 0, nkb = 0, bq = 0, bk = 0;
+  std::vector<int32_t> table;  // (Bm, Hm, nqb, nkb)
+  std::vector<uint8_t> elems;  // (P, bq, bk)
+  index_t hole_qb = -1, hole_kb = -1;
+  BlockLayout layout() const {
+    BlockLayout L;
+    L.table = table.data(), L.elems = elems.empty() ? nullptr : elems.data();
+    L.bq = bq, L.bk = bk, L.nqb = nqb, L.nkb = nkb;
+    L.stride_h = Hm > 1 ? nqb * nkb : 0;
+    L.stride_b = Bm > 1 ? Hm * nqb * nkb : 0;
+    return L;
+  }
+  // Written from the table, independently of pattern.h's block_ok.
+  bool allows(index_t b, index_t h, index_t i, index_t j) const {
+    const index_t e = ((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nqb * nkb + (i / bq) * nkb + j / bk;
+    const int32_t st = table[e];
+    if (st == 0 || st == 1) return st == 1;
+    return elems[(static_cast<size_t>(st - 2) * bq + i % bq) * bk + j % bk] != 0;
+  }
+};
+
+BlockData make_blocks(const Case& c, const BlockSpec& bs) {
+  BlockData d;
+  d.bq = bs.bq, d.bk = bs.bk;
+  d.Bm = bs.per_batch ? c.B : 1, d.Hm = bs.per_head ? c.Hq : 1;
+  d.nqb = ceil_div(c.Sq, bs.bq), d.nkb = ceil_div(c.Sk, bs.bk);
+  std::mt19937 rng(bs.seed);
+  std::uniform_real_distribution<double> u01(0.0, 1.0);
+  // Element masks: two random (density 1/2 and 1/8), one empty (a partial block allowing nothing),
+  // one all-true (partial, yet every pair allowed).
+  const int P = 4;
+  const double density[P] = {0.5, 0.125, 0.0, 1.0};
+  d.elems.resize(static_cast<size_t>(P * bs.bq * bs.bk));
+  for (int e = 0; e < P; ++e)
+    for (index_t x = 0; x < bs.bq * bs.bk; ++x) d.elems[e * bs.bq * bs.bk + x] = u01(rng) < density[e];
+  d.table.resize(static_cast<size_t>(d.Bm * d.Hm * d.nqb * d.nkb));
+  for (auto& st : d.table) {
+    const double r = u01(rng);
+    // partial: the random masks three times as often as the empty / all-true ones
+    const int e = std::uniform_int_distribution<int>(0, 7)(rng);
+    st = r < bs.p_none ? 0 : r < bs.p_none + bs.p_full ? 1 : 2 + (e < 6 ? e % 2 : e - 4);
+  }
+  if (bs.holes) {
+    d.hole_qb = d.nqb - 1, d.hole_kb = d.nkb / 2;
+    for (index_t t = 0; t < d.Bm * d.Hm; ++t) {
+      for (index_t kb = 0; kb < d.nkb; ++kb) d.table[(t * d.nqb + d.hole_qb) * d.nkb + kb] = 0;
+      for (index_t qb = 0; qb < d.nqb; ++qb) d.table[(t * d.nqb + qb) * d.nkb + d.hole_kb] = 0;
+    }
+  }
+  return d;
+}
+
 struct Tensor4 {  // (B, S, H, D) view into a buffer
   index_t off;
   BSHStrides st;
 };
 
 template <typename T>
-void run_case(const Case& c, bool twice) {
-  Check chk{std::string("attention ") + tname<T>() + " " + describe(c)};
+void run_case(const Case& c, bool twice, const BlockSpec* bs = nullptr) {
+  Check chk{std::string("attention ") + tname<T>() + " " + (bs ? describe(c, *bs) : describe(c))};
   const index_t B = c.B, Sq = c.Sq, Sk = c.Sk, Hq = c.Hq, Hkv = c.Hkv, D = c.D, grp = Hq / Hkv;
   // Global flags over key positions.
   std::vector<uint8_t> flags(static_cast<size_t>(Sk), 0);
@@ -95,6 +171,11 @@ void run_case(const Case& c, bool twice) {
   pat.global_flags = c.global == kNone ? nullptr : flags.data();
   pat.global_keys = gkeys.data(), pat.n_global_keys = c.global == kNone ? 0 : (index_t)gkeys.size();
   pat.global_rows = grows.data(), pat.n_global_rows = c.global == kNone ? 0 : (index_t)grows.size();
+  const BlockData blk = bs ? make_blocks(c, *bs) : BlockData{};
+  if (bs) pat.blocks = blk.layout();
+  auto ok_pair = [&](index_t b, index_t h, index_t i, index_t j) {
+    return allowed(pat, i, j) && (!bs || blk.allows(b, h, i, j));
+  };
 
   // Inputs: fused (one buffer, q | k | v heads interleaved per token) or three contiguous buffers.
   const index_t Hf = Hq + 2 * Hkv;
@@ -119,6 +200,18 @@ void run_case(const Case& c, bool twice) {
   }
   std::vector<T> dout;
   fill(dout, static_cast<size_t>(B * Sq * Hq * D));
+  // Rows of Q / dO and K / V in an empty block row / column of every table entry hold NaN: no tile the
+  // layout skips is loaded. (Only with consecutive tiles, dilation 1 and no global tokens: otherwise
+  // a tile mixes those rows with allowed ones, and 0 * NaN is NaN in the products.)
+  if (bs && bs->holes && c.dilation == 1 && c.global == kNone && !c.fused) {
+    const T nan = from_d<T>(NAN);
+    for (index_t b = 0; b < B; ++b) {
+      for (index_t i = blk.hole_qb * blk.bq; i < Sq; ++i)
+        for (index_t x = 0; x < Hq * D; ++x) qb[(b * Sq + i) * Hq * D + x] = dout[(b * Sq + i) * Hq * D + x] = nan;
+      for (index_t j = blk.hole_kb * blk.bk; j < std::min(Sk, (blk.hole_kb + 1) * blk.bk); ++j)
+        for (index_t x = 0; x < Hkv * D; ++x) kb[(b * Sk + j) * Hkv * D + x] = vb[(b * Sk + j) * Hkv * D + x] = nan;
+    }
+  }
   const BSHStrides so{Sq * Hq * D, Hq * D, D}, skv{Sk * Hkv * D, Hkv * D, D};
   auto at = [&](const T* base, BSHStrides st, index_t b, index_t s, index_t h, index_t d) {
     return to_d(base[b * st.b + s * st.s + h * st.h + d]);
@@ -136,7 +229,7 @@ void run_case(const Case& c, bool twice) {
         double mx = -INFINITY;
         for (index_t j = 0; j < Sk; ++j) {
           srow[j] = -INFINITY;
-          if (!allowed(pat, i, j)) continue;
+          if (!ok_pair(b, h, i, j)) continue;
           double s = 0;
           for (index_t d = 0; d < D; ++d) s += at(qp, tq.st, b, i, h, d) * at(kp, tk.st, b, j, hk, d);
           s *= scale;
@@ -172,6 +265,17 @@ void run_case(const Case& c, bool twice) {
         }
       }
     }
+
+  if (bs) {  // the layout must matter: it removes pairs of the pattern and keeps others
+    index_t kept = 0, removed = 0;
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < Hq; ++h)
+        for (index_t i = 0; i < Sq; ++i)
+          for (index_t j = 0; j < Sk; ++j)
+            if (allowed(pat, i, j)) ++(blk.allows(b, h, i, j) ? kept : removed);
+    if (kept == 0 || (removed == 0 && bs->p_full < 1.0))
+      chk.fail("weak case: the layout keeps " + std::to_string(kept) + " pairs, removes " + std::to_string(removed));
+  }
 
   // Forward.
   const T poison = from_d<T>(12345.0);
@@ -299,6 +403,91 @@ int main(int argc, char** argv) {
       if (*t == 'h') run_case<__half>(r.c, r.twice);
       if (*t == 'b') run_case<__nv_bfloat16>(r.c, r.twice);
       if (*t == 'f') run_case<float>(r.c, r.twice);
+    }
+  }
+  // Block-sparse layouts AND-ed with the patterns (fp16 everywhere; bf16 / fp32 on a selection).
+  struct BlockRow {
+    Case c;
+    BlockSpec bs;
+    const char* types;
+    bool twice;
+  };
+  //        B  Sq   Sk  Hq Hkv  D  causal  left right chunk dil global ng softcap fused
+  //        bq   bk  per-batch per-head none full holes seed
+  const BlockRow block_rows[] = {
+      // dense + a per-(batch, head) table, GQA 2 (the dK/dV kernel takes a table per query head)
+      {{2, 200, 200, 2, 1, 32, false, -1, -1, 0, 1, kNone, 0, 0.f, false},
+       {64, 64, true, true, 0.3, 0.3, true, 1},
+       "hb",
+       false},
+      // causal, Sq < Sk, query blocks of 128, one table for every head (stride 0), GQA 2
+      {{1, 150, 260, 4, 2, 32, true, -1, -1, 0, 1, kNone, 0, 0.f, false},
+       {128, 64, false, false, 0.25, 0.35, true, 2},
+       "hf",
+       false},
+      // Sq > Sk under causal (rows masked by the pattern too), key blocks of 128
+      {{1, 270, 140, 1, 1, 64, true, -1, -1, 0, 1, kNone, 0, 0.f, false},
+       {64, 128, false, true, 0.3, 0.3, true, 3},
+       "h",
+       false},
+      // window (40, 20), blocks of 128 x 128, per-batch table broadcast over the heads
+      {{2, 260, 260, 1, 1, 32, false, 40, 20, 0, 1, kNone, 0, 0.f, false},
+       {128, 128, true, false, 0.2, 0.4, false, 4},
+       "h",
+       false},
+      // chunk 96 + causal
+      {{1, 230, 230, 1, 1, 32, true, -1, -1, 96, 1, kNone, 0, 0.f, false},
+       {64, 64, false, true, 0.25, 0.25, true, 5},
+       "h",
+       false},
+      // dilation 2 + window: class tiles span several blocks (classified over their range)
+      {{1, 220, 210, 2, 1, 32, false, 30, 30, 0, 2, kNone, 0, 0.f, false},
+       {64, 64, false, true, 0.3, 0.3, false, 6},
+       "hf",
+       false},
+      // window + global tokens at both ends, causal: global rows, global keys and all-key tiles;
+      // the backward bitwise repeatable
+      {{1, 200, 200, 2, 1, 32, true, 16, 0, 0, 1, kBothEnds, 5, 0.f, false},
+       {64, 64, false, true, 0.3, 0.3, true, 7},
+       "h",
+       true},
+      // dilation 3 + chunk + global tokens at the end, Sq < Sk
+      {{1, 180, 200, 1, 1, 32, false, -1, -1, 64, 3, kEnd, 4, 0.f, false},
+       {64, 128, false, true, 0.2, 0.3, false, 8},
+       "h",
+       false},
+      // sparse layout: most blocks empty, whole query-block rows empty (fully masked rows), softcap
+      {{1, 260, 200, 2, 2, 64, false, -1, -1, 0, 1, kNone, 0, 5.f, false},
+       {64, 64, true, true, 0.75, 0.1, true, 9},
+       "hb",
+       false},
+      // every block full: the same pairs as without a layout (aligned tiles)
+      {{1, 190, 170, 1, 1, 32, false, 50, 50, 0, 1, kNone, 0, 0.f, false},
+       {64, 64, false, false, 0.0, 1.0, false, 10},
+       "h",
+       false},
+      // head dims 96 (fp32: dV then dK), 128 (fp32: key steps of 32) and 256 (fp16: key steps of 32,
+      // split dK / dV)
+      {{1, 140, 150, 2, 1, 96, true, -1, -1, 0, 1, kNone, 0, 0.f, false},
+       {64, 64, false, true, 0.3, 0.3, true, 11},
+       "hf",
+       false},
+      {{1, 140, 140, 1, 1, 128, false, -1, -1, 0, 1, kNone, 0, 0.f, false},
+       {128, 64, false, true, 0.3, 0.3, true, 14},
+       "hf",
+       false},
+      {{1, 140, 140, 1, 1, 256, false, -1, -1, 0, 1, kStart, 3, 0.f, false},
+       {64, 128, false, true, 0.3, 0.3, true, 13},
+       "h",
+       false},
+  };
+  for (const BlockRow& r : block_rows) {
+    if (!only.empty() && describe(r.c, r.bs).find(only) == std::string::npos) continue;
+    if (r.c.D > max_d) continue;
+    for (const char* t = r.types; *t && (t == r.types || !first_type_only); ++t) {
+      if (*t == 'h') run_case<__half>(r.c, r.twice, &r.bs);
+      if (*t == 'b') run_case<__nv_bfloat16>(r.c, r.twice, &r.bs);
+      if (*t == 'f') run_case<float>(r.c, r.twice, &r.bs);
     }
   }
   if (only.empty()) {  // fp32 refuses D > 128 (its fragments would spill), naming D
