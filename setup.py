@@ -190,7 +190,12 @@ def _extension(torch, with_cuda, archs):
     include_dirs = [os.path.join(ROOT, "csrc")]
     # -fopenmp: at::parallel_for is inline and runs serially unless the extension itself is built
     # with OpenMP; the libgomp.so.1 it links is the one torch has already loaded.
-    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-fno-math-errno", "-fopenmp"]
+    # TROUS_CXX_OPT: the host compiler's optimisation level (default -O3); gpu_check's CPU dry run
+    # builds with -O1 to fit its build share on a 2-core machine (it checks the stages, not speed).
+    opt = os.environ.get("TROUS_CXX_OPT", "-O3")
+    if opt not in ("-O0", "-O1", "-O2", "-O3"):
+        sys.exit(f"trous: TROUS_CXX_OPT must be -O0, -O1, -O2 or -O3, got {opt!r}")
+    cxx = [opt, "-std=c++20", "-Wall", "-Wno-unused-function", "-fno-math-errno", "-fopenmp"]
     link = ["-fopenmp"]
     macros = []
     if with_cuda:
