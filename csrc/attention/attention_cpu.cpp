@@ -108,11 +108,7 @@ struct KvSource {
 // flight at once matter for narrow bands, where loading the rows is a tenth of a tile's time).
 constexpr index_t kAhead = 8;
 
-template <typename T>
-void prefetch_row(const T* row, index_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (index_t off = 0; off < n * static_cast<index_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
-}
+using ::trous::cpu::prefetch_row;
 
 // The K or V rows of keys [u0, u1) of a span towards L2 (locality 2: the tile's working set already
 // fills L1).

@@ -91,36 +91,10 @@ uint64_t sym_codes8_scalar(const float* v, float inv) {
 }
 
 #if TROUS_HAVE_AVX2_PATH
-TROUS_AVX2 float hmin(__m256 v) {
-  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
-}
-
-TROUS_AVX2 float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 // Exponent all ones = NaN or Inf; checked on the bits so min/max's NaN handling does not matter.
 TROUS_AVX2 __m256i non_finite_mask(__m256 v) {
   const __m256i exp = _mm256_set1_epi32(0x7f800000);
   return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exp), exp);
-}
-
-TROUS_AVX2 GroupStats group_stats_avx2(const float* v, index_t n) {
-  __m256 mn = _mm256_loadu_ps(v), mx = mn, amax = _mm256_setzero_ps();
-  __m256i bad = _mm256_setzero_si256();
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  for (index_t i = 0; i < n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(v + i);
-    mn = _mm256_min_ps(mn, x);
-    mx = _mm256_max_ps(mx, x);
-    amax = _mm256_max_ps(amax, _mm256_and_ps(x, abs_mask));
-    bad = _mm256_or_si256(bad, non_finite_mask(x));
-  }
-  return {hmin(mn), hmax(mx), hmax(amax), _mm256_testz_si256(bad, bad) != 0};
 }
 
 // Same steps as asym_code: fma(x, 1/2, -zero/2), one rounded multiply by 2 / scale, clamp (NaN
@@ -211,15 +185,36 @@ TROUS_AVX2 void decode32_avx2(const uint8_t* src, int bits, bool is_signed, floa
   }
 }
 
-// KIVI: per-channel running min / max over tokens (elementwise, 8 channels at a time).
-TROUS_AVX2 void channel_minmax_avx2(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
-  for (index_t c = 0; c < D; c += 8) {
-    const __m256 x = _mm256_loadu_ps(v + c);
-    _mm256_storeu_ps(mn + c, _mm256_min_ps(_mm256_loadu_ps(mn + c), x));
-    _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), x));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bad + c));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bad + c), _mm256_or_si256(b, non_finite_mask(x)));
-  }
+// KIVI: per-channel min / max over the G tokens of a tile (row-major, G x D fp32) and bad[c] != 0
+// where channel c holds NaN / Inf. 32 channels at a time, the running values held in registers (one
+// pass over the tile instead of a load and a store of the running values per token).
+TROUS_AVX2 void channel_stats_avx2(const float* tile, index_t G, index_t D, float* mn, float* mx, uint32_t* bad) {
+  index_t c0 = 0;
+  const auto chunk = [&](auto width) TROUS_AVX2 {
+    constexpr int kV = decltype(width)::value;  // vectors of 8 channels per chunk
+    __m256 lo[kV], hi[kV];
+    __m256i nf[kV];
+    for (int k = 0; k < kV; ++k) {
+      lo[k] = hi[k] = _mm256_loadu_ps(tile + c0 + 8 * k);
+      nf[k] = _mm256_setzero_si256();
+    }
+    for (index_t t = 0; t < G; ++t) {
+      for (int k = 0; k < kV; ++k) {
+        const __m256 x = _mm256_loadu_ps(tile + t * D + c0 + 8 * k);
+        lo[k] = _mm256_min_ps(lo[k], x);
+        hi[k] = _mm256_max_ps(hi[k], x);
+        nf[k] = _mm256_or_si256(nf[k], non_finite_mask(x));
+      }
+    }
+    for (int k = 0; k < kV; ++k) {
+      _mm256_storeu_ps(mn + c0 + 8 * k, lo[k]);
+      _mm256_storeu_ps(mx + c0 + 8 * k, hi[k]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bad + c0 + 8 * k), nf[k]);
+    }
+    c0 += 8 * kV;
+  };
+  while (c0 + 32 <= D) chunk(std::integral_constant<int, 4>{});
+  while (c0 < D) chunk(std::integral_constant<int, 1>{});
 }
 
 // zero_half / inv2: per channel, as AsymParams (asym_code's steps, 8 channels at a time).
@@ -247,9 +242,9 @@ TROUS_AVX2 void channel_codes_avx2(const float* v, const float* zero_half, const
 }
 
 // float_to_fp8 of (x / s) for 8 values, in integer lanes (same steps as the scalar function).
-TROUS_AVX2 uint64_t fp8_codes8_avx2(const float* v, float s, Fp8Format f) {
+TROUS_AVX2 inline uint64_t fp8_codes8_avx2(__m256 x, __m256 s, Fp8Format f) {
   const int mb = fp8_mant_bits(f), bias = fp8_bias(f), shift = 23 - mb;
-  const __m256 y = _mm256_div_ps(_mm256_loadu_ps(v), _mm256_set1_ps(s));
+  const __m256 y = _mm256_div_ps(x, s);
   const __m256i bits = _mm256_castps_si256(y);
   const __m256i abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
   const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80));
@@ -267,9 +262,12 @@ TROUS_AVX2 uint64_t fp8_codes8_avx2(const float* v, float s, Fp8Format f) {
   return cpu::low_bytes(_mm256_or_si256(code, sign));
 }
 
-TROUS_AVX2 void fp8_row_avx2(const float* v, float s, Fp8Format f, index_t D, uint8_t* dst) {
+// One row of D values (fp32, or fp16 / bf16 converted as they are loaded).
+template <typename T>
+TROUS_AVX2 void fp8_row_avx2(const T* v, float s, Fp8Format f, index_t D, uint8_t* dst) {
+  const __m256 vs = _mm256_set1_ps(s);
   for (index_t c = 0; c < D; c += 8) {
-    const uint64_t b = fp8_codes8_avx2(v + c, s, f);
+    const uint64_t b = fp8_codes8_avx2(cpu::load8(v + c), vs, f);
     memcpy(dst + c, &b, 8);
   }
 }
@@ -351,9 +349,6 @@ struct Avx2Ops {
     if (t == ParamType::kFloat32) return static_cast<const float*>(params)[i];
     return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<const uint16_t*>(params)[i])));
   }
-  TROUS_AVX2 static GroupStats stats(const float* v, index_t n) { return group_stats_avx2(v, n); }
-  TROUS_AVX2 static uint64_t asym8(const float* v, AsymParams p, int bits) { return asym_codes8_avx2(v, p, bits); }
-  TROUS_AVX2 static uint64_t sym8(const float* v, float inv) { return sym_codes8_avx2(v, inv); }
   template <typename T>
   TROUS_AVX2 static void decode8(uint64_t b, bool is_signed, float s, float z, T* out) {
     decode8_avx2(b, is_signed, s, z, out);
@@ -450,27 +445,30 @@ TROUS_AVX2 void sym_params8(__m256 amax, unsigned bad, float limit, ParamType t,
 }
 
 // asym_code of 32 values, packed LSB-first (as store_packed8) to 32 * bits / 8 bytes at dst: the
-// same clamped t and rounding as asym_codes8_avx2, the packing done on 32 codes at once.
-TROUS_AVX2 void asym_codes32_avx2(const float* v, AsymParams p, int bits, uint8_t* dst) {
+// same t and rounding as asym_codes8_avx2. Only the upper clamp is done in float (it keeps a large t
+// from converting to INT_MIN); the lower one is the saturation of the int32 -> uint8 packing, which
+// gives the same code because rounding commutes with clamping to integers.
+TROUS_AVX2 inline __attribute__((always_inline)) void asym_codes32_avx2(const float* v, AsymParams p, int bits,
+                                                                        uint8_t* dst) {
   const __m256 zh = _mm256_set1_ps(p.zero_half), inv2 = _mm256_set1_ps(p.inv2), half = _mm256_set1_ps(0.5f);
-  const __m256 max_q = _mm256_set1_ps((float)max_code(bits)), zero = _mm256_setzero_ps();
+  const __m256 max_q = _mm256_set1_ps((float)max_code(bits));
   __m256i q[4];
   for (int k = 0; k < 4; ++k) {
     const __m256 t = _mm256_mul_ps(_mm256_fmsub_ps(_mm256_loadu_ps(v + 8 * k), half, zh), inv2);
-    q[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, zero), max_q));
+    q[k] = _mm256_cvtps_epi32(_mm256_min_ps(t, max_q));
   }
   store_packed32(q, bits, dst);
 }
 
-// sym_code of 32 values as 32 int8 bytes at dst (the steps of sym_codes8_avx2).
-TROUS_AVX2 void sym_codes32_avx2(const float* v, float inv, uint8_t* dst) {
-  const __m256 s = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+// sym_code of 32 values of a finite group as 32 int8 bytes at dst (the steps of sym_codes8_avx2):
+// |t| stays near 127 in a finite group, so both clamps are the packing's saturation to [-128, 127]
+// and one max with -127.
+TROUS_AVX2 inline __attribute__((always_inline)) void sym_codes32_avx2(const float* v, float inv, uint8_t* dst) {
+  const __m256 s = _mm256_set1_ps(inv);
   __m256i q[4];
-  for (int k = 0; k < 4; ++k) {
-    const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), s);
-    q[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bytes32(q[0], q[1], q[2], q[3], true));
+  for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), s));
+  const __m256i c = _mm256_max_epi8(bytes32(q[0], q[1], q[2], q[3], true), _mm256_set1_epi8(-127));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), c);
 }
 
 // Stores the first n (<= 8) lanes of a and, when b, interleaved pairs (a[i], b[i]) from parameter
@@ -500,18 +498,46 @@ TROUS_AVX2 void store_params8(void* params, index_t i0, const float* a, const fl
   memcpy(static_cast<uint16_t*>(params) + i0, h, count * sizeof(uint16_t));
 }
 
-// Per-token groups of n_rows rows (row i's D fp32 values at rows[i], its codes at dst[i], its groups'
-// parameters at group index row_index[i] * (D / G) + g), 8 groups at a time.
-TROUS_AVX2 void quantize_rows_avx2(const float* const* rows, const index_t* row_index, uint8_t* const* dst,
-                                   index_t n_rows, const TokenQuantArgs& a, void* params) {
-  const index_t G = a.group, ng = a.in.D / G, total = n_rows * ng;
-  const int np = a.symmetric ? 1 : 2;
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+// Statistics of one group of G values (fp32 at f, or converted from src into f on the way): lane-wise
+// min and max (asym) or max |x| (symmetric), and whether a value is NaN / Inf: fma(x, 0, acc) stays 0
+// for finite x and becomes NaN otherwise (one instruction per vector instead of a mask test).
+template <typename T, bool kSymmetric>
+TROUS_AVX2 inline void group_stats8(const T* src, float* f, index_t G, __m256& va, __m256& vb, bool& finite) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), zero = _mm256_setzero_ps();
+  __m256 mn = _mm256_setzero_ps(), mx = mn, amax = mn, nf[4] = {mn, mn, mn, mn};  // 4 chains: a quarter of the latency
+  for (index_t c = 0; c < G; c += 8) {
+    const __m256 x = cpu::load8(src + c);
+    if constexpr (!std::is_same_v<T, float>) _mm256_storeu_ps(f + c, x);
+    if constexpr (kSymmetric) {
+      amax = _mm256_max_ps(amax, _mm256_and_ps(x, abs_mask));
+    } else {
+      mn = c == 0 ? x : _mm256_min_ps(mn, x);
+      mx = c == 0 ? x : _mm256_max_ps(mx, x);
+    }
+    nf[c / 8 % 4] = _mm256_fmadd_ps(x, zero, nf[c / 8 % 4]);
+  }
+  va = kSymmetric ? amax : mn;
+  vb = mx;
+  const __m256 any = _mm256_add_ps(_mm256_add_ps(nf[0], nf[1]), _mm256_add_ps(nf[2], nf[3]));
+  finite = _mm256_movemask_ps(_mm256_cmp_ps(any, any, _CMP_UNORD_Q)) == 0;
+}
+
+// Per-token groups of n_rows rows (row i's D values at rows[i], its codes at dst[i], its groups'
+// parameters at group index row_index[i] * (D / G) + g), 8 groups at a time. Rows of fp16 / bf16 are
+// converted into `scratch` (n_rows * D floats) by the statistics pass and encoded from there. kG is
+// the group size when known at compile time (the loops over a group unroll), else 0.
+template <typename T, int kG, bool kSymmetric>
+TROUS_AVX2 void quantize_rows_avx2(const T* const* rows, const index_t* row_index, uint8_t* const* dst, index_t n_rows,
+                                   const TokenQuantArgs& a, void* params, float* scratch) {
+  const index_t G = kG > 0 ? kG : a.group, D = a.in.D, ng = D / G, total = n_rows * ng;
+  constexpr int np = kSymmetric ? 1 : 2;
   Params8 o;
+  index_t next_row = 0, next_group = 0;  // of the next chunk's first lane (counters, not divisions)
   for (index_t j0 = 0; j0 < total; j0 += 8) {
     const int m = (int)std::min<index_t>(8, total - j0);
-    const float* gp[8];
-    __m256 va[8], vb[8];  // asym: min, max; symmetric: amax
+    const float* gp[8];                  // lane i's fp32 values
+    index_t lane_row[8], lane_group[8];  // lane i holds group lane_group[i] of row lane_row[i]
+    __m256 va[8], vb[8];                 // asym: min, max; symmetric: amax
     unsigned bad = 0;
     for (int i = 0; i < 8; ++i) {
       if (i >= m) {
@@ -519,31 +545,24 @@ TROUS_AVX2 void quantize_rows_avx2(const float* const* rows, const index_t* row_
         vb[i] = vb[0];
         continue;
       }
-      const index_t j = j0 + i;
-      gp[i] = rows[j / ng] + (j % ng) * G;
-      const float* v = gp[i];
-      __m256 x = _mm256_loadu_ps(v);
-      __m256 mn = x, mx = x, amax = _mm256_and_ps(x, abs_mask);
-      __m256i nf = non_finite_mask(x);
-      for (index_t c = 8; c < G; c += 8) {
-        x = _mm256_loadu_ps(v + c);
-        if (a.symmetric) {
-          amax = _mm256_max_ps(amax, _mm256_and_ps(x, abs_mask));
-        } else {
-          mn = _mm256_min_ps(mn, x);
-          mx = _mm256_max_ps(mx, x);
-        }
-        nf = _mm256_or_si256(nf, non_finite_mask(x));
+      lane_row[i] = next_row;
+      lane_group[i] = next_group;
+      if (++next_group == ng) {
+        next_group = 0;
+        ++next_row;
       }
-      va[i] = a.symmetric ? amax : mn;
-      vb[i] = mx;
-      bad |= (unsigned)(_mm256_testz_si256(nf, nf) == 0) << i;
+      const index_t off = lane_group[i] * G;
+      float* f = std::is_same_v<T, float> ? nullptr : scratch + lane_row[i] * D + off;
+      bool finite;
+      group_stats8<T, kSymmetric>(rows[lane_row[i]] + off, f, G, va[i], vb[i], finite);
+      gp[i] = std::is_same_v<T, float> ? reinterpret_cast<const float*>(rows[lane_row[i]]) + off : f;
+      bad |= (unsigned)!finite << i;
     }
     // Group index of lane i; the lanes' parameters are contiguous when their rows are consecutive.
-    const auto group_index = [&](int i) { return row_index[(j0 + i) / ng] * ng + (j0 + i) % ng; };
+    const auto group_index = [&](int i) { return row_index[lane_row[i]] * ng + lane_group[i]; };
     const index_t p0 = group_index(0);
     bool contiguous = true;  // every row of the lanes follows the previous one
-    for (index_t i = j0 / ng + 1; i <= (j0 + m - 1) / ng; ++i)
+    for (index_t i = lane_row[0] + 1; i <= lane_row[m - 1]; ++i)
       contiguous = contiguous && row_index[i] == row_index[i - 1] + 1;
     const auto store = [&](const float* sc, const float* ze) {
       if (contiguous) return store_params8(params, np * p0, sc, ze, m, a.ptype);
@@ -552,12 +571,11 @@ TROUS_AVX2 void quantize_rows_avx2(const float* const* rows, const index_t* row_
         if (ze) Avx2Ops::store_param(params, np * group_index(i) + 1, ze[i], a.ptype);
       }
     };
-    if (a.symmetric) {
+    if constexpr (kSymmetric) {
       sym_params8(transpose_reduce8<false>(va), bad, a.limit, a.ptype, o);
       store(o.scale, nullptr);
       for (int i = 0; i < m; ++i) {
-        const index_t j = j0 + i;
-        uint8_t* d = dst[j / ng] + (j % ng) * G;
+        uint8_t* d = dst[lane_row[i]] + lane_group[i] * G;
         const bool finite = !((bad >> i) & 1u);
         index_t c = 0;
         if (finite) {
@@ -568,30 +586,49 @@ TROUS_AVX2 void quantize_rows_avx2(const float* const* rows, const index_t* row_
           memcpy(d + c, &b, 8);
         }
       }
-      continue;
-    }
-    asym_params8(transpose_reduce8<true>(va), transpose_reduce8<false>(vb), bad, a.bits, a.limit, a.ptype, o);
-    store(o.scale, o.zero);
-    for (int i = 0; i < m; ++i) {
-      const index_t j = j0 + i;
-      uint8_t* d = dst[j / ng] + (j % ng) * G * a.bits / 8;
-      const bool finite = !((bad >> i) & 1u);
-      AsymParams p;
-      p.scale = o.scale[i];
-      p.zero = o.zero[i];
-      p.inv = o.inv[i];
-      p.zero_half = o.zero_half[i];
-      p.inv2 = o.inv2[i];
-      index_t c = 0;
-      if (finite) {
-        for (; c + 32 <= G; c += 32) asym_codes32_avx2(gp[i] + c, p, a.bits, d + c / 8 * a.bits);
-      }
-      for (; c < G; c += 8) {
-        const uint64_t b = finite ? asym_codes8_avx2(gp[i] + c, p, a.bits) : 0;
-        store_packed8(d + c / 8 * a.bits, b, a.bits);
+    } else {
+      asym_params8(transpose_reduce8<true>(va), transpose_reduce8<false>(vb), bad, a.bits, a.limit, a.ptype, o);
+      store(o.scale, o.zero);
+      for (int i = 0; i < m; ++i) {
+        uint8_t* d = dst[lane_row[i]] + lane_group[i] * G * a.bits / 8;
+        const bool finite = !((bad >> i) & 1u);
+        AsymParams p;
+        p.scale = o.scale[i];
+        p.zero = o.zero[i];
+        p.inv = o.inv[i];
+        p.zero_half = o.zero_half[i];
+        p.inv2 = o.inv2[i];
+        index_t c = 0;
+        if (finite) {
+          for (; c + 32 <= G; c += 32) asym_codes32_avx2(gp[i] + c, p, a.bits, d + c / 8 * a.bits);
+        }
+        for (; c < G; c += 8) {
+          const uint64_t b = finite ? asym_codes8_avx2(gp[i] + c, p, a.bits) : 0;
+          store_packed8(d + c / 8 * a.bits, b, a.bits);
+        }
       }
     }
   }
+}
+
+// quantize_rows_avx2 with the group size and the scheme as template arguments.
+template <typename T>
+TROUS_AVX2 void quantize_rows_avx2(const T* const* rows, const index_t* row_index, uint8_t* const* dst, index_t n_rows,
+                                   const TokenQuantArgs& a, void* params, float* scratch) {
+  const auto run = [&](auto group, auto symmetric) {
+    quantize_rows_avx2<T, decltype(group)::value, decltype(symmetric)::value>(rows, row_index, dst, n_rows, a, params,
+                                                                              scratch);
+  };
+  const auto by_group = [&](auto symmetric) {
+    switch (a.group) {
+      case 32: return run(std::integral_constant<int, 32>{}, symmetric);
+      case 64: return run(std::integral_constant<int, 64>{}, symmetric);
+      case 128: return run(std::integral_constant<int, 128>{}, symmetric);
+      default: return run(std::integral_constant<int, 0>{}, symmetric);
+    }
+  };
+  if (a.symmetric) return by_group(std::true_type{});
+  by_group(std::false_type{});
 }
 #endif
 
@@ -674,23 +711,18 @@ void quantize_token_impl(const T* x, uint8_t* codes, void* params, const TokenQu
     constexpr index_t kRows = 8;
     at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
       std::vector<float> scratch(std::is_same_v<T, float> ? 0 : kRows * D);
-      const float* rows[kRows];
+      const T* rows[kRows];
       index_t index[kRows];
       uint8_t* dst[kRows];
+      RowCursor cur(r0, a.in.H, a.in.T, a.in.stride);
       for (int64_t r = r0; r < r1; r += kRows) {
         const index_t n = std::min<index_t>(kRows, r1 - r);
-        for (index_t i = 0; i < n; ++i) {
+        for (index_t i = 0; i < n; ++i, cur.next()) {
+          rows[i] = x + cur.offset;
           index[i] = r + i;
           dst[i] = codes + (r + i) * code_bytes;
-          const T* src = x + row_offset(r + i, a.in.H, a.in.T, a.in.stride);
-          if constexpr (std::is_same_v<T, float>) {
-            rows[i] = src;
-          } else {
-            cpu::to_float_row(src, scratch.data() + i * D, D);
-            rows[i] = scratch.data() + i * D;
-          }
         }
-        quantize_rows_avx2(rows, index, dst, n, a, params);
+        quantize_rows_avx2<T>(rows, index, dst, n, a, params, scratch.data());
       }
     });
     return;
@@ -699,9 +731,9 @@ void quantize_token_impl(const T* x, uint8_t* codes, void* params, const TokenQu
   auto* row_fn = &quantize_row_scalar;
   at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(D);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = row_as_float(x + row_offset(r, a.in.H, a.in.T, a.in.stride), D, scratch);
-      row_fn(row, a, params, r, codes + r * code_bytes);
+    RowCursor cur(r0, a.in.H, a.in.T, a.in.stride);
+    for (int64_t r = r0; r < r1; ++r, cur.next()) {
+      row_fn(row_as_float(x + cur.offset, D, scratch), a, params, r, codes + r * code_bytes);
     }
   });
 }
@@ -719,11 +751,17 @@ void dequantize_token_impl(const uint8_t* codes, const void* params, T* out, con
   });
 }
 
-void channel_minmax_scalar(const float* v, float* mn, float* mx, uint32_t* bad, index_t D) {
-  for (index_t c = 0; c < D; ++c) {
-    mn[c] = fminf(mn[c], v[c]);
-    mx[c] = fmaxf(mx[c], v[c]);
-    bad[c] |= !std::isfinite(v[c]);
+void channel_stats_scalar(const float* tile, index_t G, index_t D, float* mn, float* mx, uint32_t* bad) {
+  std::copy(tile, tile + D, mn);
+  std::copy(tile, tile + D, mx);
+  std::fill(bad, bad + D, 0u);
+  for (index_t t = 0; t < G; ++t) {
+    const float* v = tile + t * D;
+    for (index_t c = 0; c < D; ++c) {
+      mn[c] = fminf(mn[c], v[c]);
+      mx[c] = fmaxf(mx[c], v[c]);
+      bad[c] |= !std::isfinite(v[c]);
+    }
   }
 }
 
@@ -782,14 +820,14 @@ TROUS_AVX2 void channel_params_avx2(const float* mn, const float* mx, const uint
 
 // The channel-wise functions of the machine (AVX2 or scalar), chosen once.
 struct KeyGroupFns {
-  void (*minmax)(const float*, float*, float*, uint32_t*, index_t) = &channel_minmax_scalar;
+  void (*stats)(const float*, index_t, index_t, float*, float*, uint32_t*) = &channel_stats_scalar;
   void (*codes)(const float*, const float*, const float*, int, index_t, uint8_t*) = &channel_codes_scalar;
   void (*params)(const float*, const float*, const uint32_t*, const ChannelQuantArgs&, void*, index_t, float*,
                  float*) = &channel_params_scalar;
   KeyGroupFns() {
 #if TROUS_HAVE_AVX2_PATH
     if (has_avx2()) {
-      minmax = &channel_minmax_avx2;
+      stats = &channel_stats_avx2;
       codes = &channel_codes_avx2;
       params = &channel_params_avx2;
     }
@@ -809,10 +847,7 @@ struct KeyGroupScratch {
 void quantize_key_group(const KeyGroupFns& fn, const float* tile, const ChannelQuantArgs& a, void* params, index_t p0,
                         uint8_t* dst, KeyGroupScratch& s) {
   const index_t D = a.in.D, G = a.group, code_bytes = D * a.bits / 8;
-  std::copy(tile, tile + D, s.mn.data());
-  std::copy(tile, tile + D, s.mx.data());
-  std::fill(s.bad.begin(), s.bad.end(), 0u);
-  for (index_t t = 0; t < G; ++t) fn.minmax(tile + t * D, s.mn.data(), s.mx.data(), s.bad.data(), D);
+  fn.stats(tile, G, D, s.mn.data(), s.mx.data(), s.bad.data());
   fn.params(s.mn.data(), s.mx.data(), s.bad.data(), a, params, p0, s.zero.data(), s.inv.data());
   for (index_t t = 0; t < G; ++t) fn.codes(tile + t * D, s.zero.data(), s.inv.data(), a.bits, D, dst + t * code_bytes);
 }
@@ -824,14 +859,12 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
   const index_t code_bytes = D * a.bits / 8;
   const KeyGroupFns fn;
   at::parallel_for(0, a.in.B * a.in.H * token_groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> tile(G * D), scratch(D);
+    std::vector<float> tile(G * D);
     KeyGroupScratch s(D);
     for (int64_t task = t0; task < t1; ++task) {
       const index_t row0 = (task / token_groups) * a.in.T + (task % token_groups) * G;
-      for (index_t t = 0; t < G; ++t) {
-        const float* row = row_as_float(x + row_offset(row0 + t, a.in.H, a.in.T, a.in.stride), D, scratch);
-        std::copy(row, row + D, tile.data() + t * D);
-      }
+      RowCursor cur(row0, a.in.H, a.in.T, a.in.stride);
+      for (index_t t = 0; t < G; ++t, cur.next()) cpu::to_float_row(x + cur.offset, tile.data() + t * D, D);
       quantize_key_group(fn, tile.data(), a, params, task * D, codes + row0 * code_bytes, s);
     }
   });
@@ -899,15 +932,18 @@ void fp8_row_scalar(const float* v, float s, Fp8Format f, index_t D, uint8_t* ds
 template <typename T>
 void quantize_fp8_impl(const T* x, const float* scale, uint8_t* codes, const Fp8Args& a) {
   const index_t D = a.in.D;
-  auto* row_fn = &fp8_row_scalar;
-#if TROUS_HAVE_AVX2_PATH
-  if (has_avx2()) row_fn = &fp8_row_avx2;
-#endif
   at::parallel_for(0, a.in.rows(), grain_rows(D), [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(D);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float s = scale[a.per_head ? (r / a.in.T) % a.in.H : 0];
-      row_fn(row_as_float(x + row_offset(r, a.in.H, a.in.T, a.in.stride), D, scratch), s, a.format, D, codes + r * D);
+    RowCursor cur(r0, a.in.H, a.in.T, a.in.stride);
+    for (int64_t r = r0; r < r1; ++r, cur.next()) {
+      const float s = scale[a.per_head ? cur.h : 0];
+#if TROUS_HAVE_AVX2_PATH
+      if (has_avx2()) {
+        fp8_row_avx2(x + cur.offset, s, a.format, D, codes + r * D);
+        continue;
+      }
+#endif
+      fp8_row_scalar(row_as_float(x + cur.offset, D, scratch), s, a.format, D, codes + r * D);
     }
   });
 }
@@ -970,7 +1006,7 @@ void dequantize_fp8_impl(const uint8_t* codes, const float* scale, T* out, index
 void cpu_quantize_token_rows(const float* const* rows, const index_t* row_index, uint8_t* const* dst, index_t n,
                              const TokenQuantArgs& a, void* params) {
 #if TROUS_HAVE_AVX2_PATH
-  if (has_avx2()) return quantize_rows_avx2(rows, row_index, dst, n, a, params);
+  if (has_avx2()) return quantize_rows_avx2<float>(rows, row_index, dst, n, a, params, nullptr);
 #endif
   for (index_t i = 0; i < n; ++i) quantize_row_scalar(rows[i], a, params, row_index[i], dst[i]);
 }

@@ -37,6 +37,14 @@ struct CpuTypes {
   using bf16 = c10::BFloat16;
 };
 
+// The cache lines of the n elements at row, requested ahead of their use (rows of a few hundred
+// bytes, strided or reached after a long computation, are where the hardware prefetcher falls short).
+template <typename T>
+inline void prefetch_row(const T* row, index_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (index_t off = 0; off < n * static_cast<index_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
 // TROUS_CPU_SIMD=0 in the environment (read once, at the first kernel call) makes every kernel take
 // its scalar twin, so that the tests run those on AVX2 and AVX-512 hosts too.
 inline bool simd_allowed() {

@@ -433,8 +433,10 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     x[0, 0, 0, 1] = float("nan"); x[0, 1, 8, 2] = float("inf"); x[1, 2, 0, 7] = -float("inf")
     x[1, 0, :8, 9] = 0.5  # a constant channel group
     x[1, 1, 3, 16:32] = 1e-7  # a tiny group
+    x[0, 2, 5, 32:64] *= 1000; x[0, 2, 5, 40] = -3e4  # a wide group: codes at both ends of the range
     for q in (kv.quantize_per_token(x, 2, 32), kv.quantize_per_token(x, 4, 64), kv.quantize_per_token(x, 8, 32),
-              kv.quantize_per_token(x, 8, 16, symmetric=True), kv.quantize_per_channel(x, 2, 8),
+              kv.quantize_per_token(x, 8, 16, symmetric=True), kv.quantize_per_token(x, 8, 64, symmetric=True),
+              kv.quantize_per_channel(x, 2, 8),
               kv.quantize_per_channel(x, 4, 8), kv.quantize_per_channel(x, 8, 16), kv.quantize_fp8(x, fmt="e4m3"),
               kv.quantize_fp8(x, fmt="e5m2", per_head=True)):
         for t in (q.codes, q.params, kv.dequantize(q), kv.dequantize(q, torch.float32)):
@@ -452,6 +454,6 @@ def test_scalar_paths_are_bit_identical_to_simd():
         res = run_isolated(_SIMD_CODE.replace("{simd}", simd), timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
         outs.append(res.stdout.splitlines())
-    assert len(outs[0]) == 3 * 9 * 4
+    assert len(outs[0]) == 3 * 10 * 4
     for a, b in zip(*outs):
         assert a == b
