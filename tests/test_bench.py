@@ -220,3 +220,18 @@ def test_dcls_route_is_public():
         torch.randn(1, 4, 9, 9)) == "construct"
     auto = dcls.Dcls2d(4, 4, 3, padding=2, dilated_kernel_size=5, groups=4)
     assert auto.route(torch.randn(1, 4, 9, 9)) in ("direct", "construct")
+
+
+def test_fma_lanes():
+    """The printed FMA peak counts 512-bit FMAs at 16 lanes except where they run as two 256-bit
+    halves (AMD family 25: Zen 3 / Zen 4)."""
+    from trous.attention.bench import fma_lanes
+
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    zen5 = zen4.replace(": 25", ": 26")
+    intel = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+    assert fma_lanes("AVX512", zen4) == 8
+    assert fma_lanes("AVX512", zen5) == 16
+    assert fma_lanes("AVX512", intel) == 16
+    assert fma_lanes("AVX2", intel) == 8
+    assert fma_lanes("AVX512", "") == 16

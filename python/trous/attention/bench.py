@@ -708,13 +708,30 @@ def cases(device: str, quick: bool, shape: Optional[Sequence[int]] = None) -> Li
 # Effective FLOP/s (python -m trous.attention.bench <results.json>)
 
 
+def fma_lanes(isa: str, cpuinfo: str) -> int:
+    """fp32 lanes per FMA unit and cycle: 16 with AVX-512, 8 with AVX2, except on AMD family 25 (Zen 3
+    / Zen 4), whose AVX-512 FMAs execute as two 256-bit halves (the same peak as AVX2)."""
+    if "512" not in isa:
+        return 8
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25":
+        return 8
+    return 16
+
+
 def fma_peak_gflops(device: str = "cpu") -> Tuple[Optional[float], str]:
-    """The fp32 FMA peak of the CPU: cores x max clock x FMA lanes x 2 units x 2 FLOPs (AVX-512: 16
-    lanes, AVX2: 8), from /proc/cpuinfo and sysfs; (None, why) when the clock is unknown."""
+    """The fp32 FMA peak of the CPU: cores x max clock x FMA lanes x 2 units x 2 FLOPs (fma_lanes),
+    from /proc/cpuinfo and sysfs; (None, why) when the clock is unknown."""
     if device != "cpu":
         return None, "GPU: see the vendor's peak"
     isa = torch.backends.cpu.get_cpu_capability()
-    lanes = 16 if "512" in isa else 8
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:
+        cpuinfo = ""
+    lanes = fma_lanes(isa, cpuinfo)
     ghz = None
     try:
         with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
