@@ -141,9 +141,8 @@ TROUS_AVX2 void store_packed32(const __m256i* q, int bits, uint8_t* dst) {
     const __m256i m =
         _mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi16(0x0401)), _mm256_set1_epi32(0x00100001));
     const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(m, m), _mm256_setzero_si256());
-    const uint64_t w = (uint64_t)(uint32_t)_mm256_extract_epi32(b, 0) | (uint64_t)(uint32_t)_mm256_extract_epi32(b, 4)
-                                                                            << 32;
-    memcpy(dst, &w, 8);
+    const __m256i w = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));  // dwords 0, 4
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(w));
   }
 }
 
