@@ -184,25 +184,26 @@ TROUS_AVX2 void decode32_avx2(const uint8_t* src, int bits, bool is_signed, floa
   }
 }
 
-// KIVI: per-channel min / max over the G tokens of a tile (row-major, G x D fp32) and bad[c] != 0
-// where channel c holds NaN / Inf. 32 channels at a time, the running values held in registers (one
-// pass over the tile instead of a load and a store of the running values per token).
-TROUS_AVX2 void channel_stats_avx2(const float* tile, index_t G, index_t D, float* mn, float* mx, uint32_t* bad) {
+// KIVI: per-channel min / max over G token rows (row t at src + t * stride) and bad[c] != 0 where
+// channel c holds NaN / Inf; the rows are also written as fp32 to `tile` (G x D) unless it is null.
+// 32 channels at a time, the running values held in registers (one pass over the rows instead of a
+// load and a store of the running values per token; fp16 / bf16 converted in the same pass).
+template <typename T>
+TROUS_AVX2 void channel_stats_avx2(const T* src, index_t stride, index_t G, index_t D, float* tile, float* mn,
+                                   float* mx, uint32_t* bad) {
   index_t c0 = 0;
   const auto chunk = [&](auto width) TROUS_AVX2 {
     constexpr int kV = decltype(width)::value;  // vectors of 8 channels per chunk
     __m256 lo[kV], hi[kV];
     __m256i nf[kV];
-    for (int k = 0; k < kV; ++k) {
-      lo[k] = hi[k] = _mm256_loadu_ps(tile + c0 + 8 * k);
-      nf[k] = _mm256_setzero_si256();
-    }
     for (index_t t = 0; t < G; ++t) {
       for (int k = 0; k < kV; ++k) {
-        const __m256 x = _mm256_loadu_ps(tile + t * D + c0 + 8 * k);
-        lo[k] = _mm256_min_ps(lo[k], x);
-        hi[k] = _mm256_max_ps(hi[k], x);
-        nf[k] = _mm256_or_si256(nf[k], non_finite_mask(x));
+        const index_t c = c0 + 8 * k;
+        const __m256 x = cpu::load8(src + t * stride + c);
+        if (tile) _mm256_storeu_ps(tile + t * D + c, x);
+        lo[k] = t == 0 ? x : _mm256_min_ps(lo[k], x);
+        hi[k] = t == 0 ? x : _mm256_max_ps(hi[k], x);
+        nf[k] = t == 0 ? non_finite_mask(x) : _mm256_or_si256(nf[k], non_finite_mask(x));
       }
     }
     for (int k = 0; k < kV; ++k) {
@@ -214,6 +215,10 @@ TROUS_AVX2 void channel_stats_avx2(const float* tile, index_t G, index_t D, floa
   };
   while (c0 + 32 <= D) chunk(std::integral_constant<int, 4>{});
   while (c0 < D) chunk(std::integral_constant<int, 1>{});
+}
+
+TROUS_AVX2 void channel_stats_tile_avx2(const float* tile, index_t G, index_t D, float* mn, float* mx, uint32_t* bad) {
+  channel_stats_avx2(tile, D, G, D, nullptr, mn, mx, bad);
 }
 
 // zero_half / inv2: per channel, as AsymParams (asym_code's steps, 8 channels at a time).
@@ -826,7 +831,7 @@ struct KeyGroupFns {
   KeyGroupFns() {
 #if TROUS_HAVE_AVX2_PATH
     if (has_avx2()) {
-      stats = &channel_stats_avx2;
+      stats = &channel_stats_tile_avx2;
       codes = &channel_codes_avx2;
       params = &channel_params_avx2;
     }
@@ -843,19 +848,26 @@ struct KeyGroupScratch {
 
 // One token group of G rows (tile, row-major, fp32): channel min / max, the D parameter pairs at pair
 // index p0, then the codes of row t at dst + t * code_bytes.
-// next_rows (G pointers, or nullptr): the input rows of the next group, whose row_bytes are requested
-// one row per encoded row (reading a tile after the computation of the previous one stalls on memory;
-// spread this way the requests overlap that computation: 1.28x on fp16 KIVI-2 from DRAM).
-void quantize_key_group(const KeyGroupFns& fn, const float* tile, const ChannelQuantArgs& a, void* params, index_t p0,
-                        uint8_t* dst, KeyGroupScratch& s, const char* const* next_rows = nullptr,
-                        index_t row_bytes = 0) {
+// The parameters and codes of one token group of G rows (tile, row-major, fp32) whose channel
+// statistics are in s: the D parameter pairs at pair index p0, the codes of row t at dst + t *
+// code_bytes. next_rows (G pointers, or nullptr): the input rows of the next group, whose row_bytes
+// are requested one row per encoded row (reading a group after the computation of the previous one
+// stalls on memory; spread this way the requests overlap that computation: 1.28x on fp16 KIVI-2).
+void encode_key_group(const KeyGroupFns& fn, const float* tile, const ChannelQuantArgs& a, void* params, index_t p0,
+                      uint8_t* dst, KeyGroupScratch& s, const char* const* next_rows = nullptr, index_t row_bytes = 0) {
   const index_t D = a.in.D, G = a.group, code_bytes = D * a.bits / 8;
-  fn.stats(tile, G, D, s.mn.data(), s.mx.data(), s.bad.data());
   fn.params(s.mn.data(), s.mx.data(), s.bad.data(), a, params, p0, s.zero.data(), s.inv.data());
   for (index_t t = 0; t < G; ++t) {
     if (next_rows) cpu::prefetch_row(next_rows[t], row_bytes);
     fn.codes(tile + t * D, s.zero.data(), s.inv.data(), a.bits, D, dst + t * code_bytes);
   }
+}
+
+// One token group: channel statistics of the tile, then encode_key_group.
+void quantize_key_group(const KeyGroupFns& fn, const float* tile, const ChannelQuantArgs& a, void* params, index_t p0,
+                        uint8_t* dst, KeyGroupScratch& s) {
+  fn.stats(tile, a.group, a.in.D, s.mn.data(), s.mx.data(), s.bad.data());
+  encode_key_group(fn, tile, a, params, p0, dst, s);
 }
 
 // KIVI keys: one task = one token group of one (b, h), G rows reduced channel-wise.
@@ -871,15 +883,24 @@ void quantize_channel_impl(const T* x, uint8_t* codes, void* params, const Chann
     const auto first_row = [&](int64_t task) { return (task / token_groups) * a.in.T + (task % token_groups) * G; };
     for (int64_t task = t0; task < t1; ++task) {
       const index_t row0 = first_row(task);
-      RowCursor cur(row0, a.in.H, a.in.T, a.in.stride);
-      for (index_t t = 0; t < G; ++t, cur.next()) cpu::to_float_row(x + cur.offset, tile.data() + t * D, D);
+      // The G rows of a task are consecutive tokens of one (b, h) (T % G == 0): stride a.in.stride.t.
+      const T* first = x + row_offset(row0, a.in.H, a.in.T, a.in.stride);
+#if TROUS_HAVE_AVX2_PATH
+      if (has_avx2()) {  // statistics and the conversion to fp32 in one pass over the input rows
+        channel_stats_avx2(first, a.in.stride.t, G, D, tile.data(), s.mn.data(), s.mx.data(), s.bad.data());
+      } else
+#endif
+      {
+        for (index_t t = 0; t < G; ++t) cpu::to_float_row(first + t * a.in.stride.t, tile.data() + t * D, D);
+        fn.stats(tile.data(), G, D, s.mn.data(), s.mx.data(), s.bad.data());
+      }
       const bool ahead = task + 1 < t1;
       if (ahead) {
-        RowCursor next(first_row(task + 1), a.in.H, a.in.T, a.in.stride);
-        for (index_t t = 0; t < G; ++t, next.next()) next_rows[t] = reinterpret_cast<const char*>(x + next.offset);
+        const T* next = x + row_offset(first_row(task + 1), a.in.H, a.in.T, a.in.stride);
+        for (index_t t = 0; t < G; ++t) next_rows[t] = reinterpret_cast<const char*>(next + t * a.in.stride.t);
       }
-      quantize_key_group(fn, tile.data(), a, params, task * D, codes + row0 * code_bytes, s,
-                         ahead ? next_rows.data() : nullptr, D * (index_t)sizeof(T));
+      encode_key_group(fn, tile.data(), a, params, task * D, codes + row0 * code_bytes, s,
+                       ahead ? next_rows.data() : nullptr, D * (index_t)sizeof(T));
     }
   });
 }
