@@ -120,10 +120,18 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight_in, const at::Tens
       });
 }
 
+// fp16 / bf16 on CPU run in fp32 and are rounded once: on CPUs with AVX512-BF16 (Zen 4 here) oneDNN's
+// bf16 convolution turns one -Inf among finite inputs into NaN at three outputs, one of them finite
+// in fp32 (found by the property tests on such a machine), against "NaN / Inf reach only the outputs
+// they reach"; fp32 is also what the direct kernel accumulates in.
 at::Tensor aten_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilation) {
   const int64_t cp = weight.size(0);
   const std::vector<int64_t> padding{dilation[0] * (weight.size(2) - 1) / 2, dilation[1] * (weight.size(3) - 1) / 2};
-  return at::conv2d(x.narrow(1, 0, cp), weight, {}, 1, padding, dilation);
+  const at::Tensor xs = x.narrow(1, 0, cp);
+  if (x.is_cpu() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
+    return at::conv2d(xs.to(at::kFloat), weight.to(at::kFloat), {}, 1, padding, dilation).to(x.scalar_type());
+  }
+  return at::conv2d(xs, weight, {}, 1, padding, dilation);
 }
 
 std::string channel_partial_conv2d_route(const at::Tensor& x, const at::Tensor& weight, c10::string_view algo_name) {

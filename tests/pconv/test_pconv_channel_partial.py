@@ -118,7 +118,11 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: channel_partial_conv2d(a, b, dilation=(2, 1)), (x, w))
 
 
-def test_nan_and_inf_reach_only_their_window():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_nan_and_inf_reach_only_their_window(dtype, layout):
+    """Also in fp16 / bf16 and channels_last: oneDNN's bf16 convolution on AVX512-BF16 CPUs turns an
+    Inf into NaN at its neighbours, so the "aten" route must not hand it half-precision inputs."""
     N, C, H, W, cp = 1, 8, 9, 11, 2
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, C, H, W, generator=g)
@@ -127,6 +131,9 @@ def test_nan_and_inf_reach_only_their_window():
     x[0, 0, 0, 0] = float("inf")
     x[0, 5, 2, 3] = float("nan")  # pass-through channel
     x[0, 6, 1, 1] = float("-inf")
+    x, w = x.to(dtype), w.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     for algo in ("direct", "aten"):
         out = channel_partial_conv2d(x, w, algo=algo)
         nan = out.isnan()
@@ -140,6 +147,33 @@ def test_nan_and_inf_reach_only_their_window():
         want_inf[0, 6, 1, 1] = True
         assert torch.equal(inf & ~nan, want_inf & ~want_nan), algo
         assert out[0, 6, 1, 1] == float("-inf") and bool((out[0, :cp, 0:2, 0:2] == float("inf")).all())
+
+
+@pytest.mark.parametrize("case", ["props", "smoke"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_inf_in_a_row_kernel_matches_the_reference(dtype, case):
+    """Two counterexamples found on an AVX512-BF16 CPU (Zen 4), where oneDNN's bf16 convolution with a
+    1 x k kernel gave NaN next to an Inf or NaN input (for one -Inf: NaN at three outputs, one of them
+    finite, two +-Inf in exact arithmetic): both routes must give the reference's NaN / Inf positions."""
+    g = torch.Generator().manual_seed(7)
+    if case == "props":  # the property test's shrunk example: C = cp = 1, (1, 3) kernel
+        x = torch.randn(1, 1, 3, 5, generator=g)
+        x[0, 0, 2, 2] = float("-inf")
+        w, dilation = torch.randn(1, 1, 1, 3, generator=g) / 2, (1, 1)
+    else:  # trous.smoke's case: cp = 5 of 8, (1, 5) kernel, dilation (1, 2), channels_last
+        x = torch.randn(1, 8, 6, 33, generator=g)
+        x.view(-1)[1], x.view(-1)[-2] = float("nan"), float("inf")
+        w, dilation = torch.randn(5, 5, 1, 5, generator=g) / 5, (1, 2)
+    x, w = x.to(dtype), w.to(dtype)
+    want = ref.channel_partial_conv2d(x.double(), w.double(), dilation)
+    for layout in ("contiguous", "channels_last"):
+        xl = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        for algo in ("direct", "aten"):
+            out = channel_partial_conv2d(xl, w, dilation=dilation, algo=algo).double()
+            assert torch.equal(out.isnan(), want.isnan()), (layout, algo)
+            assert torch.equal(out.isinf(), want.isinf()) and torch.equal(out[out.isinf()], want[want.isinf()])
+            finite = want.isfinite()
+            torch.testing.assert_close(out[finite], want[finite], rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("algo", ["direct", "aten"])
