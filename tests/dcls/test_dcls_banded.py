@@ -4,6 +4,8 @@ trous.dcls.reference (fp64 autograd through the dense kernel + F.conv1d) and (2)
 package itself (skipped if it is not installed); fp64 gradcheck, opcheck, the band, the module's
 strategy choice, and argument errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -432,11 +434,13 @@ def test_cuda_opcheck_snn_shape():
 
 def test_batch_lane_decision_is_the_kernels():
     """The cost model asks the kernels' own decision: never below the batch threshold, for fp64 or for
-    stride 2; at batch 16, fp32 and stride 1 exactly when the CPU has AVX-512 (the kernels' CPUID)."""
+    stride 2; at batch 16, fp32 and stride 1 exactly when the CPU has AVX-512 (the kernels' CPUID)
+    and the SIMD paths are allowed (TROUS_CPU_SIMD=0 forces the scalar twins)."""
     x16 = torch.empty(16, 3, 5)
     assert not db.uses_batch_lanes(torch.empty(2, 3, 5), 1)
     assert not db.uses_batch_lanes(x16.double(), 1)
     assert not db.uses_batch_lanes(x16, 2)
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    simd = os.environ.get("TROUS_CPU_SIMD", "1") != "0"
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and simd
     assert db.uses_batch_lanes(x16, 1) == avx512
     assert db.uses_batch_lanes(x16.bfloat16(), 1) == avx512
