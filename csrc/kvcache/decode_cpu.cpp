@@ -1,14 +1,16 @@
 // CPU kernel of quantized_decode_attention: one task per (sequence, KV head, token split). A task
-// walks its tokens in blocks of kBlock: it dequantizes the block's K rows once into an fp32 L1
-// scratch (quantized tokens from their codes and parameters, residual tokens converted from the
-// activation dtype), computes the scores of ALL query rows of the KV head (its Hq / Hkv query heads
-// times Sq query tokens) with FMAs, updates an online softmax in base 2 per row, then dequantizes the
-// block's V rows once and accumulates P V for all rows. Each K / V element is decoded once per call
-// and used by every query head of its KV head (GQA). Splits of one (sequence, KV head) are merged
-// with their log-sum-exp.
+// walks its tokens in blocks of kBlock: it computes the scores of ALL query rows of the KV head (its
+// Hq / Hkv query heads times Sq query tokens) against the block's K rows, updates an online softmax
+// in base 2 per row, then accumulates P V for all rows. Each K / V element is decoded once per call
+// (once per slab of 4 rows in the fused kernels) and used by every query head of its KV head (GQA).
+// Splits of one (sequence, KV head) are merged with their log-sum-exp.
 //
-// Every block-level step has an AVX2+FMA+F16C version and a scalar twin (TROUS_CPU_SIMD=0, or a
-// CPU without AVX2); both compute the same math in fp32 (the exponential differs by an ulp or so).
+// Up to 4 (K) / 8 (V) rows with per-token groups or KIVI keys, the AVX2 kernels decode the codes in
+// registers: K dequantized just before its FMAs (qk_fused_avx2), V not dequantized at all, its
+// scales folded into P and its zeros added per group (pv_fused_avx2). Other formats and larger row
+// counts dequantize the block into an fp32 L1 scratch first (residual tokens: converted from the
+// activation dtype). Every block-level step has a scalar twin (TROUS_CPU_SIMD=0, or a CPU without
+// AVX2); both compute the same math in fp32 (rounding order and the exponential differ by ulps).
 #include "kvcache/decode_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -221,7 +223,7 @@ TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst
   const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
-    const Src& s = src[j];
+    const Src s = src[j];  // a copy: the stores to out cannot alias it
     if (s.codes == nullptr) {
       resid_into(q, s.resid, out);
       continue;
@@ -230,7 +232,7 @@ TROUS_AVX2 void dequant_asym_avx2(Deq& q, const Src* src, index_t nb, float* dst
       const __m256 sc = _mm256_set1_ps(load_param_avx2(s.params, 2 * g, q.ptype));
       const __m256 z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
       for (index_t d = g * G; d < (g + 1) * G; d += 8) {
-        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(codes8<kBits>(s.codes + d * kBits / 8), sc, z));
+        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(codes8<kBits>(s.codes + (d * kBits >> 3)), sc, z));
       }
     }
   }
@@ -240,7 +242,7 @@ TROUS_AVX2 void dequant_sym_avx2(Deq& q, const Src* src, index_t nb, float* dst)
   const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
-    const Src& s = src[j];
+    const Src s = src[j];
     if (s.codes == nullptr) {
       resid_into(q, s.resid, out);
       continue;
@@ -260,14 +262,14 @@ TROUS_AVX2 void dequant_kivi_avx2(Deq& q, const Src* src, index_t nb, float* dst
   const index_t D = q.D;
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
-    const Src& s = src[j];
+    const Src s = src[j];
     if (s.codes == nullptr) {
       resid_into(q, s.resid, out);
       continue;
     }
     kivi_prepare(q, s.params);
     for (index_t d = 0; d < D; d += 8) {
-      const __m256 c = codes8<kBits>(s.codes + d * kBits / 8);
+      const __m256 c = codes8<kBits>(s.codes + (d * kBits >> 3));
       _mm256_storeu_ps(out + d, _mm256_fmadd_ps(c, _mm256_loadu_ps(q.kS + d), _mm256_loadu_ps(q.kZ + d)));
     }
   }
@@ -292,7 +294,7 @@ TROUS_AVX2 void dequant_asym_perm_avx2(Deq& q, const Src* src, index_t nb, float
   const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
-    const Src& s = src[j];
+    const Src s = src[j];
     if (s.codes == nullptr) {
       resid_into(q, s.resid, out);
       continue;
@@ -302,7 +304,7 @@ TROUS_AVX2 void dequant_asym_perm_avx2(Deq& q, const Src* src, index_t nb, float
       const __m256 z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
       for (index_t d = g * G; d < (g + 1) * G; d += C) {
         __m256 v[per];
-        codes_perm<kBits>(s.codes + d * kBits / 8, v);
+        codes_perm<kBits>(s.codes + (d * kBits >> 3), v);
         for (int i = 0; i < per; ++i) _mm256_storeu_ps(out + d + 8 * i, _mm256_fmadd_ps(v[i], sc, z));
       }
     }
@@ -315,7 +317,7 @@ TROUS_AVX2 void dequant_kivi_perm_avx2(Deq& q, const Src* src, index_t nb, float
   const index_t D = q.D;
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
-    const Src& s = src[j];
+    const Src s = src[j];
     if (s.codes == nullptr) {
       resid_into(q, s.resid, out);
       continue;
@@ -323,7 +325,7 @@ TROUS_AVX2 void dequant_kivi_perm_avx2(Deq& q, const Src* src, index_t nb, float
     kivi_prepare(q, s.params);
     for (index_t d = 0; d < D; d += C) {
       __m256 v[per];
-      codes_perm<kBits>(s.codes + d * kBits / 8, v);
+      codes_perm<kBits>(s.codes + (d * kBits >> 3), v);
       for (int i = 0; i < per; ++i) {
         const index_t o = d + 8 * i;
         _mm256_storeu_ps(out + o, _mm256_fmadd_ps(v[i], _mm256_loadu_ps(q.kS + o), _mm256_loadu_ps(q.kZ + o)));
@@ -340,7 +342,7 @@ TROUS_AVX2 void dequant_fp8_avx2(Deq& q, const Src* src, index_t nb, float* dst)
   const __m256 pow8 = _mm256_set1_ps(256.f);
   for (index_t j = 0; j < nb; ++j) {
     float* out = dst + j * D;
-    const Src& s = src[j];
+    const Src s = src[j];
     if (s.codes == nullptr) {
       resid_into(q, s.resid, out);
       continue;
@@ -519,66 +521,210 @@ TROUS_AVX2 void pv_avx2(float* O, const float* alpha, const float* P, index_t M,
   }
 }
 
+// The codes of NT tokens for the 8 * per channels from d, as per fp32 vectors each.
+template <int kBits, int NT>
+TROUS_AVX2 inline void codes_tokens(const Src* s, index_t d, __m256 (*v)[kBits == 8 ? 1 : 8 / kBits]) {
+  for (int t = 0; t < NT; ++t) {
+    if constexpr (kBits == 8) {
+      v[t][0] = codes8<8>(s[t].codes + d);
+    } else {
+      codes_perm<kBits>(s[t].codes + (d * kBits >> 3), v[t]);
+    }
+  }
+}
+
+// acc[t][r] += Q[r] . K[t] for NT quantized tokens s[0, NT) (KIVI: of one token group, already
+// prepared) and R query rows. Several tokens at once keep NT * R independent FMA chains in flight:
+// with R = 4 and one token, the chains' 4-cycle latency, not the FMA ports, bounded the loop.
+template <int kBits, bool kKivi, int R, int NT>
+TROUS_AVX2 inline void qk_quantized_tokens(const Deq& q, const Src* s, const float* Q, __m256 (*acc)[R]) {
+  constexpr int per = kBits == 8 ? 1 : 8 / kBits, C = 8 * per;
+  const index_t D = q.D, G = q.G;
+  for (index_t g = 0; g < D / G; ++g) {
+    __m256 sc[NT], z[NT];
+    if constexpr (!kKivi) {
+      for (int t = 0; t < NT; ++t) {
+        sc[t] = _mm256_set1_ps(load_param_avx2(s[t].params, 2 * g, q.ptype));
+        z[t] = _mm256_set1_ps(load_param_avx2(s[t].params, 2 * g + 1, q.ptype));
+      }
+    }
+    for (index_t d = g * G; d < (g + 1) * G; d += C) {
+      __m256 v[NT][per];
+      codes_tokens<kBits, NT>(s, d, v);
+      for (int i = 0; i < per; ++i) {
+        const index_t o = d + 8 * i;
+        __m256 k[NT];
+        if constexpr (kKivi) {
+          const __m256 ks = _mm256_loadu_ps(q.kS + o), kz = _mm256_loadu_ps(q.kZ + o);
+          for (int t = 0; t < NT; ++t) k[t] = _mm256_fmadd_ps(v[t][i], ks, kz);
+        } else {
+          for (int t = 0; t < NT; ++t) k[t] = _mm256_fmadd_ps(v[t][i], sc[t], z[t]);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256 x = _mm256_loadu_ps(Q + r * D + o);
+          for (int t = 0; t < NT; ++t) acc[t][r] = _mm256_fmadd_ps(x, k[t], acc[t][r]);
+        }
+      }
+    }
+  }
+}
+
+template <int R>
+TROUS_AVX2 inline void store_scores(const __m256* acc, float* S, index_t j) {
+  if constexpr (R == 4) {
+    alignas(16) float h4[4];
+    _mm_store_ps(h4, hsum4(acc[0], acc[1], acc[2], acc[3]));
+    for (int r = 0; r < 4; ++r) S[r * kBlock + j] = h4[r];
+  } else {
+    for (int r = 0; r < R; ++r) S[r * kBlock + j] = hsum8(acc[r]);
+  }
+}
+
 // Scores of R <= 4 query rows with the K rows dequantized in registers (no scratch): each 8-channel
 // vector of a token is decoded once and used by the R rows. Per-token groups (kKivi = false) or KIVI
-// per-channel parameters; 8-bit codes in channel order, 4- / 2-bit ones in perm_pos order.
+// per-channel parameters (q.G = D: one "group" of channels); 8-bit codes in channel order, 4- / 2-bit
+// ones in perm_pos order. Quantized tokens go in pairs (of one KIVI token group).
 template <int kBits, bool kKivi, int R>
 TROUS_AVX2 void qk_fused_avx2(Deq& q, const Src* src, index_t nb, const float* Q, float* S) {
-  constexpr int per = kBits == 8 ? 1 : 8 / kBits, C = 8 * per;
-  const index_t D = q.D, G = q.G, ng = G > 0 ? D / G : 0;  // fp8: no groups
-  for (index_t j = 0; j < nb; ++j) {
+  const index_t D = q.D;
+  Deq g = q;
+  if constexpr (kKivi) g.G = D;
+  for (index_t j = 0; j < nb;) {
     const Src& s = src[j];
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     if (s.codes == nullptr) {
+      __m256 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
       resid_into(q, s.resid, q.row);
       for (index_t d = 0; d < D; d += 8) {
         const __m256 k = _mm256_loadu_ps(q.row + d);
         for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + d), k, acc[r]);
       }
-    } else if constexpr (kKivi) {
-      kivi_prepare(q, s.params);
-      for (index_t d = 0; d < D; d += C) {
-        __m256 v[per];
-        if constexpr (per == 1) {
-          v[0] = codes8<8>(s.codes + d);
-        } else {
-          codes_perm<kBits>(s.codes + d * kBits / 8, v);
-        }
-        for (int i = 0; i < per; ++i) {
-          const index_t o = d + 8 * i;
-          const __m256 k = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(q.kS + o), _mm256_loadu_ps(q.kZ + o));
-          for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + o), k, acc[r]);
-        }
-      }
-    } else {
-      for (index_t g = 0; g < ng; ++g) {
-        const __m256 sc = _mm256_set1_ps(load_param_avx2(s.params, 2 * g, q.ptype));
-        const __m256 z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
-        for (index_t d = g * G; d < (g + 1) * G; d += C) {
-          __m256 v[per];
-          if constexpr (per == 1) {
-            v[0] = codes8<8>(s.codes + d);
-          } else {
-            codes_perm<kBits>(s.codes + d * kBits / 8, v);
-          }
-          for (int i = 0; i < per; ++i) {
-            const index_t o = d + 8 * i;
-            const __m256 k = _mm256_fmadd_ps(v[i], sc, z);
-            for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + o), k, acc[r]);
-          }
-        }
-      }
+      store_scores<R>(acc, S, j);
+      ++j;
+      continue;
     }
-    if constexpr (R == 4) {
-      alignas(16) float h4[4];
-      _mm_store_ps(h4, hsum4(acc[0], acc[1], acc[2], acc[3]));
-      for (int r = 0; r < 4; ++r) S[r * kBlock + j] = h4[r];
+    if constexpr (kKivi) {
+      kivi_prepare(q, s.params);
+      g.kS = q.kS;
+      g.kZ = q.kZ;
+    }
+    const bool pair = j + 1 < nb && src[j + 1].codes != nullptr && (!kKivi || src[j + 1].params == s.params);
+    __m256 acc[2][R];
+    for (int t = 0; t < 2; ++t)
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+    if (pair) {
+      qk_quantized_tokens<kBits, kKivi, R, 2>(g, src + j, Q, acc);
+      store_scores<R>(acc[0], S, j);
+      store_scores<R>(acc[1], S, j + 1);
+      j += 2;
     } else {
-      for (int r = 0; r < R; ++r) S[r * kBlock + j] = hsum8(acc[r]);
+      qk_quantized_tokens<kBits, kKivi, R, 1>(g, src + j, Q, acc);
+      store_scores<R>(acc[0], S, j);
+      ++j;
     }
   }
 }
+// 16 channels of a quantized row from channel d (d % 16 == 0), as two fp32 vectors of codes in the
+// rows' channel order: 8-bit codes in channel order, 4- / 2-bit codes in perm_pos order (the 16
+// positions from d of the chunk of 8 * per channels that d falls in).
+template <int kBits>
+TROUS_AVX2 inline void codes16(const uint8_t* codes, index_t d, __m256& v0, __m256& v1) {
+  if constexpr (kBits == 8) {
+    v0 = codes8<8>(codes + d);
+    v1 = codes8<8>(codes + d + 8);
+  } else {
+    constexpr index_t C = 8 * (8 / kBits);  // channels per 8 code bytes
+    const __m256i x =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (d - d % C) * kBits / 8)));
+    const __m256i mask = _mm256_set1_epi32((1 << kBits) - 1);
+    const __m128i s0 = _mm_cvtsi32_si128((int)(d % C / 8 * kBits));  // positions i * 8 + l: shift i * kBits
+    const __m128i s1 = _mm_cvtsi32_si128((int)(d % C / 8 * kBits + kBits));
+    v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, s0), mask));
+    v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, s1), mask));
+  }
+}
+
+// For the NG groups from g0 and every token t < nq: ps[g][t][0, 4) = pt[t] * scale[t][g], and
+// zs[g][0, 4) = sum_t pt[t] * zero[t][g] (in registers: NG independent chains).
+template <int NG>
+TROUS_AVX2 inline void group_factors_avx2(const Deq& q, const Src* src, index_t nq, const float* pt, index_t g0,
+                                          float* ps, float* zs) {
+  __m128 za[NG];
+  for (int i = 0; i < NG; ++i) za[i] = _mm_setzero_ps();
+  for (index_t t = 0; t < nq; ++t) {
+    const __m128 p4 = _mm_load_ps(pt + t * 4);
+    const void* prm = src[t].params;
+    for (int i = 0; i < NG; ++i) {
+      const index_t g = g0 + i;
+      const __m128 sc = _mm_set1_ps(load_param_avx2(prm, 2 * g, q.ptype));
+      const __m128 z = _mm_set1_ps(load_param_avx2(prm, 2 * g + 1, q.ptype));
+      _mm_storeu_ps(ps + (g * kBlock + t) * 4, _mm_mul_ps(p4, sc));  // [ng][kBlock][4]
+      za[i] = _mm_fmadd_ps(p4, z, za[i]);
+    }
+  }
+  for (int i = 0; i < NG; ++i) _mm_storeu_ps(zs + 4 * (g0 + i), za[i]);
+}
+
+// O[r] = O[r] * alpha[r] + sum_t P[r][t] V[t] for R <= 4 rows over nq quantized tokens with
+// per-token (scale, zero) groups, V never dequantized: P[r][t] * scale[t][g] multiplies the raw codes
+// and the zeros add sum_t P[r][t] zero[t][g] to the group's channels once per block. That leaves the
+// FMAs of P V and the code conversion per element (no dequantize FMA, no scratch store and reload).
+// ps: scratch of (D / G) * kBlock * 4 + 4 * (D / G) floats.
+template <int kBits, int R>
+TROUS_AVX2 void pv_fused_rows_avx2(const Deq& q, const Src* src, index_t nq, const float* P, const float* alpha,
+                                   float* O, float* ps) {
+  const index_t D = q.D, G = q.G, ng = D / G;
+  float* zs = ps + ng * kBlock * 4;  // [ng][4]
+  // Each token's R row probabilities as one 4-lane vector (rows >= R zero).
+  alignas(16) float pt[kBlock * 4];
+  for (index_t t = 0; t < nq; ++t) {
+    for (int r = 0; r < 4; ++r) pt[t * 4 + r] = r < R ? P[r * kBlock + t] : 0.f;
+  }
+  index_t g = 0;
+  for (; g + 4 <= ng; g += 4) group_factors_avx2<4>(q, src, nq, pt, g, ps, zs);
+  for (; g + 2 <= ng; g += 2) group_factors_avx2<2>(q, src, nq, pt, g, ps, zs);
+  for (; g < ng; ++g) group_factors_avx2<1>(q, src, nq, pt, g, ps, zs);
+  for (index_t g = 0; g < ng; ++g) {
+    const float* pg = ps + g * kBlock * 4;
+    for (index_t d = g * G; d < (g + 1) * G; d += 16) {
+      __m256 acc[R][2];
+      for (int r = 0; r < R; ++r) {
+        const __m256 a = _mm256_set1_ps(alpha[r]);
+        acc[r][0] = _mm256_mul_ps(_mm256_loadu_ps(O + r * D + d), a);
+        acc[r][1] = _mm256_mul_ps(_mm256_loadu_ps(O + r * D + d + 8), a);
+      }
+      for (index_t t = 0; t < nq; ++t) {
+        __m256 v0, v1;
+        codes16<kBits>(src[t].codes, d, v0, v1);
+        for (int r = 0; r < R; ++r) {
+          const __m256 b = _mm256_broadcast_ss(pg + t * 4 + r);
+          acc[r][0] = _mm256_fmadd_ps(b, v0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(b, v1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 z = _mm256_set1_ps(zs[4 * g + r]);
+        _mm256_storeu_ps(O + r * D + d, _mm256_add_ps(acc[r][0], z));
+        _mm256_storeu_ps(O + r * D + d + 8, _mm256_add_ps(acc[r][1], z));
+      }
+    }
+  }
+}
+
+template <int kBits>
+TROUS_AVX2 void pv_fused_avx2(const Deq& q, const Src* src, index_t nq, const float* P, const float* alpha, index_t M,
+                              float* O, float* ps) {
+  const index_t D = q.D;
+  index_t m = 0;
+  for (; m + 4 <= M; m += 4) pv_fused_rows_avx2<kBits, 4>(q, src, nq, P + m * kBlock, alpha + m, O + m * D, ps);
+  switch (M - m) {
+    case 3: pv_fused_rows_avx2<kBits, 3>(q, src, nq, P + m * kBlock, alpha + m, O + m * D, ps); break;
+    case 2: pv_fused_rows_avx2<kBits, 2>(q, src, nq, P + m * kBlock, alpha + m, O + m * D, ps); break;
+    case 1: pv_fused_rows_avx2<kBits, 1>(q, src, nq, P + m * kBlock, alpha + m, O + m * D, ps); break;
+    default: break;
+  }
+}
+
 #endif  // TROUS_HAVE_AVX2_PATH
 
 using FusedQkFn = void (*)(Deq&, const Src*, index_t, const float*, float*);
@@ -609,6 +755,23 @@ FusedQkFn pick_fused_qk(const Deq& q, index_t M, bool avx2) {
     case 4: return kivi ? pick_fused_rows<4, true>(M) : pick_fused_rows<4, false>(M);
     default: return kivi ? pick_fused_rows<2, true>(M) : pick_fused_rows<2, false>(M);
   }
+}
+
+using FusedPvFn = void (*)(const Deq&, const Src*, index_t, const float*, const float*, index_t, float*, float*);
+
+// P V straight from per-token-group V codes (AVX2) for up to 8 rows (two passes of 4 over the codes;
+// beyond that the scratch path, which decodes once for all rows, costs less); nullptr: scratch path.
+FusedPvFn pick_fused_pv(const Deq& q, index_t M, bool avx2) {
+#if TROUS_HAVE_AVX2_PATH
+  if (!avx2 || M > 8 || q.kind != Kind::kAsym || q.G % 16 != 0) return nullptr;
+  if (q.bits < 8 && q.per == 1) return nullptr;  // 4- / 2-bit codes only in the unpacked order
+  return q.bits == 8 ? &pv_fused_avx2<8> : q.bits == 4 ? &pv_fused_avx2<4> : &pv_fused_avx2<2>;
+#else
+  (void)q;
+  (void)M;
+  (void)avx2;
+  return nullptr;
+#endif
 }
 
 using DequantFn = void (*)(Deq&, const Src*, index_t, float*);
@@ -687,7 +850,8 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, int per, inde
   const float qscale = p.scale * (capped ? 1.f : kLog2e);
 
   // L1 scratch: Q rows, K / V blocks, scores, KIVI key parameters.
-  std::vector<float> buf(M * D + 2 * kBlock * D + M * kBlock + M + 3 * D, 0.f);
+  const index_t ng = f.group > 0 ? D / f.group : 0;
+  std::vector<float> buf(M * D + 2 * kBlock * D + M * kBlock + 2 * M + 3 * D + ng * (4 * kBlock + 4), 0.f);
   float* Q = buf.data();
   float* Kb = Q + M * D;
   float* Vb = Kb + kBlock * D;
@@ -696,6 +860,9 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, int per, inde
   float* kS = alpha + M;
   float* kZ = kS + D;
   float* tmp = kZ + D;
+  float* ones = tmp + D;         // alpha of a second P V pass in the same block
+  float* pv_scratch = ones + M;  // pv_fused_avx2's row factors
+  std::fill(ones, ones + M, 1.f);
   load_q_rows<T>(p, b, h, ngroup, qscale, per, tmp, Q);
   for (index_t m = 0; m < M; ++m) {
     to.mx[m] = kNegInf;
@@ -741,6 +908,7 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, int per, inde
   dk.row = Kb;
   const DequantFn deq_k = pick_dequant(dk, avx2), deq_v = pick_dequant(dv, avx2);
   const FusedQkFn fused_qk = pick_fused_qk(dk, M, avx2);
+  const FusedPvFn fused_pv = pick_fused_pv(dv, M, avx2);
 
   const index_t ps = c.map.page_size, G = f.group;
   // Sources of a block's tokens: rows are consecutive within a page (cache.h), so token_row /
@@ -831,8 +999,18 @@ void run_task(const DecodeParams& p, const Kernels& kn, bool avx2, int per, inde
       to.mx[m] = r.max;
     }
     if (!any) continue;
-    deq_v(dv, vs, nb, Vb);
-    kn.pv(to.O, alpha, S, M, Vb, nb, D);
+    // A block's quantized tokens come before its residual ones (positions < qlen).
+    const index_t nq = fused_pv != nullptr ? std::clamp<index_t>(qlen - t0, 0, nb) : 0;
+    if (nq > 0) {
+      fused_pv(dv, vs, nq, S, alpha, M, to.O, pv_scratch);
+      if (nq < nb) {
+        deq_v(dv, vs + nq, nb - nq, Vb);
+        kn.pv(to.O, ones, S + nq, M, Vb, nb - nq, D);
+      }
+    } else {
+      deq_v(dv, vs, nb, Vb);
+      kn.pv(to.O, alpha, S, M, Vb, nb, D);
+    }
   }
 }
 

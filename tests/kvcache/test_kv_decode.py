@@ -216,6 +216,18 @@ def test_residual_states(scheme, bits, G, residual_state):
     check_decode(_q(2, 8, 1, 64, torch.float32), c)
 
 
+@pytest.mark.parametrize("scheme,bits,G,D", [("per_token", 4, 32, 64), ("per_token", 8, 64, 128),
+                                               ("per_token", 2, 32, 96), ("kivi", 4, 32, 64)])
+@pytest.mark.parametrize("gqa,Sq", [(2, 1), (3, 1), (1, 5), (2, 3), (7, 1), (4, 2)])
+def test_row_counts(scheme, bits, G, D, gqa, Sq):
+    # M = gqa * Sq rows per KV head: the fused kernels take them in slabs of <= 4 (every slab size, two
+    # slabs up to 8); blocks whose tokens end in the residual, and fp16 activations (fp16 parameters).
+    dtype = torch.float16 if gqa % 2 else torch.float32
+    residual = 2 * G if scheme == "kivi" else 7
+    c, _, _ = build_cache(scheme, bits, G, residual, dtype, [70, 45], 2, D, seed=gqa * 10 + Sq)
+    check_decode(_q(2, 2 * gqa, Sq, D, dtype, seed=Sq), c)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sq_causal_softcap(dtype):
     # Sq = 3 new tokens per sequence, causal among them; a sequence shorter than Sq has masked queries
