@@ -521,51 +521,24 @@ TROUS_AVX2 void pv_avx2(float* O, const float* alpha, const float* P, index_t M,
   }
 }
 
-// The codes of NT tokens for the 8 * per channels from d, as per fp32 vectors each.
-template <int kBits, int NT>
-TROUS_AVX2 inline void codes_tokens(const Src* s, index_t d, __m256 (*v)[kBits == 8 ? 1 : 8 / kBits]) {
-  for (int t = 0; t < NT; ++t) {
-    if constexpr (kBits == 8) {
-      v[t][0] = codes8<8>(s[t].codes + d);
-    } else {
-      codes_perm<kBits>(s[t].codes + (d * kBits >> 3), v[t]);
-    }
-  }
-}
-
-// acc[t][r] += Q[r] . K[t] for NT quantized tokens s[0, NT) (KIVI: of one token group, already
-// prepared) and R query rows. Several tokens at once keep NT * R independent FMA chains in flight:
-// with R = 4 and one token, the chains' 4-cycle latency, not the FMA ports, bounded the loop.
-template <int kBits, bool kKivi, int R, int NT>
-TROUS_AVX2 inline void qk_quantized_tokens(const Deq& q, const Src* s, const float* Q, __m256 (*acc)[R]) {
-  constexpr int per = kBits == 8 ? 1 : 8 / kBits, C = 8 * per;
-  const index_t D = q.D, G = q.G;
-  for (index_t g = 0; g < D / G; ++g) {
-    __m256 sc[NT], z[NT];
-    if constexpr (!kKivi) {
-      for (int t = 0; t < NT; ++t) {
-        sc[t] = _mm256_set1_ps(load_param_avx2(s[t].params, 2 * g, q.ptype));
-        z[t] = _mm256_set1_ps(load_param_avx2(s[t].params, 2 * g + 1, q.ptype));
-      }
-    }
-    for (index_t d = g * G; d < (g + 1) * G; d += C) {
-      __m256 v[NT][per];
-      codes_tokens<kBits, NT>(s, d, v);
-      for (int i = 0; i < per; ++i) {
-        const index_t o = d + 8 * i;
-        __m256 k[NT];
-        if constexpr (kKivi) {
-          const __m256 ks = _mm256_loadu_ps(q.kS + o), kz = _mm256_loadu_ps(q.kZ + o);
-          for (int t = 0; t < NT; ++t) k[t] = _mm256_fmadd_ps(v[t][i], ks, kz);
-        } else {
-          for (int t = 0; t < NT; ++t) k[t] = _mm256_fmadd_ps(v[t][i], sc[t], z[t]);
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m256 x = _mm256_loadu_ps(Q + r * D + o);
-          for (int t = 0; t < NT; ++t) acc[t][r] = _mm256_fmadd_ps(x, k[t], acc[t][r]);
-        }
-      }
-    }
+// 16 channels of a quantized row from channel d (d % 16 == 0), as two fp32 vectors of codes in the
+// rows' channel order: 8-bit codes in channel order, 4- / 2-bit codes in perm_pos order (the 16
+// positions from d of the chunk of 8 * per channels that d falls in).
+template <int kBits>
+TROUS_AVX2 inline void codes16(const uint8_t* codes, index_t d, __m256& v0, __m256& v1) {
+  if constexpr (kBits == 8) {
+    v0 = codes8<8>(codes + d);
+    v1 = codes8<8>(codes + d + 8);
+  } else if constexpr (kBits == 4) {  // one chunk of 16: low nibbles, then high nibbles
+    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (d >> 1))));
+    v0 = _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(15)));
+    v1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 4));
+  } else {  // chunks of 32: positions i * 8 + l hold the codes at bit 2 i of byte l
+    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + ((d >> 5) << 3))));
+    const __m256i mask = _mm256_set1_epi32(3);
+    const int sh = (int)(d & 16) >> 2;
+    v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(sh)), mask));
+    v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(sh + 2)), mask));
   }
 }
 
@@ -582,65 +555,49 @@ TROUS_AVX2 inline void store_scores(const __m256* acc, float* S, index_t j) {
 
 // Scores of R <= 4 query rows with the K rows dequantized in registers (no scratch): each 8-channel
 // vector of a token is decoded once and used by the R rows. Per-token groups (kKivi = false) or KIVI
-// per-channel parameters (q.G = D: one "group" of channels); 8-bit codes in channel order, 4- / 2-bit
-// ones in perm_pos order. Quantized tokens go in pairs (of one KIVI token group).
+// per-channel parameters; 16 channels at a time (codes16) into two accumulators per row, so that
+// 2 R FMA chains hide the FMA latency.
 template <int kBits, bool kKivi, int R>
 TROUS_AVX2 void qk_fused_avx2(Deq& q, const Src* src, index_t nb, const float* Q, float* S) {
-  const index_t D = q.D;
-  Deq g = q;
-  if constexpr (kKivi) g.G = D;
-  for (index_t j = 0; j < nb;) {
-    const Src& s = src[j];
+  const index_t D = q.D, G = kKivi ? D : q.G, ng = D / G;  // KIVI: one "group" of per-channel parameters
+  for (index_t j = 0; j < nb; ++j) {
+    const Src s = src[j];
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     if (s.codes == nullptr) {
-      __m256 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
       resid_into(q, s.resid, q.row);
       for (index_t d = 0; d < D; d += 8) {
         const __m256 k = _mm256_loadu_ps(q.row + d);
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + d), k, acc[r]);
+        for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + d), k, acc[r][0]);
       }
-      store_scores<R>(acc, S, j);
-      ++j;
-      continue;
-    }
-    if constexpr (kKivi) {
-      kivi_prepare(q, s.params);
-      g.kS = q.kS;
-      g.kZ = q.kZ;
-    }
-    const bool pair = j + 1 < nb && src[j + 1].codes != nullptr && (!kKivi || src[j + 1].params == s.params);
-    __m256 acc[2][R];
-    for (int t = 0; t < 2; ++t)
-      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-    if (pair) {
-      qk_quantized_tokens<kBits, kKivi, R, 2>(g, src + j, Q, acc);
-      store_scores<R>(acc[0], S, j);
-      store_scores<R>(acc[1], S, j + 1);
-      j += 2;
     } else {
-      qk_quantized_tokens<kBits, kKivi, R, 1>(g, src + j, Q, acc);
-      store_scores<R>(acc[0], S, j);
-      ++j;
+      if constexpr (kKivi) kivi_prepare(q, s.params);
+      for (index_t g = 0; g < ng; ++g) {
+        __m256 sc = _mm256_setzero_ps(), z = sc;
+        if constexpr (!kKivi) {
+          sc = _mm256_set1_ps(load_param_avx2(s.params, 2 * g, q.ptype));
+          z = _mm256_set1_ps(load_param_avx2(s.params, 2 * g + 1, q.ptype));
+        }
+        for (index_t d = g * G; d < (g + 1) * G; d += 16) {
+          __m256 k0, k1;
+          codes16<kBits>(s.codes, d, k0, k1);
+          if constexpr (kKivi) {
+            k0 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(q.kS + d), _mm256_loadu_ps(q.kZ + d));
+            k1 = _mm256_fmadd_ps(k1, _mm256_loadu_ps(q.kS + d + 8), _mm256_loadu_ps(q.kZ + d + 8));
+          } else {
+            k0 = _mm256_fmadd_ps(k0, sc, z);
+            k1 = _mm256_fmadd_ps(k1, sc, z);
+          }
+          for (int r = 0; r < R; ++r) {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + d), k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + d + 8), k1, acc[r][1]);
+          }
+        }
+      }
     }
-  }
-}
-// 16 channels of a quantized row from channel d (d % 16 == 0), as two fp32 vectors of codes in the
-// rows' channel order: 8-bit codes in channel order, 4- / 2-bit codes in perm_pos order (the 16
-// positions from d of the chunk of 8 * per channels that d falls in).
-template <int kBits>
-TROUS_AVX2 inline void codes16(const uint8_t* codes, index_t d, __m256& v0, __m256& v1) {
-  if constexpr (kBits == 8) {
-    v0 = codes8<8>(codes + d);
-    v1 = codes8<8>(codes + d + 8);
-  } else {
-    constexpr index_t C = 8 * (8 / kBits);  // channels per 8 code bytes
-    const __m256i x =
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (d - d % C) * kBits / 8)));
-    const __m256i mask = _mm256_set1_epi32((1 << kBits) - 1);
-    const __m128i s0 = _mm_cvtsi32_si128((int)(d % C / 8 * kBits));  // positions i * 8 + l: shift i * kBits
-    const __m128i s1 = _mm_cvtsi32_si128((int)(d % C / 8 * kBits + kBits));
-    v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, s0), mask));
-    v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, s1), mask));
+    __m256 sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_add_ps(acc[r][0], acc[r][1]);
+    store_scores<R>(sum, S, j);
   }
 }
 
@@ -749,6 +706,7 @@ FusedQkFn pick_fused_rows(index_t M) {
 FusedQkFn pick_fused_qk(const Deq& q, index_t M, bool avx2) {
   if (!avx2 || M > 4 || (q.kind != Kind::kAsym && q.kind != Kind::kKiviKey)) return nullptr;
   if (q.bits < 8 && q.per == 1) return nullptr;  // groups or D not made of whole unpacked chunks
+  if ((q.kind == Kind::kKiviKey ? q.D : q.G) % 16 != 0) return nullptr;  // codes16's unit
   const bool kivi = q.kind == Kind::kKiviKey;
   switch (q.bits) {
     case 8: return kivi ? pick_fused_rows<8, true>(M) : pick_fused_rows<8, false>(M);
