@@ -110,13 +110,18 @@ TROUS_AVX2 inline uint64_t low_bytes(__m256i v) {
 #endif
 
 // Converts n elements to fp32 (n % 8 == 0 on the AVX2 path; a scalar tail otherwise).
+// The row helpers' AVX2 lambdas capture by value and return the index reached: captured by
+// reference, every store through dst could alias the loop's own variables, which were then reloaded
+// from memory per vector (a store-to-load round trip per 8 elements).
 template <typename T>
 void to_float_row(const T* src, float* dst, index_t n) {
   index_t i = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
-    [&]() TROUS_AVX2 {
-      for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+    i = [=]() TROUS_AVX2 {
+      index_t k = 0;
+      for (; k + 8 <= n; k += 8) store8(dst + k, load8(src + k));
+      return k;
     }();
   }
 #endif
@@ -132,8 +137,10 @@ void from_float_row(const float* src, T* dst, index_t n) {
   }
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
-    [&]() TROUS_AVX2 {
-      for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+    i = [=]() TROUS_AVX2 {
+      index_t k = 0;
+      for (; k + 8 <= n; k += 8) store8(dst + k, load8(src + k));
+      return k;
     }();
   }
 #endif
@@ -146,9 +153,11 @@ void to_float_row_scaled(const T* src, float f, float* dst, index_t n) {
   index_t i = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
-    [&]() TROUS_AVX2 {
+    i = [=]() TROUS_AVX2 {
       const __m256 fv = _mm256_set1_ps(f);
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(load8(src + i), fv));
+      index_t k = 0;
+      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, _mm256_mul_ps(load8(src + k), fv));
+      return k;
     }();
   }
 #endif
@@ -180,9 +189,11 @@ void from_float_row_scaled(const float* src, float f, T* dst, index_t n) {
   index_t i = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (has_avx2()) {
-    [&]() TROUS_AVX2 {
+    i = [=]() TROUS_AVX2 {
       const __m256 fv = _mm256_set1_ps(f);
-      for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), fv));
+      index_t k = 0;
+      for (; k + 8 <= n; k += 8) store8(dst + k, _mm256_mul_ps(_mm256_loadu_ps(src + k), fv));
+      return k;
     }();
   }
 #endif
