@@ -19,6 +19,7 @@
 
 #include "pconv/channel_partial_cpu.h"
 #include "trous/checks_ops.h"
+#include "trous/simd_cpu.h"
 #ifdef TROUS_WITH_CUDA
 #include "pconv/channel_partial_cuda.h"
 #endif
@@ -90,22 +91,27 @@ ChannelPartialArgs make_args(const at::Tensor& x, const at::Tensor& weight, cons
 
 enum class Route { kDirect, kAten };
 
-// CPU "auto" (measured on a 2-core AVX2 EPYC, fp32, FasterNet's shapes; tests/pconv asserts it): the
-// direct kernel for few convolved channels (cp < 16) on NCHW rows of at least 16 columns, where
-// oneDNN pads the channels to its 8/16-wide blocks (FasterNet-T0 stage 1, cp = 10 at 56x56: the
-// direct kernel 2.4x faster than split_cat); oneDNN otherwise, whose arithmetic is faster than the
-// direct kernel's from cp = 16 up and on short rows (7x7, 14x14: the direct kernel's 8/16-column
-// register blocks are mostly padding; 2x slower at (32, 320, 7, 7)). (oneDNN per sample, reading
-// x[n, :cp] in place instead of copying x[:, :cp], was measured too: 0.87x of split_cat at
-// (8, 96, 56, 56), batch-1 convolutions being less efficient than the copy they save.)
-// channels_last goes to oneDNN (its NHWC path is its fastest; the direct kernel's strided twin is
-// scalar). CUDA: cuDNN until the direct kernel is measured on a GPU. float64: ATen (the direct
-// kernels accumulate in fp32).
+// CPU "auto" (measured on 2-core EPYCs, fp32, FasterNet's shapes; tests/pconv asserts it): the
+// direct kernel where oneDNN pads the convolved channels to its blocks (8 wide with AVX2, 16 with
+// AVX-512) and the padding is large, on NCHW rows of at least 16 columns; oneDNN otherwise.
+// - AVX2 (Zen 2 / 3): cp < 16. FasterNet-T0 stage 1, cp = 10 at 56x56: the direct kernel 2.4x
+//   faster than split_cat; from cp = 16 up oneDNN's arithmetic is faster.
+// - AVX-512 (Zen 4): also where the padding to 16 is >= 1/4 of the padded width. Forward, direct
+//   over oneDNN: cp 18 1.7-1.9x, 20 1.3-1.8x, 24 1.3-1.4x, 36 1.4x; fwd+bwd 1.0-1.2x. With less
+//   padding oneDNN wins: cp 28 (32) 0.98x, 40 (48) 0.70x, 16 / 32 / 48 / 80 (none) 0.43-0.84x.
+// Short rows (7x7, 14x14) go to oneDNN: the direct kernel's 8/16-column register blocks are mostly
+// padding there (2x slower at (32, 320, 7, 7)). (oneDNN per sample, reading x[n, :cp] in place
+// instead of copying x[:, :cp], was measured too: 0.87x of split_cat at (8, 96, 56, 56), batch-1
+// convolutions being less efficient than the copy they save.) channels_last goes to oneDNN (its
+// NHWC path is its fastest; the direct kernel's strided twin is scalar). CUDA: cuDNN until the
+// direct kernel is measured on a GPU. float64: ATen (the direct kernels accumulate in fp32).
 Route route(Algo algo, const at::Tensor& x, const at::Tensor& weight) {
   if (algo != Algo::kAuto) return algo == Algo::kDirect ? Route::kDirect : Route::kAten;
   if (x.scalar_type() == at::kDouble || !x.device().is_cpu()) return Route::kAten;
   const bool rows = x.stride(3) == 1 || x.size(3) == 1;
-  return rows && weight.size(0) < 16 && x.size(3) >= 16 ? Route::kDirect : Route::kAten;
+  const int64_t cp = weight.size(0), padded = (cp + 15) / 16 * 16;
+  const bool padded_heavily = cpu::has_avx512() && 4 * (padded - cp) >= padded;
+  return rows && x.size(3) >= 16 && (cp < 16 || padded_heavily) ? Route::kDirect : Route::kAten;
 }
 
 // The direct kernel into `out` (C channels: conv + pass-through; cp channels: conv only).

@@ -2,6 +2,8 @@
 random, odd shapes, every dtype, both routes, contiguous / channels_last / strided inputs; the
 in-place variant; NaN / Inf propagation; empty tensors; bad input (CPU and meta alike); opcheck;
 torch.compile(dynamic=True); PConv2d and convert_fasternet against timm."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -397,9 +399,13 @@ def test_larger_images_match_reference(shape, dtype):
 
 def test_auto_route_choices():
     """The CPU "auto" choices that the bench measured (csrc/pconv/channel_partial_ops.cpp, `route`):
-    the direct kernel for cp < 16 on NCHW rows of >= 16 columns, oneDNN otherwise (larger cp, short
-    rows, channels_last, float64)."""
+    the direct kernel for cp < 16 on NCHW rows of >= 16 columns and, on AVX-512 CPUs (oneDNN's
+    16-channel blocks), where the padding to 16 is >= 1/4 of the padded width; oneDNN otherwise
+    (other cp, short rows, channels_last, float64)."""
     route = ops.channel_partial_conv2d_route
+    simd = os.environ.get("TROUS_CPU_SIMD", "1") != "0"
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and simd
+    padded = "direct" if avx512 else "aten"
 
     def r(N, C, H, W, algo="auto", fmt=torch.contiguous_format, dtype=torch.float32):
         x = torch.empty(N, C, H, W, dtype=dtype).contiguous(memory_format=fmt)
@@ -407,8 +413,12 @@ def test_auto_route_choices():
 
     assert r(32, 40, 56, 56) == "direct"  # FasterNet-T0 stage 1 (cp = 10)
     assert r(32, 60, 20, 16) == "direct"  # cp = 15, 16 columns
-    assert r(8, 96, 56, 56) == "aten"  # the bench shape (cp = 24)
-    assert r(32, 80, 28, 28) == "aten"  # cp = 20
+    assert r(8, 96, 56, 56) == padded  # the bench shape (cp = 24: 8 of 32 padding)
+    assert r(32, 80, 28, 28) == padded  # cp = 20
+    assert r(8, 144, 28, 28) == padded  # cp = 36 (48)
+    assert r(8, 112, 56, 56) == "aten"  # cp = 28: 4 of 32
+    assert r(8, 128, 56, 56) == "aten"  # cp = 32: no padding
+    assert r(8, 96, 56, 15) == "aten"  # short rows
     assert r(32, 320, 7, 7) == "aten"
     assert r(32, 40, 56, 15) == "aten"  # rows shorter than 16 columns
     assert r(32, 40, 56, 56, fmt=torch.channels_last) == "aten"
