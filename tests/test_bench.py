@@ -235,3 +235,32 @@ def test_fma_lanes():
     assert fma_lanes("AVX512", intel) == 16
     assert fma_lanes("AVX2", intel) == 8
     assert fma_lanes("AVX512", "") == 16
+
+
+def test_interleave_order_spreads_both_sides():
+    for n_a, n_b in [(10, 3), (3, 10), (5, 5), (1, 1), (50, 3)]:
+        order = harness.interleave_order(n_a, n_b)
+        assert order.count(0) == n_a and order.count(1) == n_b
+        # each side's calls sit evenly in the run: the k-th call of side 1 lies within one slot of
+        # its share of the way through
+        pos = [i for i, s in enumerate(order) if s == 1]
+        for k, p in enumerate(pos):
+            assert abs(p - (k + 0.5) / n_b * (n_a + n_b)) <= n_a / n_b + 1, (n_a, n_b, order)
+
+
+def test_cpu_case_interleaves_trous_and_baseline():
+    """On CPU the timed calls of the two sides alternate as interleave_order says, after each side's
+    warm-up, one rotation of the input sets for both: no timed call gets the set of the call before
+    it."""
+    calls = []
+    case = harness.Case(family="kv", op="t", shape="s", dtype="fp32", make_inputs=lambda i: (i,),
+                        fn=lambda i: calls.append(("t", i)), baseline=lambda i: calls.append(("b", i)),
+                        bytes_moved=1, input_bytes=1)
+    cfg = harness.TimingConfig(warmup=1, min_repeats=6, max_repeats=6, budget_s=0.0, rotate_bytes=3)
+    row = harness.run_case(case, "cpu", cfg)
+    assert row["repeats"] == 6 and row["baseline_repeats"] == 3 and row["input_sets"] == 4
+    timed = calls[2:]  # after one warm-up call per side
+    assert [s for s, _ in calls[:2]] == ["t", "b"]
+    assert [s for s, _ in timed] == ["t" if side == 0 else "b" for side in harness.interleave_order(6, 3)]
+    sets = [i for _, i in calls[1:]]  # from the baseline's warm-up (both warm-ups take set 0)
+    assert all(a != b for a, b in zip(sets, sets[1:]))

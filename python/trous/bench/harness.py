@@ -5,7 +5,8 @@ each case's trous callable and its plain-PyTorch baseline on rotating, prealloca
 the times into rows (ms, speed-up, effective GB/s, fraction of the measured copy bandwidth).
 
 Timing:
-  * CPU: ``time.perf_counter`` around each call.
+  * CPU: ``time.perf_counter`` around each call; the trous and baseline calls of a case are
+    interleaved, so that the machine's drift during a case reaches both sides alike.
   * CUDA: a pair of CUDA events around each call; before each call the stream is kept busy
     (:class:`GpuBusy`: calibrated ``torch.mm`` launches on small, L2-resident operands) for longer
     than the host needs to enqueue the call, so the interval between the events is GPU time only
@@ -320,6 +321,30 @@ def _time_cpu(fn: Callable[..., Any], inputs: Sequence[tuple], warm: int, repeat
     return times
 
 
+def interleave_order(n_a: int, n_b: int) -> List[int]:
+    """The order of n_a calls of side 0 and n_b of side 1 spread evenly over one run: side 0's call j
+    at (j + 1/2) / n_a, side 1's call k at (k + 1/2) / n_b of the way through."""
+    keys = [((j + 0.5) / n_a, 0) for j in range(n_a)] + [((k + 0.5) / n_b, 1) for k in range(n_b)]
+    return [side for _, side in sorted(keys)]
+
+
+def _time_cpu_interleaved(fns: Sequence[Callable[..., Any]], inputs: Sequence[tuple], start: int,
+                          repeats: Sequence[int]) -> List[List[float]]:
+    """``time.perf_counter`` around each call of the trous callable and of its baseline, the calls
+    interleaved (:func:`interleave_order`) so that both sides see the same machine: on a shared VM
+    the speed of a core drifts by tens of percent within seconds, and timing one side after the
+    other turned that drift into the ratio. One rotation of the input sets for both sides: no call
+    finds the set of the call just before it."""
+    n = len(inputs)
+    times: List[List[float]] = [[], []]
+    for i, side in enumerate(interleave_order(repeats[0], repeats[1])):
+        args = inputs[(start + i) % n]
+        t0 = time.perf_counter()
+        fns[side](*args)
+        times[side].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def _time_cuda(fn: Callable[..., Any], inputs: Sequence[tuple], warm: int, repeats: int,
                device: str = "cuda") -> List[float]:
     """A pair of CUDA events around each call, the stream kept busy (:class:`GpuBusy`) before each
@@ -389,10 +414,15 @@ def run_case(case: Case, device: str, cfg: TimingConfig) -> Dict[str, Any]:
     n = n_input_sets(case.input_bytes, device, cfg)
     inputs = [case.make_inputs(i) for i in range(n)]
     synchronize(device)
-    t = time_calls(case.fn, inputs, device, cfg)
     # The baseline is the slow side: fewer calls suffice for its median (its precision matters less).
     base_cfg = dataclasses.replace(cfg, warmup=1, min_repeats=min(cfg.min_repeats, 3))
-    b = time_calls(case.baseline, inputs, device, base_cfg) if case.baseline is not None else None
+    if device == "cpu" and case.baseline is not None:
+        warm, reps = _repeats(case.fn, inputs, device, cfg)
+        warm_b, reps_b = _repeats(case.baseline, inputs, device, base_cfg)
+        t, b = _time_cpu_interleaved([case.fn, case.baseline], inputs, warm + warm_b, [reps, reps_b])
+    else:
+        t = time_calls(case.fn, inputs, device, cfg)
+        b = time_calls(case.baseline, inputs, device, base_cfg) if case.baseline is not None else None
     del inputs
     if device == "cuda":
         torch.cuda.empty_cache()
