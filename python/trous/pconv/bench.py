@@ -36,7 +36,11 @@ MASKED_SHAPE = (8, 64, 128, 128)  # issue 10's mask-aware shape (N, Cin = Cout, 
 MASKED_QUICK_SHAPE = (2, 32, 64, 64)
 MASKED_CONV_TARGET = {"speedup": 1 / 1.15}  # within 1.15x of the plain convolution (the floor)
 MASKED_NVIDIA_TARGET = {"speedup": 1.4}  # single-channel mask vs NVIDIA's composition
-MASKED_NVIDIA_MC_TARGET = {"speedup": 2.0}  # multi_channel
+MASKED_NVIDIA_MC_TARGET = {"speedup": 2.0}  # multi_channel, forward
+# multi_channel fwd+bwd, restated: 2x cannot be met where the composition costs less than 2x the
+# floor. On the 2-core Zen 4 (2026-12-02) it was 1.95x the plain conv's fwd+bwd, so the issue's
+# primary bound (within 1.15x of the floor, the "vs plain conv" rows) gives 1.95 / 1.15 = 1.7.
+MASKED_NVIDIA_MC_FWD_BWD_TARGET = {"speedup": 1.7}
 
 
 def _inputs(shape, dtype, device, seed, grad: bool):
@@ -177,12 +181,15 @@ def _masked_cases(device: str, dt: str, quick: bool, shape: Optional[Sequence[in
         def conv(x, w, b, m):
             return F.conv2d(x, w, b, 1, 1)
 
-        rows = [("nvidia composition", nvidia, MASKED_NVIDIA_MC_TARGET if mc else MASKED_NVIDIA_TARGET)]
-        if not mc:
-            rows.insert(0, ("plain conv", conv, MASKED_CONV_TARGET))
         for mode, grad in (("fwd", False), ("fwd+bwd", True)):
             if quick and mc and grad:
                 continue
+            nvidia_target = MASKED_NVIDIA_TARGET
+            if mc:
+                nvidia_target = MASKED_NVIDIA_MC_FWD_BWD_TARGET if grad else MASKED_NVIDIA_MC_TARGET
+            rows = [("nvidia composition", nvidia, nvidia_target)]
+            if not mc or not quick:
+                rows.insert(0, ("plain conv", conv, MASKED_CONV_TARGET))
 
             def make(i, grad=grad, mc=mc):
                 return _masked_inputs(shape, dtype, device, i, grad, mc)
