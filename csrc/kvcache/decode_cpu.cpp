@@ -637,10 +637,10 @@ TROUS_AVX2 void pv_fused_rows_avx2(const Deq& q, const Src* src, index_t nq, con
   for (index_t t = 0; t < nq; ++t) {
     for (int r = 0; r < 4; ++r) pt[t * 4 + r] = r < R ? P[r * kBlock + t] : 0.f;
   }
-  index_t g = 0;
-  for (; g + 4 <= ng; g += 4) group_factors_avx2<4>(q, src, nq, pt, g, ps, zs);
-  for (; g + 2 <= ng; g += 2) group_factors_avx2<2>(q, src, nq, pt, g, ps, zs);
-  for (; g < ng; ++g) group_factors_avx2<1>(q, src, nq, pt, g, ps, zs);
+  index_t g0 = 0;
+  for (; g0 + 4 <= ng; g0 += 4) group_factors_avx2<4>(q, src, nq, pt, g0, ps, zs);
+  for (; g0 + 2 <= ng; g0 += 2) group_factors_avx2<2>(q, src, nq, pt, g0, ps, zs);
+  for (; g0 < ng; ++g0) group_factors_avx2<1>(q, src, nq, pt, g0, ps, zs);
   for (index_t g = 0; g < ng; ++g) {
     const float* pg = ps + g * kBlock * 4;
     for (index_t d = g * G; d < (g + 1) * G; d += 16) {
