@@ -529,11 +529,12 @@ TROUS_AVX2 inline void codes16(const uint8_t* codes, index_t d, __m256& v0, __m2
   if constexpr (kBits == 8) {
     v0 = codes8<8>(codes + d);
     v1 = codes8<8>(codes + d + 8);
-  } else if constexpr (kBits == 4) {  // one chunk of 16: low nibbles, then high nibbles
-    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (d >> 1))));
-    v0 = _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(15)));
-    v1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 4));
-  } else {  // chunks of 32: positions i * 8 + l hold the codes at bit 2 i of byte l
+  } else if constexpr (kBits == 4) {  // exactly one chunk of codes_perm
+    __m256 v[2];
+    codes_perm<4>(codes + (d >> 1), v);
+    v0 = v[0];
+    v1 = v[1];
+  } else {  // half a chunk of codes_perm<2> (positions i * 8 + l: bit 2 i of byte l), only those two
     const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + ((d >> 5) << 3))));
     const __m256i mask = _mm256_set1_epi32(3);
     const int sh = (int)(d & 16) >> 2;
