@@ -50,15 +50,21 @@ constexpr index_t kBwdItems = 8;
 
 index_t round8(index_t n) { return (n + 7) / 8 * 8; }
 
-// Runs body(item) for every item in [0, n) on at::parallel_for's threads, items handed out in order
-// by an atomic counter (load balance when items differ in cost; results never depend on the thread).
+// Runs body(item, after) for every item in [0, n) on at::parallel_for's threads, items handed out in
+// order by an atomic counter (load balance when items differ in cost; results never depend on the
+// thread). A thread claims its next item before running this one: `after` (-1 if none) is what it
+// runs next, so that a body can fetch that item's inputs while it computes.
 template <typename F>
 void for_items(index_t n, F&& body) {
   if (n <= 0) return;
   std::atomic<index_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (index_t it = next.fetch_add(1); it < n; it = next.fetch_add(1)) body(it);
+    for (index_t it = next.fetch_add(1); it < n;) {
+      const index_t after = next.fetch_add(1);
+      body(it, after < n ? after : -1);
+      it = after;
+    }
   });
 }
 
@@ -114,10 +120,7 @@ using ::trous::cpu::prefetch_row;
 // fills L1).
 void prefetch_keys(const Pattern& p, const KeySpan& sp, index_t u0, index_t u1, const float* base, index_t row,
                    index_t D) {
-  for (index_t u = u0; u < u1; ++u) {
-    const char* r = reinterpret_cast<const char*>(base + key_index(p, sp, u) * row);
-    for (index_t off = 0; off < D * static_cast<index_t>(sizeof(float)); off += 64) __builtin_prefetch(r + off, 0, 2);
-  }
+  for (index_t u = u0; u < u1; ++u) prefetch_row(base + key_index(p, sp, u) * row, D, trous::cpu::Prefetch::kL2);
 }
 
 // A key tile a query tile visits: keys [u0, u1) of its span and the two parts of its kind.
@@ -271,10 +274,6 @@ void softcap_row(float* s, float* th, index_t n, float cap) {
   }
 }
 
-void scale_row(float* o, index_t n, float f) {
-  for (index_t i = 0; i < n; ++i) o[i] *= f;
-}
-
 // The keys of one block [u0, u1) of a span: their indices, and whether they are evenly spaced (then
 // the K / V rows are read in place with stride step * row stride).
 struct BlockKeys {
@@ -363,7 +362,7 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
   const float qscale = cap ? a.scale / a.softcap : a.scale;
   KvSource<T> kv{{}, k, v, &a};
   kv.prepare(true);
-  for_items(a.B * a.Hq * ntiles, [&](index_t it) {
+  for_items(a.B * a.Hq * ntiles, [&](index_t it, index_t after) {
     thread_local std::vector<float> buf;
     thread_local std::vector<index_t> ibuf;
     const size_t need = static_cast<size_t>(D * Tq + Tq * D + Tk * Tq + 2 * Tk * D + 5 * Tq + D);
@@ -405,8 +404,19 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
     std::fill(l, l + np, 0.f);
     std::fill(O, O + n * D, 0.f);
     const KvRows kvr = kv.rows(b, hk);
+    // While this tile computes, a share of the Q rows of the item this thread runs next per visited
+    // key tile: a narrow band's tile visits 1-6 key tiles, too few to hide the misses of rows strided
+    // by Hq * D (no hardware prefetcher follows them across pages) when they are loaded cold.
+    const QueryTile qt_after = after < 0 ? QueryTile{} : query_tile(p, Tq, after % ntiles);
+    const index_t n_after = after < 0 ? 0 : std::min<index_t>(qt_after.count, Tq);
+    const T* q_after = after < 0 ? q : q + (after / ntiles / a.Hq) * a.q.b + (after / ntiles % a.Hq) * a.q.h;
+    auto rows_ahead = [&](index_t part, index_t parts) {
+      for (index_t t = n_after * part / parts; t < n_after * (part + 1) / parts; ++t)
+        prefetch_row(q_after + query_row(p, qt_after, t) * a.q.s, D, trous::cpu::Prefetch::kL2);
+    };
     KeySpan spans[2];
     const int nspans = key_spans(p, qt, spans);
+    if (nspans == 0) rows_ahead(0, 1);
     thread_local std::vector<Visit> visits;
     for (int si = 0; si < nspans; ++si) {
       const KeySpan& sp = spans[si];
@@ -426,6 +436,7 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
         const TileKind kind = visits[vi].kind, bkind = visits[vi].bkind;
         if (vi + 1 < visits.size()) prefetch_keys(p, sp, visits[vi + 1].u0, visits[vi + 1].u1, kvr.k, kvr.k_row, D);
         prefetch_keys(p, sp, u0, u1, kvr.v, kvr.v_row, D);
+        if (si == 0) rows_ahead(static_cast<index_t>(vi), static_cast<index_t>(visits.size()));
         const BlockKeys bk = block_keys(p, sp, u0, u1, keys);
         const index_t nk = bk.nk;
         const float *Kb, *Vb;
@@ -451,7 +462,7 @@ void fwd_impl(const T* q, const T* k, const T* v, T* out, float* lse, const CpuA
         const bool rescale = online_update(m, mx, ms, alpha, l, n, np);
         if (rescale)
           for (index_t t = 0; t < n; ++t)
-            if (alpha[t] != 1.f) scale_row(O + t * D, D, alpha[t]);
+            if (alpha[t] != 1.f) trous::cpu::from_float_row_scaled(O + t * D, alpha[t], O + t * D, D);
         block_exp(St, Tq, nk, ms, l, np);
         // O += P V: A(t, c) = P^T[c][t]
         cpu::gemm(n, D, nk, St, 1, Tq, Vb, ldv, O, D, true);
@@ -511,7 +522,7 @@ void bwd_impl(const T* go, const T* q, const T* k, const T* v, const T* out, con
       }
     }
   }
-  for_items(units * nch, [&](index_t it) {
+  for_items(units * nch, [&](index_t it, index_t) {
     const index_t ch = it % nch, unit = it / nch;
     const index_t hk = unit % a.Hkv, b = unit / a.Hkv;
     const KvRows kvr = kv.rows(b, hk);

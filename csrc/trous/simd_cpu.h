@@ -37,12 +37,33 @@ struct CpuTypes {
   using bf16 = c10::BFloat16;
 };
 
+// Where prefetch_line sends a cache line: L1, L2, or L2 with write intent (the store that follows
+// then needs no read of the line from memory).
+enum class Prefetch { kL1, kL2, kWrite };
+
+// One cache line requested ahead of its use. Volatile asm on x86, not __builtin_prefetch: GCC deems a
+// function whose only effect is __builtin_prefetch `const` and deletes its calls when it is not
+// inlined first (the attention kernel's K / V prefetches and the KV decode's code prefetches were
+// never emitted).
+inline void prefetch_line(const void* line, Prefetch to) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const char& m = *static_cast<const char*>(line);
+  switch (to) {
+    case Prefetch::kL1: asm volatile("prefetcht0 %0" : : "m"(m)); break;
+    case Prefetch::kL2: asm volatile("prefetcht1 %0" : : "m"(m)); break;
+    case Prefetch::kWrite: asm volatile("prefetchw %0" : : "m"(m)); break;
+  }
+#else
+  __builtin_prefetch(line, to == Prefetch::kWrite ? 1 : 0, to == Prefetch::kL1 ? 3 : 2);
+#endif
+}
+
 // The cache lines of the n elements at row, requested ahead of their use (rows of a few hundred
 // bytes, strided or reached after a long computation, are where the hardware prefetcher falls short).
 template <typename T>
-inline void prefetch_row(const T* row, index_t n) {
+inline void prefetch_row(const T* row, index_t n, Prefetch to = Prefetch::kL1) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (index_t off = 0; off < n * static_cast<index_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+  for (index_t off = 0; off < n * static_cast<index_t>(sizeof(T)); off += 64) prefetch_line(p + off, to);
 }
 
 // TROUS_CPU_SIMD=0 in the environment (read once, at the first kernel call) makes every kernel take
