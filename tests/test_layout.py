@@ -96,3 +96,30 @@ def test_trous_nn_holds_every_family_layer():
         for name in getattr(getattr(trous, family), "NN", ()):
             assert getattr(trous.nn, name) is getattr(getattr(trous, family), name), name
     assert trous.nn.Dcls2d is trous.Dcls2d and trous.nn.PConv2d is trous.PConv2d
+
+
+# CPU prefetches go through trous/simd_cpu.h's prefetch_line (volatile asm): GCC deems a function
+# whose only effect is __builtin_prefetch `const` and deletes its calls when it is not inlined first.
+PREFETCH_HOME = CSRC / "trous" / "simd_cpu.h"
+
+
+def test_cpu_prefetches_go_through_prefetch_line():
+    offenders = [str(p.relative_to(ROOT)) for p in _sources()
+                 if p != PREFETCH_HOME and p.suffix in (".h", ".cpp") and "__builtin_prefetch" in p.read_text()]
+    assert offenders == [], f"__builtin_prefetch outside simd_cpu.h (use trous::cpu::prefetch_line): {offenders}"
+
+
+def test_built_extension_holds_the_l2_prefetches():
+    """The attention forward's K / V prefetches (towards L2) are in the binary: they were once deleted
+    by the compiler without a warning."""
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and objdump")
+    import trous._C as ext
+
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    assert re.search(r"\sprefetcht1\s", asm), "no prefetcht1 in the extension: the CPU prefetches were compiled out"
