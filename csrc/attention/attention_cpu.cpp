@@ -137,7 +137,10 @@ void block_col_max(float* mx, const float* St, index_t ld, index_t nk, index_t n
   index_t t = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (trous::cpu::has_avx2()) {
-    [&]() TROUS_AVX2 {
+    // (Arguments, not captures: the lambda is not inlined, and its stores may alias its closure,
+    // which would make it reload every pointer from there per vector.)
+    t = [](float* mx, const float* St, index_t ld, index_t nk, index_t n) TROUS_AVX2 {
+      index_t t = 0;
       for (; t + 32 <= n; t += 32) {
         __m256 m0 = _mm256_loadu_ps(mx + t), m1 = _mm256_loadu_ps(mx + t + 8);
         __m256 m2 = _mm256_loadu_ps(mx + t + 16), m3 = _mm256_loadu_ps(mx + t + 24);
@@ -156,7 +159,8 @@ void block_col_max(float* mx, const float* St, index_t ld, index_t nk, index_t n
         for (index_t c = 0; c < nk; ++c) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(St + c * ld + t));
         _mm256_storeu_ps(mx + t, m0);
       }
-    }();
+      return t;
+    }(mx, St, ld, nk, n);
   }
 #endif
   for (; t < n; ++t)
@@ -169,7 +173,8 @@ void block_exp(float* St, index_t ld, index_t nk, const float* m, float* sum, in
   index_t t = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (trous::cpu::has_avx2()) {
-    [&]() TROUS_AVX2 {
+    t = [](float* St, index_t ld, index_t nk, const float* m, float* sum, index_t n) TROUS_AVX2 {  // (as above)
+      index_t t = 0;
       for (; t + 16 <= n; t += 16) {
         const __m256 m0 = _mm256_loadu_ps(m + t), m1 = _mm256_loadu_ps(m + t + 8);
         __m256 l0 = _mm256_loadu_ps(sum + t), l1 = _mm256_loadu_ps(sum + t + 8);
@@ -193,7 +198,8 @@ void block_exp(float* St, index_t ld, index_t nk, const float* m, float* sum, in
         }
         _mm256_storeu_ps(sum + t, l0);
       }
-    }();
+      return t;
+    }(St, ld, nk, m, sum, n);
   }
 #endif
   for (; t < n; ++t)
