@@ -253,13 +253,15 @@ void bwd_col(float* s, float* dp, const float* th, const float* lse, const float
   index_t t = 0;
 #if TROUS_HAVE_AVX2_PATH
   if (trous::cpu::has_avx2() && th == nullptr) {
-    [&]() TROUS_AVX2 {
+    t = [](float* s, float* dp, const float* lse, const float* dv, index_t n) TROUS_AVX2 {  // (see block_col_max)
+      index_t t = 0;
       for (; t + 8 <= n; t += 8) {
         const __m256 p = cpu::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_loadu_ps(lse + t)));
         _mm256_storeu_ps(s + t, p);
         _mm256_storeu_ps(dp + t, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + t), _mm256_loadu_ps(dv + t))));
       }
-    }();
+      return t;
+    }(s, dp, lse, dv, n);
   }
 #endif
   for (; t < n; ++t) {
